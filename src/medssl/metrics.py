@@ -1,0 +1,48 @@
+"""Classification metrics (scikit-learn) and the train-val overfitting gap."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn import metrics as skm
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str] | None = None) -> dict:
+    """y_true: (N,) int, proba: (N, C) rows summing to 1 -> flat dict of floats.
+
+    Macro AUC is one-vs-rest over the classes present in y_true (it is undefined for a class
+    without positives); `auc_classes` says how many entered the average.
+    """
+    num_classes = proba.shape[1]
+    names = class_names or [str(i) for i in range(num_classes)]
+    y_pred = proba.argmax(1)
+    labels = np.arange(num_classes)
+    eps = 1e-12
+    out = {
+        "accuracy": skm.accuracy_score(y_true, y_pred),
+        "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
+        "kappa": skm.cohen_kappa_score(y_true, y_pred, labels=labels),
+        "f1_macro": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
+        "loss": skm.log_loss(y_true, np.clip(proba, eps, 1), labels=labels),
+    }
+    present = np.unique(y_true)
+    if len(present) >= 2:
+        p = proba[:, present] / proba[:, present].sum(1, keepdims=True)
+        out["auc_macro"] = (
+            skm.roc_auc_score(y_true, p[:, 1], average="macro")
+            if len(present) == 2
+            else skm.roc_auc_score(y_true, p, multi_class="ovr", average="macro", labels=present)
+        )
+    else:
+        out["auc_macro"] = float("nan")
+    out["auc_classes"] = int(len(present))
+    recall = skm.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
+    out.update({f"recall_{names[i]}": recall[i] for i in range(num_classes)})
+    return {k: float(v) for k, v in out.items()}
+
+
+def confusion(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    return skm.confusion_matrix(y_true, proba.argmax(1), labels=np.arange(proba.shape[1]))
+
+
+def overfitting_gap(train: dict, val: dict, keys=("loss", "accuracy", "balanced_accuracy")) -> dict:
+    """gap_<k> = train[k] - val[k]: positive accuracy gap / negative loss gap = overfitting."""
+    return {f"gap_{k}": float(train[k] - val[k]) for k in keys if k in train and k in val}

@@ -1,0 +1,45 @@
+"""Variational autoencoder whose encoder is the classification backbone (random init)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.models.backbones import build_backbone
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class VAE(nn.Module):
+    """x: (N, 3, S, S) normalised -> recon (N, 3, S, S) in [0, 1], mu, logvar (N, latent_dim)."""
+
+    def __init__(self, backbone: str, image_size: int, latent_dim: int = 128):
+        super().__init__()
+        self.encoder, dim = build_backbone(backbone, imagenet=False)
+        self.fc_mu = nn.Linear(dim, latent_dim)
+        self.fc_logvar = nn.Linear(dim, latent_dim)
+        self.latent_dim, self.s0 = latent_dim, image_size // 16
+        self.fc_dec = nn.Linear(latent_dim, 256 * self.s0 * self.s0)
+        self.decoder = nn.Sequential(_up(256, 128), _up(128, 64), _up(64, 32), nn.ConvTranspose2d(32, 3, 4, 2, 1))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.fc_mu(h), self.fc_logvar(h).clamp(-10, 10)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc_dec(z)).view(-1, 256, self.s0, self.s0)
+        return torch.sigmoid(self.decoder(h))
+
+    def forward(self, x: torch.Tensor):
+        mu, logvar = self.encode(x)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        return self.decode(z), mu, logvar
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, beta: float):
+    """Per-image sums, batch means: (loss, reconstruction MSE, KL). target in [0, 1]."""
+    rec = F.mse_loss(recon.float(), target, reduction="none").flatten(1).sum(1).mean()
+    kl = (-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(1)).mean()
+    return rec + beta * kl, rec, kl

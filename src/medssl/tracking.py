@@ -1,0 +1,105 @@
+"""MLflow conventions: one experiment per study, a parent run per pipeline run, nested runs per model."""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from medssl.config import Params
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def experiment_id(p: Params) -> str:
+    """Set the tracking URI and return the study's experiment, created on first use.
+
+    With the embedded SQLite store, artifacts go to ./mlartifacts (a server decides for itself).
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(p.mlflow.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = Path("mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+    return mlflow.create_experiment(p.mlflow.experiment, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def base_tags(p: Params, data_md5: str | None = None) -> dict[str, str]:
+    tags = {
+        "git_commit": git_commit(),
+        "dataset": p.data.name,
+        "backbone": p.model.backbone,
+        "seed": str(p.seed),
+        "budget": p.budget,
+    }
+    if data_md5:
+        tags["data_md5"] = data_md5
+    return tags
+
+
+def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flat_params(v, key + "."))
+        else:
+            out[key] = str(v)
+    return out
+
+
+def parent_run_id() -> str | None:
+    """The run to nest under: ours (`medssl pipeline`) or the one `mlflow run` started."""
+    return os.environ.get(PARENT_ENV) or os.environ.get("MLFLOW_RUN_ID")
+
+
+@contextlib.contextmanager
+def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None):
+    """A run for one trained model, nested under the pipeline run when there is one.
+
+    An exception inside marks the run FAILED (mlflow's context manager) and propagates.
+    """
+    exp = experiment_id(p)
+    parent = parent_run_id()
+    if parent:  # a child lives in its parent's experiment (`mlflow run` may have picked another)
+        exp = mlflow.get_run(parent).info.experiment_id
+    # `mlflow run` exports MLFLOW_RUN_ID; left set, start_run() would resume that run instead of nesting.
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        with mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, tags=tags) as run:
+            if params:
+                mlflow.log_params(flat_params(params))
+            yield run
+    finally:
+        if env_run is not None:
+            os.environ["MLFLOW_RUN_ID"] = env_run
+
+
+@contextlib.contextmanager
+def resume_run(run_id: str):
+    """Reopen a finished run to add results (e.g. test metrics); status returns to FINISHED."""
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)
+    try:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+    finally:
+        if env_run is not None:
+            os.environ["MLFLOW_RUN_ID"] = env_run
