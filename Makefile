@@ -27,8 +27,8 @@ env: $(VENV)/.installed
 $(VENV)/.installed: requirements.lock pyproject.toml
 	command -v uv >/dev/null || $(SYS_PY) -m pip install --quiet uv
 	uv venv --quiet --allow-existing --python 3.11 $(VENV)
-	uv pip sync --python $(PY) requirements.lock
-	uv pip install --quiet --python $(PY) --no-deps -e .
+	uv pip sync --compile-bytecode --python $(PY) requirements.lock
+	uv pip install --quiet --compile-bytecode --python $(PY) --no-deps -e .
 	touch $@
 
 # Re-pin after editing pyproject.toml (names and versions only; uv.lock is not committed).

@@ -43,9 +43,7 @@ def train_one_epoch(model, images, labels, optimizer, scheduler, mean, std, batc
         x = images[idx]
         if aug is not None:
             x = augment(x, aug, gen)
-        x = to_input(x, mean, std)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_input(x, mean, std).contiguous(memory_format=torch.channels_last)
         with autocast(device):
             loss = F.cross_entropy(model(x).float(), labels[idx], label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -64,9 +62,7 @@ def predict_proba(model, images, mean, std, batch_size: int = 512) -> np.ndarray
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_input(images[i : i + batch_size], mean, std)
-        if images.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_input(images[i : i + batch_size], mean, std).contiguous(memory_format=torch.channels_last)
         with autocast(images.device):
             out.append(model(x).float().softmax(1).cpu())
     proba = torch.cat(out).double()

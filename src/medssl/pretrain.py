@@ -64,7 +64,7 @@ def _pretrain_vae(p: Params) -> dict:
                     continue
                 x8 = augment(images[idx], p.finetune.augment, gen)
                 with autocast(device):
-                    recon, mu, logvar = model(to_input(x8, mean, std))
+                    recon, mu, logvar = model(to_input(x8, mean, std).contiguous(memory_format=torch.channels_last))
                 loss, rec, kl = vae_loss(recon, x8.permute(0, 3, 1, 2).float() / 255, mu.float(), logvar.float(), cfg.beta)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import write_npz
+from medssl.config import ConfigError, load_params
+from medssl.data.prepare import resize_u8, stratified_subset
+from medssl.data.sources import DERMAMNIST_CLASSES, DataError, Split, fetch, load_npz, md5sum
+
+OFFICIAL_TRAIN_COUNTS = [228, 359, 769, 80, 779, 4693, 99]
+
+
+def test_real_dermamnist_validates_with_official_counts(dermamnist):
+    splits = load_npz(dermamnist)
+    assert {s: len(v.labels) for s, v in splits.items()} == {"train": 7007, "val": 1003, "test": 2005}
+    assert np.bincount(splits["train"].labels).tolist() == OFFICIAL_TRAIN_COUNTS
+    assert splits["train"].images.shape[1:] == (28, 28, 3) and splits["train"].labels.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"val_labels": None}, "missing keys ['val_labels']"),
+        ({"train_images": np.zeros((40, 28, 28, 3), np.float32)}, "train_images: dtype float32, expected uint8"),
+        ({"test_images": np.zeros((40, 28, 28), np.uint8)}, "test_images: shape (40, 28, 28), expected (N, H, W, 3)"),
+        ({"val_labels": np.full((40, 1), 9, np.uint8)}, "val_labels: values [9] outside [0, 6]"),
+        ({"train_labels": np.zeros((39, 1), np.uint8)}, "train_labels: shape (39, 1), expected (40,) or (40, 1)"),
+        ({"train_labels": (np.arange(40) % 6).astype(np.uint8)}, "no example of class(es) ['vasc']"),
+        ({"val_images": np.zeros((40, 32, 32, 3), np.uint8)}, "splits differ in image size"),
+    ],
+)
+def test_validation_errors_name_the_problem(tmp_path, override, message):
+    path = write_npz(tmp_path / "bad.npz", **override)
+    with pytest.raises(DataError) as e:
+        load_npz(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_not_an_npz(tmp_path):
+    bad = tmp_path / "x.npz"
+    bad.write_text("hello")
+    with pytest.raises(DataError, match="not a readable npz"):
+        load_npz(bad)
+
+
+def test_fetch_copies_env_file_atomically(tmp_path, monkeypatch):
+    src = write_npz(tmp_path / "src.npz")
+    monkeypatch.setenv("MEDSSL_DATA_PATH", str(src))
+    target = fetch(tmp_path / "raw" / "dermamnist.npz")
+    assert md5sum(target) == md5sum(src) and not list(target.parent.glob(".*tmp"))
+
+
+def test_fetch_offline_names_path_and_remedy(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDSSL_DATA_PATH", raising=False)
+    target = tmp_path / "raw" / "dermamnist.npz"
+    # the real medmnist download, against a closed network: it must fail with one clear error
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(DataError) as e:
+        fetch(target)
+    assert str(target) in str(e.value) and "MEDSSL_DATA_PATH" in str(e.value) and "medmnist" in str(e.value)
+    assert not target.exists()
+
+
+def test_fetch_missing_env_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSSL_DATA_PATH", str(tmp_path / "nope.npz"))
+    with pytest.raises(DataError, match="nope.npz: no such file"):
+        fetch(tmp_path / "t.npz")
+
+
+def test_resize_and_stratified_subset():
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (70, 28, 28, 3), dtype=np.uint8)
+    y = np.arange(70) % 7
+    assert resize_u8(x, 64).shape == (70, 64, 64, 3)
+    sub = stratified_subset(Split(x, y), 35, seed=0)
+    assert len(sub.labels) == 35 and np.bincount(sub.labels).tolist() == [5] * 7
+
+
+def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
+    p = load_params("params.yaml")
+    assert p.inits.all == ["random", "imagenet", "vae"] and p.epochs.finetune_epochs >= 1
+    bad = tmp_path / "params.yaml"
+    bad.write_text(open("params.yaml").read().replace("backbone: mobilenet_v2", "backbone: vgg11"))
+    with pytest.raises(ConfigError, match=r"model\.backbone.*vgg11"):
+        load_params(bad)
+    bad.write_text(open("params.yaml").read().replace("budget: demo", "budget: huge"))
+    with pytest.raises(ConfigError, match="budget 'huge'"):
+        load_params(bad)
+
+
+def test_cli_reports_data_error_without_traceback(tmp_path):
+    path = write_npz(tmp_path / "bad.npz", train_images=np.zeros((40, 28, 28, 3), np.int16))
+    params = tmp_path / "params.yaml"
+    params.write_text(open("params.yaml").read().replace("data/raw/dermamnist.npz", str(path)))
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "prepare", "--params", str(params)],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "train_images: dtype int16" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from medssl.metrics import classification_metrics, confusion, overfitting_gap
+
+
+def onehot(pred, c):
+    p = np.full((len(pred), c), 0.1 / (c - 1))
+    p[np.arange(len(pred)), pred] = 0.9
+    return p
+
+
+def test_perfect_predictions():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    m = classification_metrics(y, onehot(y, 3))
+    for k in ("accuracy", "balanced_accuracy", "kappa", "f1_macro", "auc_macro"):
+        assert m[k] == pytest.approx(1.0)
+    assert m["loss"] == pytest.approx(-np.log(0.9))
+
+
+def test_known_binary_case():
+    # y: two of each class, one error on class 0 -> acc .75, recalls .5 / 1
+    y = np.array([0, 0, 1, 1])
+    m = classification_metrics(y, onehot(np.array([0, 1, 1, 1]), 2), ["a", "b"])
+    assert m["accuracy"] == pytest.approx(0.75)
+    assert m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["kappa"] == pytest.approx(0.5)  # po=.75, pe=.5*.25+.5*.75=.5
+    assert m["recall_a"] == pytest.approx(0.5) and m["recall_b"] == pytest.approx(1.0)
+    assert m["f1_macro"] == pytest.approx((2 / 3 + 0.8) / 2)
+
+
+def test_imbalance_balanced_accuracy_vs_accuracy():
+    # always predicting the majority class: accuracy .9, balanced accuracy 1/2
+    y = np.array([0] * 9 + [1])
+    m = classification_metrics(y, onehot(np.zeros(10, int), 2))
+    assert m["accuracy"] == pytest.approx(0.9) and m["balanced_accuracy"] == pytest.approx(0.5)
+    assert m["kappa"] == pytest.approx(0.0)
+
+
+def test_macro_auc_matches_one_vs_rest_mean():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 20)
+    p = rng.dirichlet(np.ones(3), 60) + np.eye(3)[y] * 0.3
+    p /= p.sum(1, keepdims=True)
+    expected = np.mean([roc_auc_score(y == k, p[:, k]) for k in range(3)])
+    assert classification_metrics(y, p)["auc_macro"] == pytest.approx(expected)
+
+
+def test_auc_skips_absent_class():
+    y = np.array([0, 0, 1, 1])  # class 2 absent
+    p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
+    m = classification_metrics(y, p)
+    assert m["auc_classes"] == 2 and m["auc_macro"] == pytest.approx(1.0)
+
+
+def test_confusion_and_gap():
+    y = np.array([0, 1, 1, 2])
+    cm = confusion(y, onehot(np.array([0, 2, 1, 2]), 3))
+    assert cm.tolist() == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+    gap = overfitting_gap({"loss": 0.3, "accuracy": 0.95, "balanced_accuracy": 0.9},
+                          {"loss": 0.8, "accuracy": 0.75, "balanced_accuracy": 0.6})
+    assert gap == pytest.approx({"gap_loss": -0.5, "gap_accuracy": 0.2, "gap_balanced_accuracy": 0.3})

