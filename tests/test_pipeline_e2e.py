@@ -152,7 +152,10 @@ def test_dvc_tracks_changes(project):
     assert r.stdout.strip() in ("{}", ""), r.stdout
     set_params(d / "params.yaml", **{"finetune.lr": 3e-4})
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
-    assert changed == {"finetune@random", "finetune@imagenet", "finetune_ssl@vae", "evaluate", "export"}
+    # stages whose own inputs changed; evaluate and export follow them in the DAG
+    assert changed == {"finetune@random", "finetune@imagenet", "finetune_ssl@vae"}
+    dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
+    assert '"finetune@imagenet" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)
 
 
@@ -170,3 +173,10 @@ def test_failed_parity_registers_nothing_and_marks_run_failed(project, tmp_path)
     assert hashlib.md5((d / "models/champion.onnx").read_bytes()).hexdigest() == onnx_before
     last_export = [x for x in runs_of("e2e") if x.info.run_name == "export"][-1]
     assert last_export.info.status == "FAILED"
+
+
+def test_mlflow_project_entry_point_calls_same_cli(project):
+    d, env = project["dir"], project["env"]
+    sh([str(BIN / "mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local", "--experiment-name", "e2e"], d, env)
+    runs = [r for r in runs_of("e2e") if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"

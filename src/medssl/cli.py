@@ -12,6 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from medssl.errors import ConfigError, DataError, ImageReadError, ParityError, WeightsUnavailable
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True)
@@ -23,12 +25,6 @@ def _clear_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from medssl.config import ConfigError
-        from medssl.data.sources import DataError
-        from medssl.export import ParityError
-        from medssl.inference import ImageReadError
-        from medssl.models.backbones import WeightsUnavailable
-
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, ImageReadError, WeightsUnavailable, FileNotFoundError, ValueError) as e:

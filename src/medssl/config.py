@@ -7,14 +7,12 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from medssl.errors import ConfigError
+
 BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
 BASELINE_INITS = ("random", "imagenet")
 SSL_METHODS = ("vae",)
 METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
-
-
-class ConfigError(ValueError):
-    """params.yaml is missing, unreadable or holds an invalid value."""
 
 
 class _Strict(BaseModel):

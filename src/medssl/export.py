@@ -19,6 +19,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from medssl import tracking
 from medssl.config import Params
 from medssl.data.sources import load_npz
+from medssl.errors import ParityError
 from medssl.evaluate import TEST_METRICS, load_classifier
 from medssl.finetune import val_metrics_path
 from medssl.io import read_json, write_json
@@ -26,10 +27,6 @@ from medssl.models.classifier import ExportModel
 
 ONNX_PATH = Path("models/champion.onnx")
 EXPORT_METRICS = Path("metrics/export.json")
-
-
-class ParityError(RuntimeError):
-    """ONNX Runtime and PyTorch disagree beyond the tolerance."""
 
 
 def choose_champion(p: Params) -> tuple[str, dict]:

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.errors import ImageReadError
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-class ImageReadError(ValueError):
-    """An input file is not a readable image."""
 
 
 def onnx_providers() -> list[str]:

@@ -10,13 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medssl.errors import DataError
+
 DERMAMNIST_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # MedMNIST label order
 SPLITS = ("train", "val", "test")
 ENV_DATA_PATH = "MEDSSL_DATA_PATH"
-
-
-class DataError(ValueError):
-    """The data file is missing or its content is not what medssl expects."""
 
 
 @dataclass
@@ -107,10 +105,11 @@ def _validate_split(path: Path, split: str, images: np.ndarray, labels: np.ndarr
         raise DataError(f"{key}: shape {images.shape}, expected (N, H, W, 3)")
     if images.shape[0] == 0:
         raise DataError(f"{key}: no images")
+    shape = labels.shape
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
     if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
-        raise DataError(f"{path}: {split}_labels: shape {labels.shape}, expected ({images.shape[0]},) or ({images.shape[0]}, 1)")
+        raise DataError(f"{path}: {split}_labels: shape {shape}, expected ({images.shape[0]},) or ({images.shape[0]}, 1)")
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{path}: {split}_labels: dtype {labels.dtype}, expected an integer type")
     bad = labels[(labels < 0) | (labels >= num_classes)]

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from medssl.errors import WeightsUnavailable
+
 # name -> (builder, ImageNet weights, attribute holding the 1000-way classifier)
 _BACKBONES = {
     "mobilenet_v2": (tvm.mobilenet_v2, tvm.MobileNet_V2_Weights.IMAGENET1K_V1, "classifier"),
@@ -17,10 +19,6 @@ _BACKBONES = {
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, "fc"),
     "efficientnet_b0": (tvm.efficientnet_b0, tvm.EfficientNet_B0_Weights.IMAGENET1K_V1, "classifier"),
 }
-
-
-class WeightsUnavailable(RuntimeError):
-    """ImageNet weights are neither cached nor downloadable."""
 
 
 def weights_file(name: str) -> Path:

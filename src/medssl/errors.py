@@ -1,0 +1,24 @@
+"""Errors for bad input, each with a message that names the file, field or value at fault.
+
+Kept free of heavy imports so that every CLI command can catch them cheaply.
+"""
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, unreadable or holds an invalid value."""
+
+
+class DataError(ValueError):
+    """The data file is missing or its content is not what medssl expects."""
+
+
+class WeightsUnavailable(RuntimeError):
+    """ImageNet weights are neither cached nor downloadable."""
+
+
+class ParityError(RuntimeError):
+    """ONNX Runtime and PyTorch disagree beyond the tolerance."""
+
+
+class ImageReadError(ValueError):
+    """An input file is not a readable image."""
