@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo test test-fast mlflow-ui clean-runs
+.PHONY: env lock weights demo test test-fast mlflow-ui clean-runs prefect-up prefect-down tune
 
 env: $(VENV)/.installed
 
@@ -54,6 +54,18 @@ test-fast: env weights
 mlflow-ui: env
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# Prefect server + process worker on 127.0.0.1:$(PREFECT_PORT), pool `medssl-process`, both deployments.
+PREFECT_PORT ?= 4200
+export PREFECT_API_URL ?= http://127.0.0.1:$(PREFECT_PORT)/api
+prefect-up: env weights
+	PREFECT_PORT=$(PREFECT_PORT) flows/services.sh up
+
+prefect-down:
+	flows/services.sh down
+
+tune: env weights
+	$(BIN)/medssl tune
 
 clean-runs:
 	rm -rf mlflow.db mlartifacts mlruns

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_NPZ = Path(os.environ.get("MEDSSL_DATA_PATH", ROOT.parent / "shared/data/dermamnist/dermamnist.npz"))
 BIN = Path(sys.executable).parent
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 
 @pytest.fixture(scope="session")
@@ -49,11 +52,12 @@ def free_port() -> int:
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback never goes through a proxy
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as r:
+            with direct.open(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -84,3 +88,70 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()
+
+
+def set_params(path: Path, **changes) -> None:
+    """Edit a params.yaml in place: set_params(p, **{"finetune.lr": 3e-4})."""
+    import yaml
+
+    p = yaml.safe_load(path.read_text())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = p
+        for k in parents:
+            node = node[k]
+        node[leaf] = value
+    path.write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+def project_copy(dest: Path, **params) -> Path:
+    """The project's tracked files (as a fresh clone has them, minus run outputs) in a new git repo."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("metrics/", "plots/")) and f not in ("dvc.lock",):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    set_params(dest / "params.yaml", **params)
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "test copy"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+    return dest
+
+
+def run_env(**extra) -> dict:
+    return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server (Debian's package) in a temporary data directory on 127.0.0.1."""
+    import glob
+    import pwd
+
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.fail("PostgreSQL server binaries not found: apt-get install postgresql (.ci/run does)")
+    bindir = Path(bins[-1]).parent
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="medssl-pg-"))  # not under pytest's root-only tree: postgres must reach it
+    data, port = d / "data", free_port()
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root; Debian's package provides the postgres user
+        pw = pwd.getpwnam("postgres")
+        os.chown(d, pw.pw_uid, pw.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(d / "pg.log"), "-w", "start",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {d} -c max_connections=100"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_user, "psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE optuna"],
+                       check=True, capture_output=True)
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True)
+        shutil.rmtree(d, ignore_errors=True)

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -52,15 +53,19 @@ def test_fetch_copies_env_file_atomically(tmp_path, monkeypatch):
     assert md5sum(target) == md5sum(src) and not list(target.parent.glob(".*tmp"))
 
 
-def test_fetch_offline_names_path_and_remedy(tmp_path, monkeypatch):
-    monkeypatch.delenv("MEDSSL_DATA_PATH", raising=False)
+def test_fetch_offline_names_path_and_remedy(tmp_path):
+    """The real medmnist download against a closed network (a dead proxy, in a child process so the
+    proxy cannot leak into this one) fails with one clear error and leaves no file behind."""
     target = tmp_path / "raw" / "dermamnist.npz"
-    # the real medmnist download, against a closed network: it must fail with one clear error
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    with pytest.raises(DataError) as e:
-        fetch(target)
-    assert str(target) in str(e.value) and "MEDSSL_DATA_PATH" in str(e.value) and "medmnist" in str(e.value)
+    params = tmp_path / "params.yaml"
+    params.write_text(open("params.yaml").read().replace("data/raw/dermamnist.npz", str(target)))
+    env = {k: v for k, v in os.environ.items() if k != "MEDSSL_DATA_PATH"}
+    env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "fetch", "--params", str(params)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    msg = " ".join(r.stderr.split())
+    assert str(target) in msg and "MEDSSL_DATA_PATH" in msg and "medmnist" in msg and "Traceback" not in msg
     assert not target.exists()
 
 

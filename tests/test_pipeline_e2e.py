@@ -15,7 +15,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import BIN, ROOT
+from conftest import BIN, project_copy, run_env, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -27,35 +27,14 @@ def sh(args, cwd, env, check=True):
     return r
 
 
-def set_params(path: Path, **changes):
-    p = yaml.safe_load(path.read_text())
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = p
-        for k in parents:
-            node = node[k]
-        node[leaf] = value
-    path.write_text(yaml.safe_dump(p, sort_keys=False))
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server, dermamnist):
     """A fresh git checkout of the project with a small budget, after one `medssl pipeline`."""
-    work = tmp_path_factory.mktemp("clone") / "medssl"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("metrics/", "plots/")) and f != "dvc.lock":
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, work / f)
-    set_params(work / "params.yaml", **{"data.max_train": 512, "data.max_eval": 256, "budgets.demo.pretrain_epochs": 1,
-                                         "budgets.demo.finetune_epochs": 1, "pretrain.vae.latent_dim": 32,
-                                         "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_server,
-           "MEDSSL_DATA_PATH": str(dermamnist), "DVC_SITE_CACHE_DIR": str(work / ".dvc/tmp/site"),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@localhost"}
-    sh(["git", "init", "-q"], work, env)
-    sh(["git", "add", "-A"], work, env)
-    sh(["git", "commit", "-qm", "e2e"], work, env)
+    work = project_copy(tmp_path_factory.mktemp("clone"), **{
+        "data.max_train": 512, "data.max_eval": 256, "budgets.demo.pretrain_epochs": 1, "budgets.demo.finetune_epochs": 1,
+        "pretrain.vae.latent_dim": 32, "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
+    env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
+                  DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
     run = sh([str(BIN / "medssl"), "pipeline"], work, env)
     mlflow.set_tracking_uri(mlflow_server)
     return {"dir": work, "env": env, "log": run.stderr + run.stdout, "uri": mlflow_server}

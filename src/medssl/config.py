@@ -57,6 +57,7 @@ class Augment(_Strict):
     hflip: bool = True
     vflip: bool = True
     rot90: bool = True
+    strength: float = Field(default=0.5, ge=0.0, le=1.0)  # probability of each enabled transform
 
 
 class VAE(_Strict):
@@ -77,6 +78,7 @@ class Finetune(_Strict):
     batch_size: int = Field(default=128, ge=2)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
     warmup_epochs: int = Field(default=0, ge=0)
+    frozen_blocks: int = Field(default=0, ge=0)  # leading backbone blocks kept fixed
     augment: Augment = Augment()
     train_eval_size: int = Field(default=1000, ge=16)
 
@@ -87,6 +89,15 @@ class Export(_Strict):
     alias: str = Field(default="champion", min_length=1)
     parity_images: int = Field(default=256, ge=64)
     parity_tolerance: float = Field(default=1e-4, gt=0.0)
+
+
+class Tune(_Strict):
+    n_trials: int = Field(default=6, ge=1)
+    storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL, or journal:<file> for parallel workers
+    study_name: str = "medssl-dermamnist"
+    init: Literal[SSL_METHODS] = "vae"     # each trial pretrains this method, then fine-tunes from it
+    pruner: Literal["median", "successive_halving", "none"] = "median"
+    output: str = "tuned.yaml"
 
 
 class Mlflow(_Strict):
@@ -103,6 +114,7 @@ class Params(_Strict):
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
     export: Export = Export()
+    tune: Tune = Tune()
     mlflow: Mlflow = Mlflow()
 
     @model_validator(mode="after")
@@ -116,17 +128,47 @@ class Params(_Strict):
         return self.budgets[self.budget]
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; every error names the file and the field."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if raw is None:
+        return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_dotted(d: dict, dotted: str, value) -> dict:
+    """{"a": {"b": 1}}, "a.b", 2 -> {"a": {"b": 2}} (a new dict; missing levels are created)."""
+    head, _, rest = dotted.partition(".")
+    out = dict(d)
+    out[head] = set_dotted(out.get(head) or {}, rest, value) if rest else value
+    return out
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, tuned: bool = True) -> Params:
+    """Read and validate params.yaml (+ the tuned values in `tune.output`, + dotted overrides).
+
+    Every error names the file and the field.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    tuned_path = path.parent / raw.get("tune", {}).get("output", "tuned.yaml")
+    if tuned and tuned_path.is_file():
+        raw = deep_merge(raw, _read_yaml(tuned_path))
+    for k, v in (overrides or {}).items():
+        raw = set_dotted(raw, k, v)
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -18,7 +18,7 @@ def augment(x: torch.Tensor, cfg: Augment, gen: torch.Generator) -> torch.Tensor
     n = x.shape[0]
 
     def coin() -> torch.Tensor:
-        return (torch.rand(n, generator=gen) < 0.5).to(x.device).view(n, 1, 1, 1)
+        return (torch.rand(n, generator=gen) < cfg.strength).to(x.device).view(n, 1, 1, 1)
 
     if cfg.hflip:
         x = torch.where(coin(), x.flip(2), x)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import numpy as np
@@ -26,21 +27,40 @@ from medssl.pretrain import encoder_path
 CURVE_KEYS = ("loss", "accuracy", "balanced_accuracy")
 
 
-def checkpoint_path(init: str) -> Path:
-    return Path(f"models/finetune/{init}/model.pt")
+def checkpoint_path(init: str, root: Path = Path(".")) -> Path:
+    return root / f"models/finetune/{init}/model.pt"
 
 
-def val_metrics_path(init: str) -> Path:
-    return Path(f"metrics/finetune/{init}.json")
+def val_metrics_path(init: str, root: Path = Path(".")) -> Path:
+    return root / f"metrics/finetune/{init}.json"
 
 
-def build_classifier(p: Params, init: str, num_classes: int) -> Classifier:
+def backbone_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's stages in input-to-output order (what `finetune.frozen_blocks` counts)."""
+    if hasattr(backbone, "features"):  # mobilenet_v2, efficientnet_b0
+        return list(backbone.features.children())
+    return [torch.nn.Sequential(backbone.conv1, backbone.bn1), backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+
+
+def freeze_blocks(model: Classifier, k: int) -> None:
+    """Fix the weights and BatchNorm statistics of the first k blocks."""
+    blocks = backbone_blocks(model.backbone)
+    if k > len(blocks):
+        raise ValueError(f"finetune.frozen_blocks={k} but the backbone has {len(blocks)} blocks")
+    for block in blocks[:k]:
+        block.requires_grad_(False)
+        for m in block.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0  # running statistics stay as initialised/pretrained
+
+
+def build_classifier(p: Params, init: str, num_classes: int, root: Path = Path(".")) -> Classifier:
     """Classifier with the backbone weights of `init`; SSL inits load their pretrained encoder."""
     if init not in p.inits.all:
         raise ValueError(f"init {init!r} is not configured; inits are {p.inits.all}")
     model = Classifier(p.model.backbone, num_classes, p.model.dropout, imagenet=init == "imagenet")
     if init in p.inits.ssl:
-        path = encoder_path(init)
+        path = encoder_path(init, root)
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run `medssl pretrain {init}` first")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -50,7 +70,9 @@ def build_classifier(p: Params, init: str, num_classes: int) -> Classifier:
     return model
 
 
-def run_finetune(p: Params, init: str) -> dict:
+def run_finetune(p: Params, init: str, root: Path = Path("."), parent: str | None = None,
+                 on_epoch: Callable[[int, float], None] | None = None) -> dict:
+    """Train one classifier; outputs under `root`. `on_epoch(epoch, val_value)` may raise to stop (pruning)."""
     cfg, epochs = p.finetune, p.epochs.finetune_epochs
     gen = seed_everything(p.seed)
     device = pick_device()
@@ -63,8 +85,10 @@ def run_finetune(p: Params, init: str) -> dict:
     sub = np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]
     mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
 
-    model = prepare_model(build_classifier(p, init, len(classes)), device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    clf = build_classifier(p, init, len(classes), root)
+    freeze_blocks(clf, cfg.frozen_blocks)
+    model = prepare_model(clf, device)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(tr_y) // cfg.batch_size)
     sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
 
@@ -74,7 +98,7 @@ def run_finetune(p: Params, init: str) -> dict:
               "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed}
     select = p.export.select_metric
     best, curves = None, []
-    with tracking.model_run(p, f"finetune-{init}", tags, params) as run:
+    with tracking.model_run(p, f"finetune-{init}", tags, params, parent) as run:
         t0 = time.time()
         for epoch in trange(1, epochs + 1, desc=f"finetune {init}", disable=None):
             train_one_epoch(model, tr_x, tr_y, opt, sched, mean, std, cfg.batch_size, gen, cfg.augment,
@@ -89,16 +113,18 @@ def run_finetune(p: Params, init: str) -> dict:
                 # copy the tensors: a reference to the live state_dict would keep changing
                 state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 best = {"epoch": epoch, "val": va, "gap": {k: row[k] for k in row if k.startswith("gap_")}, "state": state}
+            if on_epoch is not None:
+                on_epoch(epoch, va[select])
         seconds = round(time.time() - t0, 1)
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
                     "raw_image_size": meta["raw_image_size"], "best_epoch": best["epoch"], "state_dict": best["state"]},
-                   checkpoint_path(init))
+                   checkpoint_path(init, root))
         summary = {"init": init, "best_epoch": best["epoch"], "select_metric": select, "val": best["val"],
                    "gap_at_best": best["gap"], "seconds": seconds, "run_id": run.info.run_id}
         mlflow.log_metrics({"best_epoch": best["epoch"], "seconds": seconds,
                             **{f"best_val_{k}": v for k, v in best["val"].items()}})
-        mlflow.log_artifact(str(checkpoint_path(init)), artifact_path="checkpoint")
-    write_csv(Path(f"plots/finetune/{init}.csv"), curves)
-    write_json(val_metrics_path(init), summary)
+        mlflow.log_artifact(str(checkpoint_path(init, root)), artifact_path="checkpoint")
+    write_csv(root / f"plots/finetune/{init}.csv", curves)
+    write_json(val_metrics_path(init, root), summary)
     return summary

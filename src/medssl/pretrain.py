@@ -20,8 +20,8 @@ from medssl.models.classifier import to_input
 from medssl.models.vae import VAE, vae_loss
 
 
-def encoder_path(method: str) -> Path:
-    return Path(f"models/pretrain/{method}/encoder.pt")
+def encoder_path(method: str, root: Path = Path(".")) -> Path:
+    return root / f"models/pretrain/{method}/encoder.pt"
 
 
 def _grid(x: torch.Tensor, nrow: int) -> np.ndarray:
@@ -29,13 +29,14 @@ def _grid(x: torch.Tensor, nrow: int) -> np.ndarray:
     return (make_grid(x.float().cpu(), nrow=nrow, padding=1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
-def run_pretrain(p: Params, method: str) -> dict:
+def run_pretrain(p: Params, method: str, root: Path = Path("."), parent: str | None = None) -> dict:
+    """Train the encoder of `method`; outputs under `root` (the project root for DVC, a trial folder for tuning)."""
     if method != "vae":
         raise ValueError(f"unknown pretraining method {method!r}; configured methods: {p.inits.ssl}")
-    return _pretrain_vae(p)
+    return _pretrain_vae(p, root, parent)
 
 
-def _pretrain_vae(p: Params) -> dict:
+def _pretrain_vae(p: Params, root: Path, parent: str | None) -> dict:
     cfg, epochs = p.pretrain.vae, p.epochs.pretrain_epochs
     gen = seed_everything(p.seed)
     device = pick_device()
@@ -52,7 +53,7 @@ def _pretrain_vae(p: Params) -> dict:
     params = {"method": "vae", "epochs": epochs, "batch_size": p.pretrain.batch_size, **cfg.model_dump(),
               "backbone": p.model.backbone, "image_size": p.data.image_size, "n_unlabelled": len(images), "seed": p.seed}
     curves = []
-    with tracking.model_run(p, "pretrain-vae", tags, params) as run:
+    with tracking.model_run(p, "pretrain-vae", tags, params, parent) as run:
         t0 = time.time()
         for epoch in trange(1, epochs + 1, desc="pretrain vae", disable=None):
             model.train()
@@ -84,9 +85,9 @@ def _pretrain_vae(p: Params) -> dict:
             mlflow.log_image(_grid(samples, 8), artifact_file=f"vae/samples_epoch{epoch:03d}.png")
 
         encoder = {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
-        save_torch({"backbone": p.model.backbone, "method": "vae", "state_dict": encoder}, encoder_path("vae"))
+        save_torch({"backbone": p.model.backbone, "method": "vae", "state_dict": encoder}, encoder_path("vae", root))
         summary = {**curves[-1], "seconds": round(time.time() - t0, 1), "run_id": run.info.run_id}
         mlflow.log_metric("seconds", summary["seconds"])
-    write_csv(Path("plots/pretrain/vae.csv"), curves)
-    write_json(Path("metrics/pretrain/vae.json"), summary)
+    write_csv(root / "plots/pretrain/vae.csv", curves)
+    write_json(root / "metrics/pretrain/vae.json", summary)
     return summary

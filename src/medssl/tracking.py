@@ -71,23 +71,37 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or os.environ.get("MLFLOW_RUN_ID")
 
 
-@contextlib.contextmanager
-def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None):
-    """A run for one trained model, nested under the pipeline run when there is one.
+def end_status(exc: BaseException | None) -> str:
+    """FINISHED, or KILLED for a pruned trial / interrupt, else FAILED."""
+    if exc is None:
+        return "FINISHED"
+    if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrialPruned":
+        return "KILLED"
+    return "FAILED"
 
-    An exception inside marks the run FAILED (mlflow's context manager) and propagates.
+
+@contextlib.contextmanager
+def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None):
+    """A run for one trained model, nested under `parent` or the pipeline run when there is one.
+
+    An exception inside marks the run FAILED (KILLED when a trial is pruned) and propagates.
     """
     exp = experiment_id(p)
-    parent = parent_run_id()
+    parent = parent or parent_run_id()
     if parent:  # a child lives in its parent's experiment (`mlflow run` may have picked another)
         exp = mlflow.get_run(parent).info.experiment_id
     # `mlflow run` exports MLFLOW_RUN_ID; left set, start_run() would resume that run instead of nesting.
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        with mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, tags=tags) as run:
+        run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, tags=tags, nested=True)
+        try:
             if params:
                 mlflow.log_params(flat_params(params))
             yield run
+        except BaseException as e:
+            mlflow.end_run(end_status(e))
+            raise
+        mlflow.end_run("FINISHED")
     finally:
         if env_run is not None:
             os.environ["MLFLOW_RUN_ID"] = env_run

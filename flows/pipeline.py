@@ -1,0 +1,149 @@
+"""Prefect flow `medssl-pipeline`: the dvc.yaml stages as tasks, calling the same functions.
+
+Pretraining methods run concurrently, and so do fine-tunes whose inputs are ready; each task is
+retried on failure (`retries`), and a failing task fails the flow run with its MLflow run FAILED.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from medssl import tracking
+from medssl.config import BASELINE_INITS, Params, load_params
+from medssl.data.prepare import run_prepare
+from medssl.data.sources import fetch
+from medssl.evaluate import run_evaluate
+from medssl.export import run_export
+from medssl.finetune import run_finetune
+from medssl.pretrain import run_pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@task(name="fetch")
+def fetch_task(p: Params, source: str | None) -> str:
+    if source:
+        os.environ["MEDSSL_DATA_PATH"] = source
+    return str(fetch(p.data.path))
+
+
+@task(name="prepare")
+def prepare_task(p: Params) -> dict:
+    return run_prepare(p)
+
+
+@task(name="pretrain", task_run_name="pretrain-{method}")
+def pretrain_task(p: Params, method: str) -> dict:
+    return run_pretrain(p, method)
+
+
+@task(name="finetune", task_run_name="finetune-{init}")
+def finetune_task(p: Params, init: str) -> dict:
+    return run_finetune(p, init)
+
+
+@task(name="evaluate")
+def evaluate_task(p: Params) -> dict:
+    return run_evaluate(p)
+
+
+@task(name="export")
+def export_task(p: Params) -> dict:
+    return run_export(p)
+
+
+def overrides(data_path, image_size, inits, epochs, pretrain_epochs, seed, budget, max_train, max_eval, base: dict) -> dict:
+    out = {}
+    budget = budget or base["budget"]
+    if budget is not None:
+        out["budget"] = budget
+    if image_size is not None:
+        out["data.image_size"] = image_size
+    if epochs is not None:
+        out[f"budgets.{budget}.finetune_epochs"] = epochs
+    if pretrain_epochs is not None:
+        out[f"budgets.{budget}.pretrain_epochs"] = pretrain_epochs
+    if seed is not None:
+        out["seed"] = seed
+    if max_train is not None:
+        out["data.max_train"] = max_train
+    if max_eval is not None:
+        out["data.max_eval"] = max_eval
+    if inits is not None:
+        out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
+        out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
+    return out
+
+
+def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> str:
+    uri = tracking.tracking_uri()
+    web = uri.startswith("http")
+    exp = tracking.experiment_id(p)
+
+    def run_link(run_id: str) -> str:
+        return f"[{run_id[:8]}]({uri}/#/experiments/{exp}/runs/{run_id})" if web else f"`{run_id}`"
+
+    lines = [f"# medssl-pipeline: {p.data.name}, {p.model.backbone}, budget `{p.budget}`", "",
+             f"Selected on validation `{p.export.select_metric}`; test metrics never feed a choice.", "",
+             "| init | val acc | val bal. acc | val AUC | test acc | test bal. acc | test AUC | MLflow run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for init, r in results.items():
+        v, t = r["val"], r["test"]
+        lines.append(f"| {init}{' (champion)' if init == export['champion'] else ''} | {v['accuracy']:.4f} | "
+                     f"{v['balanced_accuracy']:.4f} | {v['auc_macro']:.4f} | {t['accuracy']:.4f} | "
+                     f"{t['balanced_accuracy']:.4f} | {t['auc_macro']:.4f} | {run_link(r['run_id'])} |")
+    model = p.export.registered_model
+    version = (f"[{model} v{export['version']}]({uri}/#/models/{model}/versions/{export['version']})" if web
+               else f"`{model}` v{export['version']}")
+    lines += ["", f"**Champion:** {export['champion']} → `{export['model_uri']}` = {version}; "
+              f"ONNX parity max |diff| {export['parity_max_abs_diff']:.2e} on {export['parity_images']} images.",
+              "", f"Parent MLflow run: {run_link(parent_id)} ({uri})"]
+    return "\n".join(lines)
+
+
+@flow(name="medssl-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def pipeline(data_path: str | None = None, image_size: int | None = None, inits: list[str] | None = None,
+             epochs: int | None = None, pretrain_epochs: int | None = None, seed: int | None = None,
+             budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
+             retries: int = 1, params_path: str = "params.yaml") -> dict:
+    """Run prepare -> pretrain -> fine-tune -> evaluate -> export with params.yaml plus these overrides."""
+    logger = get_run_logger()
+    os.chdir(ROOT)  # stage outputs live at the project root, as with dvc repro
+    import yaml
+
+    base = yaml.safe_load(Path(params_path).read_text())
+    p = load_params(params_path, overrides(data_path, image_size, inits, epochs, pretrain_epochs, seed, budget,
+                                           max_train, max_eval, base))
+    opts = {"retries": retries, "retry_delay_seconds": 5}
+    exp = tracking.experiment_id(p)
+    with mlflow.start_run(experiment_id=exp, run_name="prefect-pipeline",
+                          tags={**tracking.base_tags(p), "stage": "pipeline", "orchestrator": "prefect"}) as parent:
+        os.environ[tracking.PARENT_ENV] = parent.info.run_id
+        try:
+            mlflow.log_params(tracking.flat_params(p.model_dump()))
+            fetched = fetch_task.with_options(**opts).submit(p, data_path)
+            prepared = prepare_task.with_options(**opts).submit(p, wait_for=[fetched])
+            pretrained = {m: pretrain_task.with_options(**opts).submit(p, m, wait_for=[prepared]) for m in p.inits.ssl}
+            finetuned = [finetune_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)])
+                         for i in p.inits.all]
+            evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=finetuned)
+            export = export_task.with_options(**opts).submit(p, wait_for=[evaluated]).result()
+            results = evaluated.result()
+            md = results_markdown(p, results, export, parent.info.run_id)
+            create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")
+            mlflow.log_text(md, "prefect/results.md")
+            mlflow.set_tags({"champion": export["champion"], "model_version": str(export["version"])})
+            logger.info("champion %s -> %s v%s", export["champion"], export["model_uri"], export["version"])
+            return {"champion": export["champion"], "version": export["version"], "parent_run_id": parent.info.run_id,
+                    "test_accuracy": export["test_accuracy"], "test_auc_macro": export["test_auc_macro"]}
+        finally:
+            os.environ.pop(tracking.PARENT_ENV, None)
+
+
+if __name__ == "__main__":
+    pipeline()

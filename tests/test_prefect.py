@@ -1,0 +1,105 @@
+"""`prefect deployment run` through a real Prefect server and process worker (flows/services.sh)."""
+import os
+import subprocess
+
+import mlflow
+import pytest
+
+from conftest import BIN, free_port, project_copy, run_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_stack(tmp_path_factory, mlflow_server, dermamnist):
+    work = project_copy(tmp_path_factory.mktemp("prefect") / "medssl", **{
+        "mlflow.experiment": "prefect-e2e", "export.registered_model": "derm-prefect", "pretrain.vae.latent_dim": 32})
+    port = free_port()
+    home = work.parent / "prefect-home"
+    env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist), PREFECT_HOME=str(home),
+                  PREFECT_PORT=str(port), PREFECT_API_URL=f"http://127.0.0.1:{port}/api", RUN_DIR=str(work / ".run/prefect"))
+    up = subprocess.run(["flows/services.sh", "up"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    pids = {n: int((work / f".run/prefect/{n}.pid").read_text()) for n in ("server", "worker")}
+    yield {"dir": work, "env": env, "pids": pids}
+    down = subprocess.run(["flows/services.sh", "down"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    for name, pid in pids.items():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # prefect-down leaves no process of ours running
+
+
+def deployment_run(stack, name, *params):
+    cmd = [str(BIN / "prefect"), "deployment", "run", name, "--watch", "--watch-timeout", "900"]
+    for p in params:
+        cmd += ["--param", p]
+    return subprocess.run(cmd, cwd=stack["dir"], env=stack["env"], capture_output=True, text=True, timeout=1000)
+
+
+def api(stack, path: str, body: dict) -> list:
+    """POST to the stack's Prefect REST API (not an in-process client, which would use its own settings)."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(stack["env"]["PREFECT_API_URL"] + path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
+def flow_runs(stack, flow_name):
+    runs = api(stack, "/flow_runs/filter", {"flows": {"name": {"any_": [flow_name]}}})
+    arts = api(stack, "/artifacts/filter", {})
+    return runs, arts
+
+
+def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlflow_server):
+    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", "epochs=1", "pretrain_epochs=1", "max_train=512",
+                       "max_eval=256")
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    runs, arts = flow_runs(prefect_stack, "medssl-pipeline")
+    assert [x["state_type"] for x in runs] == ["COMPLETED"]
+    assert any(a["key"] == "medssl-results" and "Champion" in (a["data"] or "") for a in arts)
+
+    mlflow.set_tracking_uri(mlflow_server)
+    parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
+               if x.data.tags.get("orchestrator") == "prefect"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert {c.info.run_name for c in children} == {"pretrain-vae", "finetune-random", "finetune-imagenet", "finetune-vae", "export"}
+    mv = mlflow.MlflowClient().get_model_version_by_alias("derm-prefect", "champion")
+    export_run = mlflow.get_run(mv.tags["export_run_id"])
+    assert export_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # produced by this flow run
+
+
+def test_failing_task_fails_flow_and_mlflow_run(prefect_stack, mlflow_server):
+    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", "data_path=/nonexistent/dermamnist.npz", "retries=0")
+    assert r.returncode != 0
+    runs, _ = flow_runs(prefect_stack, "medssl-pipeline")
+    failed = [x for x in runs if x["state_type"] == "FAILED"]
+    assert len(failed) == 1 and "nonexistent" in r.stdout + r.stderr
+    mlflow.set_tracking_uri(mlflow_server)
+    statuses = sorted(x.info.status for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
+                      if x.data.tags.get("orchestrator") == "prefect")
+    assert statuses == ["FAILED", "FINISHED"]
+
+
+def test_tune_deployment_agrees_with_study_and_best_file(prefect_stack, mlflow_server):
+    import optuna
+    import yaml
+
+    r = deployment_run(prefect_stack, "medssl-tune/dermamnist", "n_trials=3", "epochs=1", "pretrain_epochs=1",
+                       "max_train=256", "max_eval=128")
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    d = prefect_stack["dir"]
+    study = optuna.load_study(study_name="medssl-dermamnist", storage=f"sqlite:///{d}/optuna.db")
+    assert len(study.trials) == 3
+    tuned = yaml.safe_load((d / "tuned.yaml").read_text())
+    assert tuned["finetune"]["weight_decay"] == pytest.approx(study.best_params["weight_decay"])
+    mlflow.set_tracking_uri(mlflow_server)
+    parent = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
+              if x.data.tags.get("stage") == "tune"][0]
+    trials = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
+                                filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(trials) == 3 and parent.data.metrics["best_value"] == pytest.approx(study.best_value)

@@ -1,0 +1,93 @@
+"""Optuna tuning: exact trial accounting with two worker processes on a real PostgreSQL server,
+and pruned trials marked as such in Optuna and MLflow."""
+import subprocess
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from conftest import BIN, project_copy, run_env
+from medssl.tune import split_trials
+
+SMALL = {"data.max_train": 256, "data.max_eval": 128, "budgets.demo.pretrain_epochs": 1,
+         "budgets.demo.finetune_epochs": 2, "pretrain.batch_size": 64, "finetune.batch_size": 64}
+
+
+def test_split_trials_is_exact():
+    assert split_trials(5, 2) == [3, 2] and split_trials(4, 2) == [2, 2] and split_trials(1, 3) == [1, 0, 0]
+    assert all(sum(split_trials(n, w)) == n for n in range(1, 20) for w in range(1, 5))
+
+
+def test_sqlite_refuses_parallel_workers(tmp_path):
+    r = subprocess.run([str(BIN / "medssl"), "tune", "--workers", "2", "--storage", "sqlite:///x.db"], cwd=tmp_path,
+                       env=run_env(), capture_output=True, text=True)
+    assert r.returncode == 2  # params.yaml missing here -> clear config error, no traceback
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_lose_and_duplicate_nothing(tmp_path, postgres, mlflow_server, dermamnist):
+    work = project_copy(tmp_path / "p", **SMALL, **{"mlflow.experiment": "tune-pg", "tune.study_name": "pg-study"})
+    n = 4
+    r = subprocess.run([str(BIN / "medssl"), "tune", "--workers", "2", "--n-trials", str(n), "--storage", postgres],
+                       cwd=work, env=run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist)),
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-5000:]
+
+    study = optuna.load_study(study_name="pg-study", storage=postgres)
+    assert sorted(t.number for t in study.trials) == list(range(n))
+    assert all(t.state.is_finished() for t in study.trials)
+
+    mlflow.set_tracking_uri(mlflow_server)
+    runs = mlflow.search_runs(experiment_names=["tune-pg"], output_format="list")
+    parents = [x for x in runs if x.data.tags.get("stage") == "tune"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(int(x.data.tags["optuna_trial"]) for x in trials) == list(range(n))  # none lost, none twice
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+    by_number = {int(x.data.tags["optuna_trial"]): x for x in trials}
+    for t in study.trials:
+        run = by_number[t.number]
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.data.tags["optuna_state"] == t.state.name and run.info.status == status[t.state.name]
+        if t.state.name == "COMPLETE":
+            assert run.data.metrics["value"] == pytest.approx(t.value)
+
+    tuned = yaml.safe_load((work / "tuned.yaml").read_text())
+    best = study.best_trial
+    assert tuned["finetune"]["lr"] == pytest.approx(best.params["lr"])
+    assert tuned["pretrain"]["vae"]["beta"] == pytest.approx(best.params["vae_beta"])
+    assert parents[0].data.metrics["best_value"] == pytest.approx(best.value)
+    assert parents[0].data.tags["best_run_id"] == best.user_attrs["mlflow_run_id"]
+    # the tuned values feed every stage: params.yaml + tuned.yaml is what dvc repro trains with
+    from medssl.config import load_params
+
+    assert load_params(work / "params.yaml").finetune.lr == pytest.approx(best.params["lr"])
+    status_out = subprocess.run(["dvc", "status"], cwd=work, env=run_env(), capture_output=True, text=True).stdout
+    assert "tuned.yaml" in status_out
+
+
+@pytest.mark.slow
+def test_pruned_trial_is_killed_in_mlflow(tmp_path, mlflow_server, dermamnist, monkeypatch):
+    from medssl.config import load_params
+    from medssl.data.prepare import run_prepare
+    from medssl.data.sources import fetch
+    from medssl.tune import objective_for
+
+    work = project_copy(tmp_path / "p", **SMALL, **{"mlflow.experiment": "tune-prune"})
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
+    p = load_params("params.yaml")
+    fetch(p.data.path)
+    run_prepare(p)
+    mlflow.set_tracking_uri(mlflow_server)
+    exp = mlflow.set_experiment("tune-prune")
+    with mlflow.start_run(experiment_id=exp.experiment_id) as parent:
+        pass
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=1.01))
+    study.optimize(objective_for(p, parent.info.run_id, work / "tune"), n_trials=1)  # any value < 1.01 is pruned
+    assert study.trials[0].state == optuna.trial.TrialState.PRUNED
+    run = mlflow.get_run(study.trials[0].user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
