@@ -59,7 +59,11 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
         assert r.info.status == "FINISHED"
         assert r.data.tags["data_md5"] == md5 and r.data.tags["seed"] == "42" and len(r.data.tags["git_commit"]) >= 40
     ft = children["finetune-imagenet"]
-    assert ft.data.tags["init"] == "imagenet" and ft.data.params["lr"] == "0.001"
+    sys.path.insert(0, str(project["dir"] / "src"))
+    from medssl.config import load_params
+
+    lr = load_params(project["dir"] / "params.yaml").finetune.lr  # params.yaml + tuned.yaml
+    assert ft.data.tags["init"] == "imagenet" and float(ft.data.params["lr"]) == pytest.approx(lr)
     client = mlflow.MlflowClient()
     gap = client.get_metric_history(ft.info.run_id, "gap_accuracy")
     tr = client.get_metric_history(ft.info.run_id, "train_accuracy")

@@ -11,7 +11,7 @@ from medssl.errors import ConfigError
 
 BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
 BASELINE_INITS = ("random", "imagenet")
-SSL_METHODS = ("vae",)
+SSL_METHODS = ("vae", "simclr", "mim")
 METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 
@@ -67,9 +67,25 @@ class VAE(_Strict):
     weight_decay: float = Field(default=0.0, ge=0.0)
 
 
+class SimCLRCfg(_Strict):
+    proj_dim: int = Field(default=128, ge=8)
+    temperature: float = Field(default=0.2, gt=0.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+
+
+class MIMCfg(_Strict):
+    patch: int = Field(default=8, ge=2)
+    mask_ratio: float = Field(default=0.6, gt=0.0, lt=1.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0)
+
+
 class Pretrain(_Strict):
     batch_size: int = Field(default=128, ge=2)
     vae: VAE = VAE()
+    simclr: SimCLRCfg = SimCLRCfg()
+    mim: MIMCfg = MIMCfg()
 
 
 class Finetune(_Strict):

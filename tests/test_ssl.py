@@ -1,0 +1,80 @@
+"""SimCLR and MIM parts, nested label fractions and the frozen-feature probes."""
+import numpy as np
+import pytest
+import torch
+
+from medssl.config import load_params
+from medssl.data.fractions import nested_fractions
+from medssl.models.backbones import build_backbone
+from medssl.models.mim import masked_mse, random_patch_mask
+from medssl.models.simclr import nt_xent, random_view
+from medssl.probe import knn_probe
+
+from conftest import project_copy
+
+
+def test_nt_xent_prefers_matching_views():
+    z = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    other = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    assert nt_xent(z, z, 0.2) < nt_xent(z, other, 0.2)
+
+
+def test_patch_mask_ratio_and_masked_loss_ignores_visible_pixels():
+    m = random_patch_mask(4, 64, 8, 0.6, torch.Generator().manual_seed(0))
+    assert m.shape == (4, 1, 64, 64) and torch.allclose(m.mean((1, 2, 3)), torch.full((4,), 38 / 64))
+    x = torch.rand(4, 3, 64, 64)
+    assert masked_mse(x + 5 * (1 - m), x, m).item() == pytest.approx(0.0)
+
+
+def test_random_view_shapes_and_range():
+    x = torch.rand(5, 3, 64, 64)
+    v = random_view(x, torch.Generator().manual_seed(0))
+    assert v.shape == x.shape and 0 <= v.min() and v.max() <= 1 and not torch.allclose(v, x)
+
+
+def test_nested_fractions_are_nested_stratified_and_keep_every_class():
+    y = np.repeat(np.arange(7), [228, 359, 769, 80, 779, 4693, 99])
+    fr = nested_fractions(y, [0.01, 0.05, 0.1, 0.25, 0.5, 1.0], seed=3)
+    keys = sorted(fr)
+    for small, large in zip(keys, keys[1:]):
+        assert set(fr[small]) <= set(fr[large])
+    assert all(np.bincount(y[idx], minlength=7).min() >= 1 for idx in fr.values())
+    assert len(fr[1.0]) == len(y) and abs(len(fr[0.1]) - 700) <= 7
+    assert np.array_equal(nested_fractions(y, [0.1], seed=3)[0.1], fr[0.1])  # seeded
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "mim"])
+def test_ssl_objective_decreases_on_real_images(method, tmp_path, monkeypatch, dermamnist):
+    from medssl.data.prepare import run_prepare
+    from medssl.data.sources import fetch
+    from medssl.pretrain import encoder_path, run_pretrain
+
+    work = project_copy(tmp_path / "p", **{"data.max_train": 2048, "data.max_eval": 256, "data.image_size": 32,
+                                           "budgets.demo.pretrain_epochs": 8, "mlflow.experiment": f"ssl-{method}",
+                                           "inits.ssl": [method], "pretrain.batch_size": 128})
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
+    p = load_params("params.yaml")
+    fetch(p.data.path)
+    run_prepare(p)
+    s = run_pretrain(p, method)
+    assert s["loss"] < 0.97 * s["first_loss"], s
+    ckpt = torch.load(encoder_path(method), weights_only=True)
+    backbone, _ = build_backbone(p.model.backbone)
+    backbone.load_state_dict(ckpt["state_dict"])  # the encoder drops into the classifier's backbone
+    import mlflow
+
+    run = mlflow.get_run(s["run_id"])
+    images = [a.path for a in mlflow.MlflowClient().list_artifacts(s["run_id"], method)]
+    assert run.info.status == "FINISHED" and len(images) == 8  # one diagnostic image per epoch
+
+
+def test_knn_probe_on_separable_features():
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 8)) * 5
+    y = np.repeat(np.arange(3), 30)
+    x = centers[y] + rng.normal(size=(90, 8))
+    proba = knn_probe(x[::2], y[::2], x[1::2], 4, k=5)
+    assert proba.shape == (45, 4) and (proba.argmax(1) == y[1::2]).mean() > 0.95 and np.all(proba[:, 3] == 0)
