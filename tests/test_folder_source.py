@@ -62,3 +62,26 @@ def test_unknown_class_and_missing_column(tmp_path):
     csv_path.write_text(text.replace("dx", "diagnosis", 1))
     with pytest.raises(DataError, match=r"missing column\(s\) \['dx'\]"):
         load_folder(img_dir, csv_path, size=28)
+
+
+def test_fetch_builds_pipeline_input_from_folder(tmp_path):
+    """data.source=folder: `medssl fetch` writes a MedMNIST-layout npz that `prepare` accepts."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    img_dir, csv_path, rows = make_folder(tmp_path)
+    p = yaml.safe_load(open("params.yaml"))
+    p["data"].update(source="folder", folder={"images": str(img_dir), "csv": str(csv_path), "size": 28},
+                     path=str(tmp_path / "raw.npz"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    for cmd in ("fetch", "prepare"):
+        r = subprocess.run([sys.executable, "-m", "medssl.cli", cmd, "--params", str(tmp_path / "params.yaml")],
+                           cwd=tmp_path, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "raw.npz") as z:
+        assert sum(len(z[f"{s}_labels"]) for s in ("train", "val", "test")) == len(rows)
+        ids = [set(z[f"{s}_lesion_ids"]) for s in ("train", "val", "test")]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert (tmp_path / "data/prepared/dataset.npz").is_file()

@@ -43,11 +43,20 @@ def _params(path: Path):
 @app.command()
 @_clear_errors
 def fetch(params: Path = PARAMS):
-    """Place the raw DermaMNIST npz at data.path ($MEDSSL_DATA_PATH, existing file, or medmnist download)."""
+    """Place the raw npz at data.path: $MEDSSL_DATA_PATH, an existing file or the medmnist download;
+    with data.source=folder, built from a HAM10000-layout folder + CSV, split by lesion."""
     from medssl.data.sources import fetch as do_fetch, load_npz
 
     p = _params(params)
-    path = do_fetch(p.data.path)
+    if p.data.source == "folder":
+        from medssl.data.folder import load_folder, write_npz
+
+        f = p.data.folder
+        built, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed)
+        write_npz(built, groups, Path(p.data.path))
+        path = Path(p.data.path)
+    else:
+        path = do_fetch(p.data.path)
     splits = load_npz(path)
     err.print(f"{path}: " + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()))
 

@@ -24,12 +24,28 @@ class Budget(_Strict):
     finetune_epochs: int = Field(ge=1)
 
 
+class Folder(_Strict):
+    images: str                                 # folder of <image_id>.jpg/.png
+    csv: str                                    # image_id, dx[, lesion_id]
+    size: int = Field(default=28, ge=8, le=512)  # stored (= ONNX input) resolution
+    val: float = Field(default=0.1, gt=0.0, lt=0.5)
+    test: float = Field(default=0.2, gt=0.0, lt=0.5)
+
+
 class Data(_Strict):
-    name: Literal["dermamnist"] = "dermamnist"
+    name: str = "dermamnist"
+    source: Literal["npz", "folder"] = "npz"    # folder: `fetch` builds data.path from data.folder
+    folder: Folder | None = None
     path: str = "data/raw/dermamnist.npz"
     image_size: int = Field(default=64, ge=16, le=512)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
+
+    @model_validator(mode="after")
+    def _folder_given(self) -> "Data":
+        if self.source == "folder" and self.folder is None:
+            raise ValueError("data.source is 'folder' but data.folder (images, csv) is not set")
+        return self
 
     @field_validator("image_size")
     @classmethod

@@ -58,6 +58,18 @@ def lesion_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: floa
     return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
 
 
+def write_npz(splits: dict[str, Split], groups: dict[str, np.ndarray], path: Path) -> None:
+    """MedMNIST-layout npz (+ `{split}_lesion_ids`), written through a temporary file."""
+    arrays = {}
+    for s in SPLITS:
+        arrays[f"{s}_images"], arrays[f"{s}_labels"] = splits[s].images, splits[s].labels[:, None].astype(np.uint8)
+        arrays[f"{s}_lesion_ids"] = groups[s].astype(str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
 def load_folder(images_dir: str | Path, csv_path: str | Path, size: int, val: float = 0.1, test: float = 0.2,
                 seed: int = 0, classes=DERMAMNIST_CLASSES) -> tuple[dict[str, Split], dict[str, np.ndarray]]:
     """-> splits of (N, size, size, 3) uint8 images with labels, and the lesion ids per split."""
