@@ -14,9 +14,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medssl import tracking
-from medssl.config import BASELINE_INITS, Params, load_params
+from medssl.config import Params, load_params, run_overrides
 from medssl.data.prepare import run_prepare
-from medssl.data.sources import fetch
+from medssl.data.sources import fetch, run_fetch
 from medssl.evaluate import run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
@@ -27,9 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @task(name="fetch")
 def fetch_task(p: Params, source: str | None) -> str:
-    if source:
-        os.environ["MEDSSL_DATA_PATH"] = source
-    return str(fetch(p.data.path))
+    return str(fetch(p.data.path, source) if source else run_fetch(p))
 
 
 @task(name="prepare")
@@ -55,29 +53,6 @@ def evaluate_task(p: Params) -> dict:
 @task(name="export")
 def export_task(p: Params) -> dict:
     return run_export(p)
-
-
-def overrides(data_path, image_size, inits, epochs, pretrain_epochs, seed, budget, max_train, max_eval, base: dict) -> dict:
-    out = {}
-    budget = budget or base["budget"]
-    if budget is not None:
-        out["budget"] = budget
-    if image_size is not None:
-        out["data.image_size"] = image_size
-    if epochs is not None:
-        out[f"budgets.{budget}.finetune_epochs"] = epochs
-    if pretrain_epochs is not None:
-        out[f"budgets.{budget}.pretrain_epochs"] = pretrain_epochs
-    if seed is not None:
-        out["seed"] = seed
-    if max_train is not None:
-        out["data.max_train"] = max_train
-    if max_eval is not None:
-        out["data.max_eval"] = max_eval
-    if inits is not None:
-        out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
-        out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
-    return out
 
 
 def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> str:
@@ -114,11 +89,9 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
     """Run prepare -> pretrain -> fine-tune -> evaluate -> export with params.yaml plus these overrides."""
     logger = get_run_logger()
     os.chdir(ROOT)  # stage outputs live at the project root, as with dvc repro
-    import yaml
-
-    base = yaml.safe_load(Path(params_path).read_text())
-    p = load_params(params_path, overrides(data_path, image_size, inits, epochs, pretrain_epochs, seed, budget,
-                                           max_train, max_eval, base))
+    over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
+                         image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits)
+    p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}
     exp = tracking.experiment_id(p)
     with mlflow.start_run(experiment_id=exp, run_name="prefect-pipeline",

@@ -11,9 +11,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from medssl.config import load_params
+from medssl.config import load_params, run_overrides
 from medssl.data.prepare import run_prepare
-from medssl.data.sources import fetch
+from medssl.data.sources import run_fetch
 from medssl.tune import run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @task(name="prepare")
 def prepare_task(p) -> dict:
-    fetch(p.data.path)
+    run_fetch(p)
     return run_prepare(p)
 
 
@@ -37,9 +37,9 @@ def tune(n_trials: int | None = None, storage: str | None = None, workers: int =
     """Tune with params.yaml (not tuned.yaml) as the starting point; writes the best values to tune.output."""
     os.chdir(ROOT)
     base = load_params(params_path, tuned=False)
-    over = {k: v for k, v in {
-        f"budgets.{base.budget}.finetune_epochs": epochs, f"budgets.{base.budget}.pretrain_epochs": pretrain_epochs,
-        "data.max_train": max_train, "data.max_eval": max_eval, "tune.pruner": pruner}.items() if v is not None}
+    over = run_overrides(base, epochs=epochs, pretrain_epochs=pretrain_epochs, max_train=max_train, max_eval=max_eval)
+    if pruner is not None:
+        over["tune.pruner"] = pruner
     p = load_params(params_path, over, tuned=False)
     prepared = prepare_task.submit(p)
     r = study_task.submit(p, params_path, n_trials, storage, workers, over, wait_for=[prepared]).result()

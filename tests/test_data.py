@@ -8,7 +8,7 @@ import pytest
 from conftest import write_npz
 from medssl.config import ConfigError, load_params
 from medssl.data.prepare import resize_u8, stratified_subset
-from medssl.data.sources import DERMAMNIST_CLASSES, DataError, Split, fetch, load_npz, md5sum
+from medssl.data.sources import DataError, Split, fetch, load_npz, md5sum
 
 OFFICIAL_TRAIN_COUNTS = [228, 359, 769, 80, 779, 4693, 99]
 
@@ -103,3 +103,15 @@ def test_cli_reports_data_error_without_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "medssl.cli", "prepare", "--params", str(params)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "train_images: dtype int16" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_overrides_target_the_chosen_budget_and_split_inits():
+    from medssl.config import run_overrides
+
+    base = load_params("params.yaml")
+    assert run_overrides(base) == {"budget": "demo"}
+    assert run_overrides(base, budget="full", epochs=2, max_train=512, inits=["random", "vae", "imagenet"]) == {
+        "budget": "full", "budgets.full.finetune_epochs": 2, "data.max_train": 512,
+        "inits.baselines": ["random", "imagenet"], "inits.ssl": ["vae"]}
+    p = load_params("params.yaml", run_overrides(base, epochs=2, pretrain_epochs=3))
+    assert (p.epochs.finetune_epochs, p.epochs.pretrain_epochs) == (2, 3)

@@ -2,7 +2,6 @@
 against a real MLflow server, then the registry, pyfunc, `medssl predict` and DVC's change tracking."""
 import csv
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
@@ -100,7 +99,7 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
 def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     d, env = project["dir"], project["env"]
     with np.load(d / "data/raw/dermamnist.npz") as z:
-        x, y = z["test_images"][:40], z["test_labels"][:40, 0]
+        x = z["test_images"][:40]
     folder = tmp_path / "lesions"
     folder.mkdir()
     for i, img in enumerate(x):

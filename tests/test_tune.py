@@ -1,5 +1,6 @@
 """Optuna tuning: exact trial accounting with two worker processes on a real PostgreSQL server,
 and pruned trials marked as such in Optuna and MLflow."""
+import shutil
 import subprocess
 
 import mlflow
@@ -7,7 +8,7 @@ import optuna
 import pytest
 import yaml
 
-from conftest import BIN, project_copy, run_env
+from conftest import BIN, ROOT, project_copy, run_env
 from medssl.tune import split_trials
 
 SMALL = {"data.max_train": 256, "data.max_eval": 128, "budgets.demo.pretrain_epochs": 1,
@@ -19,11 +20,12 @@ def test_split_trials_is_exact():
     assert all(sum(split_trials(n, w)) == n for n in range(1, 20) for w in range(1, 5))
 
 
-def test_sqlite_refuses_parallel_workers(tmp_path):
+def test_sqlite_refuses_parallel_workers_before_any_work(tmp_path):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     r = subprocess.run([str(BIN / "medssl"), "tune", "--workers", "2", "--storage", "sqlite:///x.db"], cwd=tmp_path,
                        env=run_env(), capture_output=True, text=True)
-    assert r.returncode == 2  # params.yaml missing here -> clear config error, no traceback
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and "SQLite serves one process" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists()  # refused before fetching or preparing anything
 
 
 @pytest.mark.slow

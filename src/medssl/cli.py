@@ -45,18 +45,9 @@ def _params(path: Path):
 def fetch(params: Path = PARAMS):
     """Place the raw npz at data.path: $MEDSSL_DATA_PATH, an existing file or the medmnist download;
     with data.source=folder, built from a HAM10000-layout folder + CSV, split by lesion."""
-    from medssl.data.sources import fetch as do_fetch, load_npz
+    from medssl.data.sources import load_npz, run_fetch
 
-    p = _params(params)
-    if p.data.source == "folder":
-        from medssl.data.folder import load_folder, write_npz
-
-        f = p.data.folder
-        built, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed)
-        write_npz(built, groups, Path(p.data.path))
-        path = Path(p.data.path)
-    else:
-        path = do_fetch(p.data.path)
+    path = run_fetch(_params(params))
     splits = load_npz(path)
     err.print(f"{path}: " + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()))
 
@@ -195,12 +186,13 @@ def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, hel
     """Optuna study over VAE + fine-tuning hyperparameters; writes the best values to tune.output."""
     from medssl.config import load_params
     from medssl.data.prepare import run_prepare
-    from medssl.data.sources import fetch as do_fetch
-    from medssl.tune import run_tune
+    from medssl.data.sources import run_fetch
+    from medssl.tune import check_storage, run_tune
 
     over = _overrides(sets)
     p = load_params(params, over, tuned=False)
-    do_fetch(p.data.path)
+    check_storage(storage or p.tune.storage, workers)  # before minutes of data preparation
+    run_fetch(p)
     run_prepare(p)
     r = run_tune(p, params, n_trials, storage, workers, over)
     err.print(f"study {r['study']}: {r['trials']} trials ({r['COMPLETE']} complete, {r['PRUNED']} pruned, {r['FAIL']} failed); "

@@ -189,6 +189,19 @@ def set_dotted(d: dict, dotted: str, value) -> dict:
     return out
 
 
+def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,
+                  pretrain_epochs: int | None = None, image_size: int | None = None, seed: int | None = None,
+                  max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None) -> dict:
+    """Flow parameters -> dotted params.yaml overrides (None = keep); epochs apply to the chosen budget."""
+    budget = budget or base.budget
+    out = {"budget": budget, f"budgets.{budget}.finetune_epochs": epochs, f"budgets.{budget}.pretrain_epochs": pretrain_epochs,
+           "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval}
+    if inits is not None:
+        out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
+        out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, tuned: bool = True) -> Params:
     """Read and validate params.yaml (+ the tuned values in `tune.output`, + dotted overrides).
 

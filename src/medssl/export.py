@@ -18,7 +18,7 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import tracking
 from medssl.config import Params
-from medssl.data.sources import load_npz
+from medssl.data.prepare import META
 from medssl.errors import ParityError
 from medssl.evaluate import TEST_METRICS, load_classifier
 from medssl.finetune import val_metrics_path
@@ -69,11 +69,12 @@ def run_export(p: Params) -> dict:
     champion, summaries = choose_champion(p)
     model, ckpt = load_classifier(champion, torch.device("cpu"))
     export_model = ExportModel(model, ckpt["mean"], ckpt["std"], ckpt["image_size"]).eval()
-    val_raw = load_npz(p.data.path)["val"].images[: p.export.parity_images]  # data resolution, as users send
+    with np.load(p.data.path) as z:  # validated by `prepare`; data resolution, as users send
+        val_raw = z["val_images"][: p.export.parity_images]
     classes = ckpt["classes"]
     test = read_json(TEST_METRICS)[champion]
     val = summaries[champion]["val"]
-    data_md5 = read_json("data/prepared/meta.json")["raw_md5"]
+    data_md5 = read_json(META)["raw_md5"]
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
             "source_run_id": summaries[champion]["run_id"]}

@@ -82,7 +82,8 @@ def run_finetune(p: Params, init: str, root: Path = Path("."), parent: str | Non
     va_x = torch.from_numpy(splits["val"].images).to(device)
     va_y = splits["val"].labels
     # A fixed train subset scored in eval mode, like validation, so the gap compares like with like.
-    sub = np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]
+    sub = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]).to(device)
+    sub_x, sub_y = tr_x[sub], tr_y[sub].cpu().numpy()
     mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
 
     clf = build_classifier(p, init, len(classes), root)
@@ -103,7 +104,7 @@ def run_finetune(p: Params, init: str, root: Path = Path("."), parent: str | Non
         for epoch in trange(1, epochs + 1, desc=f"finetune {init}", disable=None):
             train_one_epoch(model, tr_x, tr_y, opt, sched, mean, std, cfg.batch_size, gen, cfg.augment,
                             cfg.label_smoothing, desc=f"{init} epoch {epoch}")
-            tr = classification_metrics(tr_y[sub].cpu().numpy(), predict_proba(model, tr_x[sub], mean, std), classes)
+            tr = classification_metrics(sub_y, predict_proba(model, sub_x, mean, std), classes)
             va = classification_metrics(va_y, predict_proba(model, va_x, mean, std), classes)
             row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
                    **overfitting_gap(tr, va, CURVE_KEYS)}

@@ -71,10 +71,8 @@ def parent_run_id() -> str | None:
     return os.environ.get(PARENT_ENV) or os.environ.get("MLFLOW_RUN_ID")
 
 
-def end_status(exc: BaseException | None) -> str:
-    """FINISHED, or KILLED for a pruned trial / interrupt, else FAILED."""
-    if exc is None:
-        return "FINISHED"
+def end_status(exc: BaseException) -> str:
+    """KILLED for a pruned trial or an interrupt, else FAILED."""
     if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "TrialPruned":
         return "KILLED"
     return "FAILED"
@@ -90,9 +88,7 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
     parent = parent or parent_run_id()
     if parent:  # a child lives in its parent's experiment (`mlflow run` may have picked another)
         exp = mlflow.get_run(parent).info.experiment_id
-    # `mlflow run` exports MLFLOW_RUN_ID; left set, start_run() would resume that run instead of nesting.
-    env_run = os.environ.pop("MLFLOW_RUN_ID", None)
-    try:
+    with _env_run_hidden():
         run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, tags=tags, nested=True)
         try:
             if params:
@@ -102,18 +98,22 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             mlflow.end_run(end_status(e))
             raise
         mlflow.end_run("FINISHED")
-    finally:
-        if env_run is not None:
-            os.environ["MLFLOW_RUN_ID"] = env_run
 
 
 @contextlib.contextmanager
 def resume_run(run_id: str):
     """Reopen a finished run to add results (e.g. test metrics); status returns to FINISHED."""
+    with _env_run_hidden(), mlflow.start_run(run_id=run_id) as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _env_run_hidden():
+    """`mlflow run` exports MLFLOW_RUN_ID; left set, start_run() would resume that run instead of
+    starting ours. Hide it for the block, then put it back."""
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)
     try:
-        with mlflow.start_run(run_id=run_id) as run:
-            yield run
+        yield
     finally:
         if env_run is not None:
             os.environ["MLFLOW_RUN_ID"] = env_run

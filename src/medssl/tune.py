@@ -128,15 +128,18 @@ def split_trials(n: int, workers: int) -> list[int]:
     return [n // workers + (i < n % workers) for i in range(workers)]
 
 
+def check_storage(storage: str, workers: int) -> None:
+    if workers > 1 and storage.startswith("sqlite"):
+        raise ConfigError(f"tune.storage={storage}: SQLite serves one process; use postgresql://... or journal:<file> "
+                          f"for {workers} workers")
+
+
 def run_tune(p: Params, params_path: Path, n_trials: int | None = None, storage: str | None = None,
              workers: int = 1, overrides: dict | None = None) -> dict:
     """One study = one MLflow parent run; `workers` processes share it. Writes the best values to tune.output."""
     n_trials = n_trials or p.tune.n_trials
     storage = storage or p.tune.storage
-    if workers > 1 and storage.startswith("sqlite"):
-        raise ConfigError(f"tune.storage={storage}: SQLite serves one process; use postgresql://... or journal:<file> "
-                          f"for {workers} workers")
-    exp = tracking.experiment_id(p)
+    check_storage(storage, workers)
     load_study(p, storage)  # create it once, before workers race to
     tags = {**tracking.base_tags(p), "stage": "tune", "optuna_study": p.tune.study_name, "optuna_storage": storage.split("@")[-1]}
     with tracking.model_run(p, f"tune-{p.tune.study_name}", tags, {"n_trials": n_trials, "workers": workers,

@@ -32,18 +32,30 @@ def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fetch(target: str | Path) -> Path:
+def run_fetch(p) -> Path:
+    """Stage `fetch`: the raw npz at data.path, from the configured source (dvc.yaml, CLI, flows)."""
+    if p.data.source == "folder":
+        from medssl.data.folder import load_folder, write_npz
+
+        f = p.data.folder
+        splits, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed)
+        write_npz(splits, groups, Path(p.data.path))
+        return Path(p.data.path)
+    return fetch(p.data.path)
+
+
+def fetch(target: str | Path, source: str | None = None) -> Path:
     """Make the raw npz available at `target`.
 
-    Order: $MEDSSL_DATA_PATH (copied in), an existing `target`, then the `medmnist` download.
-    The copy goes through a temporary file so a half-written file never sits at `target`.
+    Order: `source` or $MEDSSL_DATA_PATH (copied in), an existing `target`, then the `medmnist`
+    download. The copy goes through a temporary file so a half-written file never sits at `target`.
     """
     target = Path(target)
-    env = os.environ.get(ENV_DATA_PATH)
+    env = source or os.environ.get(ENV_DATA_PATH)
     if env:
         src = Path(env)
         if not src.is_file():
-            raise DataError(f"{ENV_DATA_PATH}={env}: no such file")
+            raise DataError(f"{'data source' if source else ENV_DATA_PATH}={env}: no such file")
         if not (target.is_file() and md5sum(target) == md5sum(src)):
             _atomic_copy(src, target)
         return target
