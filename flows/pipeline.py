@@ -20,6 +20,7 @@ from medssl.data.sources import fetch, run_fetch
 from medssl.evaluate import run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
+from medssl.grid import run_grid
 from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,11 @@ def pretrain_task(p: Params, method: str) -> dict:
 @task(name="finetune", task_run_name="finetune-{init}")
 def finetune_task(p: Params, init: str) -> dict:
     return run_finetune(p, init)
+
+
+@task(name="grid", task_run_name="grid-{init}")
+def grid_task(p: Params, init: str) -> dict:
+    return {k: v for k, v in run_grid(p, init).items() if k != "cells"}
 
 
 @task(name="evaluate")
@@ -85,12 +91,14 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
 def pipeline(data_path: str | None = None, image_size: int | None = None, inits: list[str] | None = None,
              epochs: int | None = None, pretrain_epochs: int | None = None, seed: int | None = None,
              budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
+             grid_epochs: int | None = None, grid_max_train: int | None = None, fractions: list[float] | None = None,
              retries: int = 1, params_path: str = "params.yaml") -> dict:
-    """Run prepare -> pretrain -> fine-tune -> evaluate -> export with params.yaml plus these overrides."""
+    """Run prepare -> pretrain -> fine-tune + grid -> evaluate (report) -> export with params.yaml plus these overrides."""
     logger = get_run_logger()
     os.chdir(ROOT)  # stage outputs live at the project root, as with dvc repro
     over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
-                         image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits)
+                         image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,
+                         grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions)
     p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}
     exp = tracking.experiment_id(p)
@@ -104,11 +112,15 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             pretrained = {m: pretrain_task.with_options(**opts).submit(p, m, wait_for=[prepared]) for m in p.inits.ssl}
             finetuned = [finetune_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)])
                          for i in p.inits.all]
-            evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=finetuned)
+            grids = [grid_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)]) for i in p.inits.all]
+            evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=finetuned + grids)
             export = export_task.with_options(**opts).submit(p, wait_for=[evaluated]).result()
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)
             create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")
+            report = Path("reports/report.md").read_text()  # the comparison report (images stay in MLflow)
+            create_markdown_artifact(report, key="medssl-report",
+                                     description="init x protocol x label fraction x seed comparison, mean ± 95 % CI")
             mlflow.log_text(md, "prefect/results.md")
             mlflow.set_tags({"champion": export["champion"], "model_version": str(export["version"])})
             logger.info("champion %s -> %s v%s", export["champion"], export["model_uri"], export["version"])

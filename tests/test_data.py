@@ -86,7 +86,9 @@ def test_resize_and_stratified_subset():
 
 def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     p = load_params("params.yaml")
-    assert p.inits.all == ["random", "imagenet", "vae"] and p.epochs.finetune_epochs >= 1
+    assert p.inits.all == ["random", "imagenet", "vae", "simclr", "mim"] and p.epochs.finetune_epochs >= 1
+    assert p.grid.protocols == ["linear", "finetune", "knn"] and len(p.grid.seeds) >= 3
+    assert p.grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
     bad = tmp_path / "params.yaml"
     bad.write_text(open("params.yaml").read().replace("backbone: mobilenet_v2", "backbone: vgg11"))
     with pytest.raises(ConfigError, match=r"model\.backbone.*vgg11"):
@@ -94,6 +96,12 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     bad.write_text(open("params.yaml").read().replace("budget: demo", "budget: huge"))
     with pytest.raises(ConfigError, match="budget 'huge'"):
         load_params(bad)
+    with pytest.raises(ConfigError, match=r"grid\.seeds: .*at least 3 distinct seeds"):
+        load_params("params.yaml", {"grid.seeds": [0, 1]})
+    with pytest.raises(ConfigError, match=r"grid\.fractions: .*\(0, 1\].*1\.5"):
+        load_params("params.yaml", {"grid.fractions": [0.1, 1.5]})
+    with pytest.raises(ConfigError, match=r"grid.fusion group \['imagenet', 'simclr'\].*not configured: \['simclr'\]"):
+        load_params("params.yaml", {"inits.ssl": ["vae", "mim"]})
 
 
 def test_cli_reports_data_error_without_traceback(tmp_path):
@@ -112,6 +120,6 @@ def test_run_overrides_target_the_chosen_budget_and_split_inits():
     assert run_overrides(base) == {"budget": "demo"}
     assert run_overrides(base, budget="full", epochs=2, max_train=512, inits=["random", "vae", "imagenet"]) == {
         "budget": "full", "budgets.full.finetune_epochs": 2, "data.max_train": 512,
-        "inits.baselines": ["random", "imagenet"], "inits.ssl": ["vae"]}
+        "inits.baselines": ["random", "imagenet"], "inits.ssl": ["vae"], "grid.fusion": []}
     p = load_params("params.yaml", run_overrides(base, epochs=2, pretrain_epochs=3))
     assert (p.epochs.finetune_epochs, p.epochs.pretrain_epochs) == (2, 3)

@@ -1,5 +1,7 @@
-"""End to end on a 512-image subset, 1 epoch: `medssl pipeline` (dvc repro inside a parent MLflow run)
-against a real MLflow server, then the registry, pyfunc, `medssl predict` and DVC's change tracking."""
+"""End to end on a 512-image subset at 32 px, 1 epoch: `medssl pipeline` (dvc repro inside a parent MLflow
+run) against a real MLflow server with all five inits and the full comparison grid (3 protocols x 6
+fractions x 3 seeds, imbalance, a recoloured second source for domain shift, fusion), then the report,
+the registry, pyfunc, `medssl predict` and DVC's change tracking."""
 import csv
 import hashlib
 import shutil
@@ -29,14 +31,32 @@ def sh(args, cwd, env, check=True):
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, mlflow_server, dermamnist):
     """A fresh git checkout of the project with a small budget, after one `medssl pipeline`."""
+    shift = shifted_source(tmp_path_factory.mktemp("shift"), dermamnist)
     work = project_copy(tmp_path_factory.mktemp("clone"), **{
-        "data.max_train": 512, "data.max_eval": 256, "budgets.demo.pretrain_epochs": 1, "budgets.demo.finetune_epochs": 1,
-        "pretrain.vae.latent_dim": 32, "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
+        "data.max_train": 512, "data.max_eval": 256, "data.image_size": 32, "budgets.demo.pretrain_epochs": 1,
+        "budgets.demo.finetune_epochs": 1, "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128},
+        "grid.shift": shift, "pretrain.vae.latent_dim": 32, "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
                   DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
     run = sh([str(BIN / "medssl"), "pipeline"], work, env)
     mlflow.set_tracking_uri(mlflow_server)
     return {"dir": work, "env": env, "log": run.stderr + run.stdout, "uri": mlflow_server}
+
+
+def shifted_source(folder: Path, npz: Path) -> dict:
+    """A HAM10000-layout second source: 280 test images with a colour cast (another camera), 2 images per lesion."""
+    from medssl.data.sources import DERMAMNIST_CLASSES
+
+    with np.load(npz) as z:
+        x, y = z["test_images"][:280], z["test_labels"][:280, 0]
+    cast = np.clip(x.astype(np.float32) * [0.85, 1.0, 1.15] + 10, 0, 255).astype(np.uint8)
+    (folder / "images").mkdir()
+    rows = ["image_id,lesion_id,dx"]
+    for i, (img, label) in enumerate(zip(cast, y)):
+        Image.fromarray(img).save(folder / "images" / f"ISIC_{i:07d}.png")
+        rows.append(f"ISIC_{i:07d},HAM_{i // 2:07d},{DERMAMNIST_CLASSES[label]}")
+    (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
+    return {"images": str(folder / "images"), "csv": str(folder / "metadata.csv"), "name": "recoloured"}
 
 
 def runs_of(experiment: str):
@@ -50,7 +70,11 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    assert set(children) == {"pretrain-vae", "finetune-random", "finetune-imagenet", "finetune-vae", "export"}
+    inits = ("random", "imagenet", "vae", "simclr", "mim")
+    assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), *(f"finetune-{i}" for i in inits),
+                             *(f"grid-{i}" for i in inits), "export"}
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-simclr"].info.run_id]
+    assert len(cells) == 3 * (6 + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
     md5 = hashlib.md5(dermamnist.read_bytes()).hexdigest()
     lock = yaml.safe_load((project["dir"] / "dvc.lock").read_text())
     assert lock["stages"]["fetch"]["outs"][0]["md5"] == md5  # DVC and MLflow agree on the data version
@@ -75,11 +99,44 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert "vae/reconstructions_epoch001.png" in vae_imgs and "vae/samples_epoch001.png" in vae_imgs
 
 
+def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
+    d = project["dir"]
+    inits, protocols, fractions = ("random", "imagenet", "vae", "simclr", "mim"), ("linear", "finetune", "knn"), \
+        (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+    for init in inits:
+        grid = yaml.safe_load((d / f"metrics/grid/{init}.json").read_text())
+        seen = {}
+        for c in grid["cells"]:
+            if c["regime"] == "fractions":
+                seen.setdefault((c["protocol"], c["fraction"]), set()).add(c["seed"])
+                assert np.isfinite(c["test"]["balanced_accuracy"]) and "shift" in c and "kappa_quadratic" in c["test"]
+        assert seen == {(p, f): {0, 1, 2} for p in protocols for f in fractions}
+        with np.load(d / f"models/grid/{init}/features.npz") as z:  # recorded subsets are nested and keep every class
+            for seed in (0, 1, 2):
+                subsets = [set(z[f"subset_fractions_f{f:g}_s{seed}"]) for f in fractions]
+                assert all(a < b for a, b in zip(subsets, subsets[1:]))
+                assert len(np.unique(z["pool_y"][sorted(subsets[0])])) == len(np.unique(z["pool_y"]))
+    md = (d / "reports/report.md").read_text()
+    for protocol in ("Linear probe", "Fine-tune", "k-NN"):
+        table = md.split(f"### {protocol}")[1].split("###")[0]
+        rows = [r for r in table.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in inits]
+        assert len(rows) == 5 and all(r.count("±") == 2 * len(fractions) for r in rows), table
+    assert "### Summary" in md and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md
+    assert (d / "reports/report.html").read_text().count("<table>") >= 6
+    for png in ("balanced_accuracy_vs_fraction.png", "gap_curves.png"):
+        assert (d / "reports" / png).stat().st_size > 10_000
+    shown = sh(["dvc", "metrics", "show", "--json"], d, project["env"]).stdout
+    assert '"linear"' in shown and '"simclr"' in shown  # metrics/report.json, for `dvc metrics diff`
+    client = mlflow.MlflowClient()
+    parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
+    assert "reports/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "reports")}
+
+
 def test_registry_round_trip_champion_chosen_on_validation(project):
     d = project["dir"]
     ex = yaml.safe_load((d / "metrics/export.json").read_text())
     vals = {i: yaml.safe_load((d / f"metrics/finetune/{i}.json").read_text())["val"]["balanced_accuracy"]
-            for i in ("random", "imagenet", "vae")}
+            for i in ("random", "imagenet", "vae", "simclr", "mim")}
     assert vals[ex["champion"]] == max(vals.values())
     assert ex["parity_max_abs_diff"] <= 1e-4 and ex["parity_images"] >= 64
     client = mlflow.MlflowClient()
@@ -135,7 +192,8 @@ def test_dvc_tracks_changes(project):
     set_params(d / "params.yaml", **{"finetune.lr": 3e-4})
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
     # stages whose own inputs changed; evaluate and export follow them in the DAG
-    assert changed == {"finetune@random", "finetune@imagenet", "finetune_ssl@vae"}
+    assert changed == {"finetune@random", "finetune@imagenet", *(f"finetune_ssl@{m}" for m in ("vae", "simclr", "mim")),
+                       "grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in ("vae", "simclr", "mim"))}
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"finetune@imagenet" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)

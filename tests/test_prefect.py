@@ -55,11 +55,14 @@ def flow_runs(stack, flow_name):
 
 def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlflow_server):
     r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", "epochs=1", "pretrain_epochs=1", "max_train=512",
-                       "max_eval=256")
+                       "max_eval=256", 'inits=["random", "imagenet", "simclr"]', "grid_epochs=1", "grid_max_train=128",
+                       "fractions=[0.1, 1.0]")
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     runs, arts = flow_runs(prefect_stack, "medssl-pipeline")
     assert [x["state_type"] for x in runs] == ["COMPLETED"]
     assert any(a["key"] == "medssl-results" and "Champion" in (a["data"] or "") for a in arts)
+    report = [a["data"] for a in arts if a["key"] == "medssl-report"]
+    assert len(report) == 1 and "### Linear probe" in report[0] and "| simclr |" in report[0]
 
     mlflow.set_tracking_uri(mlflow_server)
     parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
@@ -67,7 +70,10 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    assert {c.info.run_name for c in children} == {"pretrain-vae", "finetune-random", "finetune-imagenet", "finetune-vae", "export"}
+    assert {c.info.run_name for c in children} == {"pretrain-simclr", "finetune-random", "finetune-imagenet", "finetune-simclr",
+                                                   "grid-random", "grid-imagenet", "grid-simclr", "export"}
+    reports = [a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id, "reports")]
+    assert "reports/report.html" in reports and "reports/balanced_accuracy_vs_fraction.png" in reports
     mv = mlflow.MlflowClient().get_model_version_by_alias("derm-prefect", "champion")
     export_run = mlflow.get_run(mv.tags["export_run_id"])
     assert export_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # produced by this flow run

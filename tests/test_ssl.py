@@ -52,7 +52,7 @@ def test_ssl_objective_decreases_on_real_images(method, tmp_path, monkeypatch, d
 
     work = project_copy(tmp_path / "p", **{"data.max_train": 2048, "data.max_eval": 256, "data.image_size": 32,
                                            "budgets.demo.pretrain_epochs": 8, "mlflow.experiment": f"ssl-{method}",
-                                           "inits.ssl": [method], "pretrain.batch_size": 128})
+                                           "inits.ssl": [method], "grid.fusion": [], "pretrain.batch_size": 128})
     monkeypatch.chdir(work)
     monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")

@@ -86,8 +86,18 @@ def finetune(init: str, params: Path = PARAMS):
 
 @app.command()
 @_clear_errors
+def grid(init: str, params: Path = PARAMS):
+    """Comparison cells of one init: protocols x label fractions x seeds, imbalance and shift regimes."""
+    from medssl.grid import run_grid
+
+    r = run_grid(_params(params), init)
+    err.print(f"grid {init}: {len(r['cells'])} cells on a pool of {r['n_pool']} in {r['seconds']}s (run {r['run_id']})")
+
+
+@app.command()
+@_clear_errors
 def evaluate(params: Path = PARAMS):
-    """Test metrics, plots and reports/report.md for every fine-tuned model."""
+    """Test metrics of the export candidates and reports/ (markdown + HTML) with the comparison."""
     from medssl.evaluate import run_evaluate
 
     for init, r in run_evaluate(_params(params)).items():

@@ -12,6 +12,7 @@ from medssl.errors import ConfigError
 BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
 BASELINE_INITS = ("random", "imagenet")
 SSL_METHODS = ("vae", "simclr", "mim")
+PROTOCOLS = ("linear", "finetune", "knn")
 METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 
@@ -19,9 +20,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class GridBudget(_Strict):
+    epochs: int = Field(default=3, ge=1)                 # fine-tune epochs of every grid cell
+    max_train: int | None = Field(default=None, ge=16)   # labelled pool (stratified subset of train); null = all
+    max_eval: int | None = Field(default=None, ge=16)    # val/test subsets scored per cell; null = all
+
+
 class Budget(_Strict):
     pretrain_epochs: int = Field(ge=1)
     finetune_epochs: int = Field(ge=1)
+    grid: GridBudget = GridBudget()
 
 
 class Folder(_Strict):
@@ -115,6 +123,46 @@ class Finetune(_Strict):
     train_eval_size: int = Field(default=1000, ge=16)
 
 
+class Shift(_Strict):
+    images: str                                 # second source for domain shift: HAM10000/ISIC-layout folder
+    csv: str                                    # image_id, dx[, lesion_id]; split by lesion, its test split is scored
+    name: str = "shift"
+
+
+class Grid(_Strict):
+    """The comparison: init x protocol x label fraction x seed, plus the imbalance, shift and fusion regimes."""
+    protocols: list[Literal[PROTOCOLS]] = list(PROTOCOLS)
+    fractions: list[float] = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+    seeds: list[int] = [0, 1, 2]
+    knn_k: int = Field(default=20, ge=1)
+    linear_c: float = Field(default=1.0, gt=0.0)            # inverse L2 strength of the linear probe
+    imbalance: list[float] = [1.0, 10.0]                    # largest/smallest class count, by capping classes
+    shift: Shift | None = None
+    fusion: list[list[str]] = [["imagenet", "simclr"], ["vae", "simclr", "mim"]]
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float]) -> list[float]:
+        bad = [f for f in v if not 0 < f <= 1]
+        if bad or not v:
+            raise ValueError(f"label fractions must lie in (0, 1], got {v}")
+        return sorted(set(v))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) < 3:
+            raise ValueError(f"at least 3 distinct seeds are needed for confidence intervals, got {v}")
+        return v
+
+    @field_validator("imbalance")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(r < 1 for r in v):
+            raise ValueError(f"imbalance ratios are largest/smallest class count, so >= 1; got {v}")
+        return v
+
+
 class Export(_Strict):
     select_metric: Literal[METRICS] = "balanced_accuracy"
     registered_model: str = Field(default="derm-classifier", min_length=1)
@@ -145,6 +193,7 @@ class Params(_Strict):
     inits: Inits = Inits()
     pretrain: Pretrain = Pretrain()
     finetune: Finetune = Finetune()
+    grid: Grid = Grid()
     export: Export = Export()
     tune: Tune = Tune()
     mlflow: Mlflow = Mlflow()
@@ -153,6 +202,11 @@ class Params(_Strict):
     def _budget_exists(self) -> "Params":
         if self.budget not in self.budgets:
             raise ValueError(f"budget {self.budget!r} is not one of budgets: {sorted(self.budgets)}")
+        for group in self.grid.fusion:
+            missing = [i for i in group if i not in self.inits.all]
+            if missing or len(group) < 2:
+                raise ValueError(f"grid.fusion group {group} needs >= 2 inits from inits ({self.inits.all}); "
+                                 f"not configured: {missing}")
         return self
 
     @property
@@ -191,14 +245,19 @@ def set_dotted(d: dict, dotted: str, value) -> dict:
 
 def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,
                   pretrain_epochs: int | None = None, image_size: int | None = None, seed: int | None = None,
-                  max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None) -> dict:
+                  max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None,
+                  grid_epochs: int | None = None, grid_max_train: int | None = None,
+                  fractions: list[float] | None = None) -> dict:
     """Flow parameters -> dotted params.yaml overrides (None = keep); epochs apply to the chosen budget."""
     budget = budget or base.budget
     out = {"budget": budget, f"budgets.{budget}.finetune_epochs": epochs, f"budgets.{budget}.pretrain_epochs": pretrain_epochs,
-           "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval}
+           "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval,
+           f"budgets.{budget}.grid.epochs": grid_epochs, f"budgets.{budget}.grid.max_train": grid_max_train,
+           "grid.fractions": fractions}
     if inits is not None:
         out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
         out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
+        out["grid.fusion"] = [g for g in base.grid.fusion if set(g) <= set(inits)]
     return {k: v for k, v in out.items() if v is not None}
 
 

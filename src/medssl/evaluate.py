@@ -1,4 +1,5 @@
-"""Stage `evaluate`: test metrics for every fine-tuned model, plots and a markdown report."""
+"""Stage `evaluate`: test metrics of the export candidates and the one report in reports/ (markdown + HTML):
+candidates, then the init x protocol x fraction x seed comparison (medssl.report)."""
 from __future__ import annotations
 
 import csv
@@ -17,13 +18,14 @@ from medssl.config import Params  # noqa: E402
 from medssl.data.prepare import load_prepared  # noqa: E402
 from medssl.device import pick_device, prepare_model  # noqa: E402
 from medssl.engine import predict_proba  # noqa: E402
-from medssl.io import read_json, write_json  # noqa: E402
+from medssl.io import read_json, write_json, write_text  # noqa: E402
 from medssl.metrics import classification_metrics, confusion  # noqa: E402
 from medssl.models.classifier import Classifier  # noqa: E402
 from medssl.finetune import checkpoint_path, val_metrics_path  # noqa: E402
 
 REPORTS = Path("reports")
 TEST_METRICS = Path("metrics/test.json")
+REPORT_METRICS = Path("metrics/report.json")
 TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 
@@ -123,17 +125,44 @@ def run_evaluate(p: Params) -> dict:
 
     select = p.export.select_metric
     champion = max(results, key=lambda i: results[i]["val"][select])
+    from medssl.report import comparison
+
+    section, summary = comparison(p, classes, REPORTS)
     md = (
         f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
-        f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}.\n\n"
-        f"## Validation (best epoch, selected on `{select}`)\n\n{_table(val_rows)}\n"
-        f"## Test\n\n{_table({i: r['test'] for i, r in results.items()})}\n"
+        f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
+        + section
+        + f"\n## Export candidates (100 % labels, seed {p.seed}, {p.epochs.finetune_epochs} epochs)\n\n"
+        f"### Validation (best epoch, selected on `{select}`)\n\n{_table(val_rows)}\n"
+        f"### Test\n\n{_table({i: r['test'] for i, r in results.items()})}\n"
         f"Gap at best epoch (train - val): "
         + ", ".join(f"{i}: acc {r['gap_at_best']['gap_accuracy']:+.3f}, loss {r['gap_at_best']['gap_loss']:+.3f}"
                     for i, r in results.items())
         + f"\n\nChampion on validation `{select}`: **{champion}**.\n\n"
         "![gaps](gap_all.png)\n\n"
-        + "".join(f"### {i}\n\n![curves](curves_{i}.png)\n![confusion](confusion_{i}.png)\n\n" for i in results)
+        + "".join(f"#### {i}\n\n![curves](curves_{i}.png)\n![confusion](confusion_{i}.png)\n\n" for i in results)
     )
-    (REPORTS / "report.md").write_text(md)
+    write_text(REPORTS / "report.md", md)
+    write_text(REPORTS / "report.html", to_html(md, f"medssl report: {p.data.name}"))
+    write_json(REPORT_METRICS, {"balanced_accuracy": summary, "champion": champion})
+    _log_report(p, REPORTS)
     return results
+
+
+def to_html(md: str, title: str) -> str:
+    import markdown
+
+    body = markdown.markdown(md, extensions=["tables"])
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>"
+
+
+def _log_report(p: Params, folder: Path) -> None:
+    """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run."""
+    parent = tracking.parent_run_id()
+    if parent:
+        mlflow.MlflowClient().log_artifacts(parent, str(folder), "reports")
+        return
+    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate"}):
+        mlflow.log_artifacts(str(folder), "reports")

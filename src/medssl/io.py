@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -32,9 +33,24 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     path = Path(path)
     tmp = _tmp(path)
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+        if rows:  # no rows: an empty file
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = _tmp(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_npz(path: str | Path, **arrays) -> None:
+    path = Path(path)
+    tmp = _tmp(path).with_suffix(".npz")  # np.savez appends .npz to other names
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
 
 

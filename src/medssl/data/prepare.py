@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from medssl.config import Params
+from medssl.data.fractions import nested_fractions
 from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, load_npz, md5sum
 
 PREPARED = Path("data/prepared/dataset.npz")
@@ -30,11 +30,10 @@ def resize_u8(images: np.ndarray, size: int, batch: int = 2048) -> np.ndarray:
 
 
 def stratified_subset(split: Split, n: int | None, seed: int) -> Split:
-    """At most n examples, class proportions kept, every class present where possible."""
+    """About n examples (each class keeps round(n * share), at least one), seeded; sorted order kept."""
     if n is None or n >= len(split.labels):
         return split
-    idx, _ = train_test_split(np.arange(len(split.labels)), train_size=n, stratify=split.labels, random_state=seed)
-    idx = np.sort(idx)
+    idx = nested_fractions(split.labels, [n / len(split.labels)], seed)[n / len(split.labels)]
     return Split(split.images[idx], split.labels[idx])
 
 
