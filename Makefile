@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo test test-fast mlflow-ui clean-runs prefect-up prefect-down tune
+.PHONY: env lock weights demo test test-all mlflow-ui clean-runs prefect-up prefect-down tune
 
 env: $(VENV)/.installed
 
@@ -45,11 +45,11 @@ $(WEIGHTS): | env
 demo: env weights
 	$(BIN)/medssl pipeline
 
-test: env weights
-	$(BIN)/pytest
-
-test-fast: env weights
+test: env weights            # default: everything but the slow end-to-end tests (~2 min on 2 cores)
 	$(BIN)/pytest -m "not slow"
+
+test-all: env weights        # what CI runs (.ci/run): + slow end-to-end tests against real servers
+	$(BIN)/pytest
 
 mlflow-ui: env
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \

@@ -61,3 +61,10 @@ def test_confusion_and_gap():
     gap = overfitting_gap({"loss": 0.3, "accuracy": 0.95, "balanced_accuracy": 0.9},
                           {"loss": 0.8, "accuracy": 0.75, "balanced_accuracy": 0.6})
     assert gap == pytest.approx({"gap_loss": -0.5, "gap_accuracy": 0.2, "gap_balanced_accuracy": 0.3})
+
+
+def test_auc_is_finite_when_a_row_puts_all_mass_on_an_absent_class():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    proba = np.eye(4)[[0, 1, 3, 0, 2, 2]]  # third row: all mass on class 3, absent from y
+    m = classification_metrics(y, proba)
+    assert np.isfinite(m["auc_macro"]) and m["auc_classes"] == 3

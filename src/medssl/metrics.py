@@ -27,7 +27,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
     }
     present = np.unique(y_true)
     if len(present) >= 2:
-        p = proba[:, present] / proba[:, present].sum(1, keepdims=True)
+        p = proba[:, present] + 1e-12  # a row with all its mass on absent classes becomes uniform, not NaN
+        p = p / p.sum(1, keepdims=True)
         out["auc_macro"] = (
             skm.roc_auc_score(y_true, p[:, 1], average="macro")
             if len(present) == 2

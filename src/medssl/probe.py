@@ -42,4 +42,3 @@ def _full_proba(p: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndar
     out = np.zeros((len(p), num_classes))
     out[:, classes] = p
     return out
-

@@ -44,10 +44,7 @@ def load_cells(p: Params, root: Path = Path(".")) -> list[dict]:
 
 
 def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[dict]:
-    """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds.
-
-    Each encoder's block is standardised and scaled by 1/sqrt(D) so every encoder weighs the same.
-    """
+    """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds."""
     feats = {}
     for init in {i for group in p.grid.fusion for i in group}:
         with np.load(features_path(init, root)) as z:
@@ -58,12 +55,8 @@ def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[
         first = feats[group[0]]
         y = {s[:-2]: first[s] for s in first if s.endswith("_y")}
         scored = [s for s in y if s != "pool"]
-        blocks = []
-        for init in group:
-            f = {s: feats[init][f"{s}_x"].astype(np.float32) for s in y}
-            mu, sd = f["pool"].mean(0), f["pool"].std(0) + 1e-6
-            blocks.append({s: (v - mu) / sd / np.sqrt(v.shape[1]) for s, v in f.items()})
-        x = {s: np.concatenate([b[s] for b in blocks], 1) for s in y}
+        # the probe standardises every feature, so each encoder enters with unit-variance features
+        x = {s: np.concatenate([feats[i][f"{s}_x"].astype(np.float32) for i in group], 1) for s in y}
         for seed in p.grid.seeds:
             for fraction, idx in nested_fractions(y["pool"], p.grid.fractions, seed).items():
                 ev = np.concatenate([x["pool"][idx], *(x[s] for s in scored)])
