@@ -77,7 +77,7 @@ def fit(p: Params, init: str, train: tuple, val: tuple, sub: tuple, epochs: int,
 
     train, val, sub: (images (N, S, S, 3) uint8 on device, labels); `sub` is a train subset scored in eval
     mode like validation, so the train - val gap compares like with like. Returns (best, per-epoch curves);
-    best = {epoch, val metrics, gap at that epoch, state_dict copy}.
+    best = {epoch, train-subset and val metrics, gap at that epoch, state_dict copy}.
     """
     cfg = p.finetune
     gen = seed_everything(seed)
@@ -103,7 +103,8 @@ def fit(p: Params, init: str, train: tuple, val: tuple, sub: tuple, epochs: int,
         if best is None or va[select] > best["val"][select]:
             # copy the tensors: a reference to the live state_dict would keep changing
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best = {"epoch": epoch, "val": va, "gap": {k: row[k] for k in row if k.startswith("gap_")}, "state": state}
+            best = {"epoch": epoch, "train": tr, "val": va, "gap": {k: row[k] for k in row if k.startswith("gap_")},
+                    "state": state}
         if on_epoch is not None:
             on_epoch(epoch, va[select])
     return best, curves

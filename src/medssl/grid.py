@@ -28,6 +28,7 @@ from medssl.data.sources import Split
 from medssl.device import pick_device, prepare_model, seed_everything
 from medssl.engine import predict_proba
 from medssl.finetune import build_classifier, fit
+from medssl.models.classifier import Classifier
 from medssl.io import save_npz, write_csv, write_json
 from medssl.metrics import classification_metrics
 from medssl.probe import extract_features, knn_probe, linear_probe
@@ -76,12 +77,21 @@ def grid_data(p: Params) -> tuple[dict[str, Split], dict]:
     return data, meta
 
 
-def _score(y: dict[str, np.ndarray], proba: dict[str, np.ndarray], classes: list[str]) -> dict:
-    out = {s: classification_metrics(y[s], proba[s], classes) for s in proba}
-    return {s: {k: v for k, v in m.items() if k in SCORED or k.startswith("recall_")} for s, m in out.items()}
+def _kept(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k in SCORED or k.startswith("recall_")}
 
 
-def _cell(init, protocol, regime, fraction, seed, idx, scores, **extra) -> dict:
+def probe_scores(head, train_x: np.ndarray, labels: dict[str, np.ndarray], feats: dict[str, np.ndarray],
+                 scored: list[str], classes: list[str]) -> dict:
+    """Fit a frozen-feature head once (`head(eval_x) -> proba`, trained on train_x) and score it on its own
+    training rows (for the gap) and on every scored split. labels: split -> y, with "train"."""
+    order = ("train", *scored)
+    proba = head(np.concatenate([train_x, *(feats[s] for s in scored)]))
+    parts = np.split(proba, np.cumsum([len(labels[s]) for s in order])[:-1])
+    return {s: _kept(classification_metrics(labels[s], part, classes)) for s, part in zip(order, parts)}
+
+
+def make_cell(init, protocol, regime, fraction, seed, idx, scores, **extra) -> dict:
     gap = {k: scores["train"][k] - scores["val"][k] for k in ("accuracy", "balanced_accuracy")}
     return {"init": init, "protocol": protocol, "regime": regime, "fraction": fraction, "seed": seed,
             "n_train": int(len(idx)), **{s: scores[s] for s in scores if s != "train"},
@@ -131,13 +141,8 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
                 tr = feats["pool"][idx]
                 head = (lambda ev: linear_probe(tr, labels["train"], ev, nc, g.linear_c, seed)) if protocol == "linear" \
                     else (lambda ev: knn_probe(tr, labels["train"], ev, nc, g.knn_k))
-                # one fit, scored on train (for the gap), val, test and shift
-                allx = np.concatenate([tr, *(feats[s] for s in scored)])
-                proba, out, start = head(allx), {}, 0
-                for s in ("train", *scored):
-                    out[s] = proba[start : start + len(labels[s])]
-                    start += len(labels[s])
-                cells.append(_cell(init, protocol, regime, f, seed, idx, _score(labels, out, classes)))
+                cells.append(make_cell(init, protocol, regime, f, seed, idx,
+                                       probe_scores(head, tr, labels, feats, scored, classes)))
         seconds = round(time.time() - t0, 1)
         mlflow.log_metric("seconds", seconds)
         main = [c for c in cells if c["regime"] == "fractions"]
@@ -155,7 +160,7 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
 
 def _finetune_cell(p, init, regime, fraction, seed, idx, x, y, labels, scored, mean, std, classes, root, parent, curves):
     """One fine-tune cell as a nested MLflow run with its per-epoch curves; best epoch on validation."""
-    g, b = p.grid, p.epochs.grid
+    b = p.epochs.grid
     sel = torch.from_numpy(idx).to(x["pool"].device)
     tr_x, tr_y = x["pool"][sel], torch.from_numpy(y["pool"][idx]).to(x["pool"].device)
     sub = np.random.default_rng(seed).permutation(len(idx))[: b.max_eval or len(idx)]
@@ -165,17 +170,15 @@ def _finetune_cell(p, init, regime, fraction, seed, idx, x, y, labels, scored, m
                             {"n_train": len(idx), "epochs": b.epochs, "seed": seed}, parent):
         best, rows = fit(p, init, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], labels["train"][sub]), b.epochs,
                          seed, mean, std, classes, root, desc=f"{init} {regime} {fraction:g} s{seed}")
-        model = build_classifier(p, init, len(classes), root)
+        model = Classifier(p.model.backbone, len(classes), p.model.dropout)  # weights: the best epoch's
         model.load_state_dict(best["state"])
         model = prepare_model(model, x["pool"].device)
-        proba = {s: predict_proba(model, x[s], mean, std) for s in scored if s != "val"}
-        proba["train"] = predict_proba(model, tr_x[sub], mean, std)
-        proba["val"] = predict_proba(model, x["val"], mean, std)
-        lab = {**labels, "train": labels["train"][sub]}
-        scores = _score(lab, proba, classes)
+        # train subset and val were scored at the best epoch inside fit; only the held-out splits remain
+        scores = {"train": _kept(best["train"]), "val": _kept(best["val"]),
+                  **{s: _kept(classification_metrics(labels[s], predict_proba(model, x[s], mean, std), classes))
+                     for s in scored if s != "val"}}
         mlflow.log_metrics({f"test_{k}": v for k, v in scores["test"].items()} | {"best_epoch": best["epoch"]})
     if regime == "fractions":
         curves += [{"fraction": fraction, "seed": seed, "epoch": r["epoch"], "val_balanced_accuracy": r["val_balanced_accuracy"],
                     "gap_accuracy": r["gap_accuracy"], "gap_loss": r["gap_loss"]} for r in rows]
-    return _cell(init, "finetune", regime, fraction, seed, idx, scores, best_epoch=best["epoch"],
-                 gap_at_best=best["gap"])
+    return make_cell(init, "finetune", regime, fraction, seed, idx, scores, best_epoch=best["epoch"])

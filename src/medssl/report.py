@@ -17,9 +17,8 @@ from scipy import stats  # noqa: E402
 
 from medssl.config import Params  # noqa: E402
 from medssl.data.fractions import nested_fractions  # noqa: E402
-from medssl.grid import SCORED, cells_path, features_path  # noqa: E402
+from medssl.grid import cells_path, features_path, make_cell, probe_scores  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
-from medssl.metrics import classification_metrics  # noqa: E402
 from medssl.probe import linear_probe  # noqa: E402
 
 PROTOCOL_NAMES = {"linear": "Linear probe (frozen encoder)", "finetune": "Fine-tune", "knn": "k-NN (frozen encoder)"}
@@ -33,14 +32,17 @@ def ci95(values) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
-def load_cells(p: Params, root: Path = Path(".")) -> list[dict]:
-    cells = []
+def load_cells(p: Params, root: Path = Path(".")) -> tuple[list[dict], dict]:
+    """Every init's cells, and the split sizes they were scored on (the same for every init)."""
+    cells, sizes = [], {}
     for init in p.inits.all:
         path = cells_path(init, root)
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
-        cells += read_json(path)["cells"]
-    return cells
+        grid = read_json(path)
+        cells += grid["cells"]
+        sizes = grid["n"]
+    return cells, sizes
 
 
 def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[dict]:
@@ -59,16 +61,10 @@ def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[
         x = {s: np.concatenate([feats[i][f"{s}_x"].astype(np.float32) for i in group], 1) for s in y}
         for seed in p.grid.seeds:
             for fraction, idx in nested_fractions(y["pool"], p.grid.fractions, seed).items():
-                ev = np.concatenate([x["pool"][idx], *(x[s] for s in scored)])
-                proba = linear_probe(x["pool"][idx], y["pool"][idx], ev, len(classes), p.grid.linear_c, seed)
-                out, start = {}, 0
-                for s, lab in [("train", y["pool"][idx]), *((s, y[s]) for s in scored)]:
-                    m = classification_metrics(lab, proba[start : start + len(lab)], classes)
-                    out[s] = {k: v for k, v in m.items() if k in SCORED or k.startswith("recall_")}
-                    start += len(lab)
-                cells.append({"init": name, "protocol": "linear", "regime": "fusion", "fraction": fraction, "seed": seed,
-                              "n_train": int(len(idx)), **out,
-                              "gap_accuracy": out["train"]["accuracy"] - out["val"]["accuracy"]})
+                labels = {"train": y["pool"][idx], **{s: y[s] for s in scored}}
+                head = lambda ev: linear_probe(x["pool"][idx], labels["train"], ev, len(classes), p.grid.linear_c, seed)  # noqa: E731
+                cells.append(make_cell(name, "linear", "fusion", fraction, seed, idx,
+                                       probe_scores(head, x["pool"][idx], labels, x, scored, classes)))
     return cells
 
 
@@ -82,8 +78,7 @@ def aggregate(cells: list[dict], split: str = "test") -> dict:
         if split not in cs[0]:
             continue
         row = {k: ci95([c[split][k] for c in cs]) for k in cs[0][split]}
-        gaps = [c.get("gap_at_best", {}).get("gap_accuracy", c["gap_accuracy"]) for c in cs]
-        row |= {"gap_accuracy": ci95(gaps), "n_seeds": len(cs), "n_train": int(np.mean([c["n_train"] for c in cs]))}
+        row |= {"gap_accuracy": ci95([c["gap_accuracy"] for c in cs]), "n_seeds": len(cs), "n_train": int(np.mean([c["n_train"] for c in cs]))}
         out[key] = row
     return out
 
@@ -153,7 +148,7 @@ def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, root: 
     fig, axes = plt.subplots(1, len(inits), figsize=(3.6 * len(inits), 3.2), squeeze=False, sharey=True)
     for ax, init in zip(axes[0], inits):
         file = root / f"plots/grid/{init}.csv"
-        rows = list(csv.DictReader(open(file))) if file.is_file() and file.stat().st_size else []
+        rows = list(csv.DictReader(file.read_text().splitlines())) if file.is_file() else []
         for f in fractions:
             by_epoch = defaultdict(list)
             for r in rows:
@@ -174,7 +169,7 @@ def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, root: 
 def comparison(p: Params, classes: list[str], out: Path, root: Path = Path(".")) -> tuple[str, dict]:
     """Markdown section + a flat summary for `dvc metrics`; plots and CSVs written under `out`/plots."""
     g = p.grid
-    cells = load_cells(p, root)
+    cells, n_pool = load_cells(p, root)
     fused = fusion_cells(p, classes, root) if g.fusion else []
     agg = aggregate(cells + fused)
     inits, fr = p.inits.all, g.fractions
@@ -183,7 +178,6 @@ def comparison(p: Params, classes: list[str], out: Path, root: Path = Path("."))
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
     if "finetune" in g.protocols:
         plot_gap_curves(inits, fr, out / "gap_curves.png", root)
-    n_pool = read_json(cells_path(inits[0], root))["n"]
     md = [f"## Comparison: {len(inits)} inits × {len(g.protocols)} protocols × {len(fr)} label fractions × "
           f"{len(seeds)} seeds (seeds {seeds})", "",
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
