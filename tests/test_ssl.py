@@ -43,32 +43,71 @@ def test_nested_fractions_are_nested_stratified_and_keep_every_class():
     assert np.array_equal(nested_fractions(y, [0.1], seed=3)[0.1], fr[0.1])  # seeded
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["simclr", "mim"])
-def test_ssl_objective_decreases_on_real_images(method, tmp_path, monkeypatch, dermamnist):
+# Budget of the SSL checks: every unlabelled train image at 32 px, 10 epochs of batch 256 (~280 steps).
+SSL_CHECK = {"data.max_train": None, "data.max_eval": None, "data.image_size": 32, "budgets.demo.pretrain_epochs": 10,
+             "pretrain.batch_size": 256, "inits.ssl": ["simclr", "mim"], "grid.fusion": [], "pretrain.mim.patch": 4,
+             "mlflow.experiment": "ssl-check"}
+
+
+@pytest.fixture(scope="module")
+def ssl_project(tmp_path_factory, dermamnist):
+    """Prepared real DermaMNIST (all 7,007 train images) and the linear probe of the random encoder."""
     from medssl.data.prepare import run_prepare
     from medssl.data.sources import fetch
+
+    work = project_copy(tmp_path_factory.mktemp("ssl") / "p", **SSL_CHECK)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(work)
+        mp.setenv("MEDSSL_DATA_PATH", str(dermamnist))
+        p = load_params("params.yaml")
+        fetch(p.data.path)
+        run_prepare(p)
+        yield work, p, _linear_probe_at_full_labels(p, "random")
+
+
+def _linear_probe_at_full_labels(p, init: str) -> dict:
+    """The grid's linear protocol at 100 % labels: the init's frozen encoder, built as the grid builds it,
+    logistic regression (grid.linear_c) on every train label, scored on the test split."""
+    from medssl.data.prepare import load_prepared
+    from medssl.device import seed_everything
+    from medssl.finetune import build_classifier
+    from medssl.metrics import classification_metrics
+    from medssl.probe import extract_features, linear_probe
+
+    splits, meta = load_prepared()
+    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
+    seed_everything(p.seed)
+    backbone = build_classifier(p, init, len(meta["classes"])).backbone
+    feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images), mean, std) for s in ("train", "test")}
+    proba = linear_probe(feats["train"], splits["train"].labels, feats["test"], len(meta["classes"]), p.grid.linear_c)
+    return classification_metrics(splits["test"].labels, proba, meta["classes"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["simclr", "mim"])
+def test_ssl_objective_decreases_and_encoder_beats_random_under_linear_probe(method, ssl_project, monkeypatch):
+    import mlflow
+
     from medssl.pretrain import encoder_path, run_pretrain
 
-    work = project_copy(tmp_path / "p", **{"data.max_train": 2048, "data.max_eval": 256, "data.image_size": 32,
-                                           "budgets.demo.pretrain_epochs": 8, "mlflow.experiment": f"ssl-{method}",
-                                           "inits.ssl": [method], "grid.fusion": [], "pretrain.batch_size": 128})
+    work, p, random_scores = ssl_project
     monkeypatch.chdir(work)
-    monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-    p = load_params("params.yaml")
-    fetch(p.data.path)
-    run_prepare(p)
     s = run_pretrain(p, method)
     assert s["loss"] < 0.97 * s["first_loss"], s
     ckpt = torch.load(encoder_path(method), weights_only=True)
     backbone, _ = build_backbone(p.model.backbone)
     backbone.load_state_dict(ckpt["state_dict"])  # the encoder drops into the classifier's backbone
-    import mlflow
-
     run = mlflow.get_run(s["run_id"])
     images = [a.path for a in mlflow.MlflowClient().list_artifacts(s["run_id"], method)]
-    assert run.info.status == "FINISHED" and len(images) == 8  # one diagnostic image per epoch
+    assert run.info.status == "FINISHED" and len(images) == 10  # one diagnostic image per epoch
+
+    ssl_scores = _linear_probe_at_full_labels(p, method)
+    print(f"{method}: pretrain {s['seconds']} s, loss {s['first_loss']:.3f} -> {s['loss']:.3f}")
+    for k in ("auc_macro", "accuracy", "balanced_accuracy"):
+        print(f"  linear probe, test {k}: {method} {ssl_scores[k]:.4f}  random {random_scores[k]:.4f}")
+    assert ssl_scores["auc_macro"] > random_scores["auc_macro"] + 0.01
+    assert ssl_scores["accuracy"] > random_scores["accuracy"]
 
 
 def test_knn_probe_on_separable_features():

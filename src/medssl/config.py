@@ -93,8 +93,11 @@ class VAE(_Strict):
 
 class SimCLRCfg(_Strict):
     proj_dim: int = Field(default=128, ge=8)
-    temperature: float = Field(default=0.2, gt=0.0)
-    lr: float = Field(default=1e-3, gt=0.0)
+    temperature: float = Field(default=0.5, gt=0.0)
+    min_scale: float = Field(default=0.2, gt=0.0, le=1.0)   # random resized crop keeps >= this area
+    jitter: float = Field(default=0.1, ge=0.0, lt=1.0)      # brightness/contrast/saturation range 1 ± jitter
+    grayscale: float = Field(default=0.0, ge=0.0, le=1.0)   # probability of a grey view
+    lr: float = Field(default=2e-3, gt=0.0)
     weight_decay: float = Field(default=1e-4, ge=0.0)
 
 

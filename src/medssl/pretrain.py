@@ -67,7 +67,9 @@ class SimCLRMethod:
 
     def _views(self, x8: torch.Tensor):
         x = x8.permute(0, 3, 1, 2).float() / 255
-        return random_view(x, self.gen), random_view(x, self.gen)
+        c = self.cfg
+        view = lambda: random_view(x, self.gen, (c.min_scale, 1.0), c.jitter, c.grayscale)  # noqa: E731
+        return view(), view()
 
     def _norm(self, v: torch.Tensor) -> torch.Tensor:
         return _cl((v - self.mean.view(1, 3, 1, 1)) / self.std.view(1, 3, 1, 1))

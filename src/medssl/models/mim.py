@@ -1,5 +1,5 @@
 """Masked image modelling for CNNs (SimMIM/SparK-style): mask patches, reconstruct them from the
-encoder's feature map, loss on masked patches only."""
+encoder's feature map with a linear decoder, loss on masked patches only."""
 from __future__ import annotations
 
 import torch
@@ -9,25 +9,26 @@ from torch import nn
 from medssl.models.backbones import build_backbone, feature_map
 
 
-def _up(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-
 class MIM(nn.Module):
-    """x: (N, 3, S, S) normalised, mask (N, 1, S, S) 1 = hidden -> reconstruction (N, 3, S, S), normalised space."""
+    """x: (N, 3, S, S) normalised, mask (N, 1, S, S) 1 = hidden -> reconstruction (N, 3, S, S), normalised space.
+
+    SimMIM's light decoder: one 1x1 convolution maps each cell of the encoder's (N, D, S/32, S/32)
+    feature map to the pixels of its r x r block (pixel shuffle), so the reconstruction has to come
+    from the encoder's last features, the ones every protocol uses.
+    """
 
     def __init__(self, backbone: str, image_size: int):
         super().__init__()
         self.encoder, _ = build_backbone(backbone, imagenet=False)
         with torch.no_grad():
-            dim = feature_map(self.encoder.eval(), torch.zeros(1, 3, image_size, image_size)).shape[1]
+            fmap = feature_map(self.encoder.eval(), torch.zeros(1, 3, image_size, image_size))
+        self.size, r = image_size, -(-image_size // fmap.shape[-1])  # block side; crop when S/32 rounds up
         self.mask_token = nn.Parameter(torch.zeros(1, 3, 1, 1))  # learnt fill for hidden pixels
-        self.decoder = nn.Sequential(nn.Conv2d(dim, 256, 1), _up(256, 128), _up(128, 64), _up(64, 32), _up(32, 32),
-                                     nn.ConvTranspose2d(32, 3, 4, 2, 1))
+        self.decoder = nn.Sequential(nn.Conv2d(fmap.shape[1], 3 * r * r, 1), nn.PixelShuffle(r))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         x = x * (1 - mask) + self.mask_token * mask
-        return self.decoder(feature_map(self.encoder, x))
+        return self.decoder(feature_map(self.encoder, x))[..., : self.size, : self.size]
 
 
 def random_patch_mask(n: int, size: int, patch: int, ratio: float, gen: torch.Generator) -> torch.Tensor:

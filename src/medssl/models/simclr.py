@@ -31,8 +31,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-def random_view(x: torch.Tensor, gen: torch.Generator, scale=(0.35, 1.0), jitter: float = 0.4) -> torch.Tensor:
-    """Per-image random resized crop, colour jitter and grayscale. x: (N, 3, S, S) in [0, 1] -> same shape."""
+def random_view(x: torch.Tensor, gen: torch.Generator, scale=(0.2, 1.0), jitter: float = 0.1,
+                grayscale: float = 0.0) -> torch.Tensor:
+    """Per-image random resized crop, colour jitter and grayscale. x: (N, 3, S, S) in [0, 1] -> same shape.
+
+    The defaults keep colour nearly intact: in dermoscopy colour is diagnostic, and views that differ
+    in colour teach the encoder to discard it."""
     n, _, s, _ = x.shape
     r = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)  # noqa: E731
     area = scale[0] + (scale[1] - scale[0]) * r(n)
@@ -47,4 +51,4 @@ def random_view(x: torch.Tensor, gen: torch.Generator, scale=(0.35, 1.0), jitter
     v = ((v * b - mean) * c + mean).clamp(0, 1)
     gray = v.mean(1, keepdim=True)
     v = (gray + (v - gray) * sat).clamp(0, 1)
-    return torch.where(r(n, 1, 1, 1) < 0.2, gray.expand_as(v), v)
+    return torch.where(r(n, 1, 1, 1) < grayscale, gray.expand_as(v), v)
