@@ -10,7 +10,7 @@ from medssl.models.mim import masked_mse, random_patch_mask
 from medssl.models.simclr import nt_xent, random_view
 from medssl.probe import knn_probe
 
-from conftest import project_copy
+from conftest import ROOT, project_copy
 
 
 def test_nt_xent_prefers_matching_views():
@@ -28,7 +28,8 @@ def test_patch_mask_ratio_and_masked_loss_ignores_visible_pixels():
 
 def test_random_view_shapes_and_range():
     x = torch.rand(5, 3, 64, 64)
-    v = random_view(x, torch.Generator().manual_seed(0))
+    c = load_params(ROOT / "params.yaml").pretrain.simclr
+    v = random_view(x, torch.Generator().manual_seed(0), (c.min_scale, 1.0), c.jitter, c.grayscale)
     assert v.shape == x.shape and 0 <= v.min() and v.max() <= 1 and not torch.allclose(v, x)
 
 
@@ -69,15 +70,13 @@ def _linear_probe_at_full_labels(p, init: str) -> dict:
     """The grid's linear protocol at 100 % labels: the init's frozen encoder, built as the grid builds it,
     logistic regression (grid.linear_c) on every train label, scored on the test split."""
     from medssl.data.prepare import load_prepared
-    from medssl.device import seed_everything
-    from medssl.finetune import build_classifier
+    from medssl.grid import frozen_encoder
     from medssl.metrics import classification_metrics
     from medssl.probe import extract_features, linear_probe
 
     splits, meta = load_prepared()
     mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
-    seed_everything(p.seed)
-    backbone = build_classifier(p, init, len(meta["classes"])).backbone
+    backbone = frozen_encoder(p, init, len(meta["classes"]), torch.device("cpu"))
     feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images), mean, std) for s in ("train", "test")}
     proba = linear_probe(feats["train"], splits["train"].labels, feats["test"], len(meta["classes"]), p.grid.linear_c)
     return classification_metrics(splits["test"].labels, proba, meta["classes"])

@@ -77,6 +77,12 @@ def grid_data(p: Params) -> tuple[dict[str, Split], dict]:
     return data, meta
 
 
+def frozen_encoder(p: Params, init: str, num_classes: int, device, root: Path = Path(".")) -> torch.nn.Module:
+    """The backbone every frozen-feature protocol probes; seeded, so the random init is the same in every run."""
+    seed_everything(p.seed)
+    return prepare_model(build_classifier(p, init, num_classes, root).backbone, device)
+
+
 def _kept(m: dict) -> dict:
     return {k: v for k, v in m.items() if k in SCORED or k.startswith("recall_")}
 
@@ -116,8 +122,7 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
     cells, curves = [], []
     with tracking.model_run(p, f"grid-{init}", tags, params, parent) as run:
         t0 = time.time()
-        seed_everything(p.seed)  # the random init's frozen encoder is the same in every run
-        backbone = prepare_model(build_classifier(p, init, nc, root).backbone, device)
+        backbone = frozen_encoder(p, init, nc, device, root)
         feats = {s: extract_features(backbone, x[s], mean, std) for s in x}
 
         jobs = []  # (regime, fraction, seed, indices into the pool)

@@ -16,7 +16,6 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from medssl.config import Params  # noqa: E402
-from medssl.data.fractions import nested_fractions  # noqa: E402
 from medssl.grid import cells_path, features_path, make_cell, probe_scores  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
 from medssl.probe import linear_probe  # noqa: E402
@@ -60,7 +59,8 @@ def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[
         # the probe standardises every feature, so each encoder enters with unit-variance features
         x = {s: np.concatenate([feats[i][f"{s}_x"].astype(np.float32) for i in group], 1) for s in y}
         for seed in p.grid.seeds:
-            for fraction, idx in nested_fractions(y["pool"], p.grid.fractions, seed).items():
+            for fraction in p.grid.fractions:
+                idx = first[f"subset_fractions_f{fraction:g}_s{seed}"]  # the single encoders' subset
                 labels = {"train": y["pool"][idx], **{s: y[s] for s in scored}}
                 head = lambda ev: linear_probe(x["pool"][idx], labels["train"], ev, len(classes), p.grid.linear_c, seed)  # noqa: E731
                 cells.append(make_cell(name, "linear", "fusion", fraction, seed, idx,

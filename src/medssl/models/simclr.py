@@ -31,11 +31,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, target)
 
 
-def random_view(x: torch.Tensor, gen: torch.Generator, scale=(0.2, 1.0), jitter: float = 0.1,
-                grayscale: float = 0.0) -> torch.Tensor:
+def random_view(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], jitter: float,
+                grayscale: float) -> torch.Tensor:
     """Per-image random resized crop, colour jitter and grayscale. x: (N, 3, S, S) in [0, 1] -> same shape.
 
-    The defaults keep colour nearly intact: in dermoscopy colour is diagnostic, and views that differ
+    pretrain.simclr's defaults keep colour nearly intact: in dermoscopy colour is diagnostic, and views that differ
     in colour teach the encoder to discard it."""
     n, _, s, _ = x.shape
     r = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)  # noqa: E731
