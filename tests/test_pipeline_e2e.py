@@ -35,7 +35,9 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
     work = project_copy(tmp_path_factory.mktemp("clone"), **{
         "data.max_train": 512, "data.max_eval": 256, "data.image_size": 32, "budgets.demo.pretrain_epochs": 1,
         "budgets.demo.finetune_epochs": 1, "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128},
-        "grid.shift": shift, "pretrain.vae.latent_dim": 32, "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
+        "grid.shift": shift, "pretrain.vae.latent_dim": 32,
+        "grid.fusion": [["imagenet", "simclr"], ["vae", "simclr", "mim"], ["random", "mim"]],  # random: per-seed features
+        "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
                   DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
     run = sh([str(BIN / "medssl"), "pipeline"], work, env)
@@ -112,6 +114,11 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
                 assert np.isfinite(c["test"]["balanced_accuracy"]) and "shift" in c and "kappa_quadratic" in c["test"]
         assert seen == {(p, f): {0, 1, 2} for p in protocols for f in fractions}
         with np.load(d / f"models/grid/{init}/features.npz") as z:  # recorded subsets are nested and keep every class
+            if init == "random":  # one encoder draw per seed, as in its fine-tune cells
+                assert "pool_x" not in z.files and not np.array_equal(z["pool_x_s0"], z["pool_x_s1"])
+            else:
+                assert "pool_x" in z.files and "pool_x_s0" not in z.files
+            assert all(z[k].std(0).max() > 0 for k in z.files if "_x" in k)  # stored as probed, not flushed to zero
             for seed in (0, 1, 2):
                 subsets = [set(z[f"subset_fractions_f{f:g}_s{seed}"]) for f in fractions]
                 assert all(a < b for a, b in zip(subsets, subsets[1:]))
@@ -121,7 +128,7 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
         table = md.split(f"### {protocol}")[1].split("###")[0]
         rows = [r for r in table.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in inits]
         assert len(rows) == 5 and all(r.count("±") == 2 * len(fractions) for r in rows), table
-    assert "### Summary" in md and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md
+    assert "### Summary" in md and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md and "random+mim" in md
     assert (d / "reports/report.html").read_text().count("<table>") >= 6
     for png in ("balanced_accuracy_vs_fraction.png", "gap_curves.png"):
         assert (d / "reports" / png).stat().st_size > 10_000

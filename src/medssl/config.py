@@ -139,6 +139,7 @@ class Grid(_Strict):
     seeds: list[int] = [0, 1, 2]
     knn_k: int = Field(default=20, ge=1)
     linear_c: float = Field(default=1.0, gt=0.0)            # inverse L2 strength of the linear probe
+    linear_class_weight: Literal["balanced", "none"] = "balanced"  # linear probe's loss: class-balanced or plain
     imbalance: list[float] = [1.0, 10.0]                    # largest/smallest class count, by capping classes
     shift: Shift | None = None
     fusion: list[list[str]] = [["imagenet", "simclr"], ["vae", "simclr", "mim"]]

@@ -8,7 +8,8 @@ the labelled pool), three protocols with the same budget for every init:
 plus the regimes: imbalance (classes capped to a largest/smallest ratio, at 100 % labels) and
 domain shift (every cell also scored on a second source's test split when grid.shift is set).
 Selection (best fine-tune epoch) is on validation; test and shift are only scored.
-Encoders are pretrained once per init; seeds vary the label subset and the head/fine-tune run.
+Encoders are pretrained once per init; seeds vary the label subset and the head/fine-tune run, and
+for the random init also the encoder itself (each seed probes the draw it fine-tunes).
 """
 from __future__ import annotations
 
@@ -77,10 +78,21 @@ def grid_data(p: Params) -> tuple[dict[str, Split], dict]:
     return data, meta
 
 
-def frozen_encoder(p: Params, init: str, num_classes: int, device, root: Path = Path(".")) -> torch.nn.Module:
-    """The backbone every frozen-feature protocol probes; seeded, so the random init is the same in every run."""
-    seed_everything(p.seed)
+def encoder_seeds(p: Params, init: str) -> list[int]:
+    """Seeds whose frozen encoders differ: the random init is one draw per grid seed (as in its fine-tune
+    cells); every other init loads fixed weights, so one encoder (p.seed) serves all seeds."""
+    return list(p.grid.seeds) if init == "random" else [p.seed]
+
+
+def frozen_encoder(p: Params, init: str, num_classes: int, device, seed: int, root: Path = Path(".")) -> torch.nn.Module:
+    """The backbone the frozen-feature protocols probe, built after seed_everything(seed) like fit() builds it."""
+    seed_everything(seed)
     return prepare_model(build_classifier(p, init, num_classes, root).backbone, device)
+
+
+def features_key(split: str, seed: int, keys) -> str:
+    """Key of a split's frozen features in features.npz: per seed (`<split>_x_s<seed>`) for seeded encoders."""
+    return f"{split}_x_s{seed}" if f"{split}_x_s{seed}" in keys else f"{split}_x"
 
 
 def _kept(m: dict) -> dict:
@@ -122,8 +134,12 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
     cells, curves = [], []
     with tracking.model_run(p, f"grid-{init}", tags, params, parent) as run:
         t0 = time.time()
-        backbone = frozen_encoder(p, init, nc, device, root)
-        feats = {s: extract_features(backbone, x[s], mean, std) for s in x}
+        seeded = encoder_seeds(p, init)
+        feats = {}  # encoder seed -> split -> (N, D) features
+        for es in seeded:
+            backbone = frozen_encoder(p, init, nc, device, es, root)
+            feats[es] = {s: extract_features(backbone, x[s], mean, std) for s in x}
+        per_seed = len(seeded) > 1
 
         jobs = []  # (regime, fraction, seed, indices into the pool)
         for seed in g.seeds:
@@ -132,7 +148,10 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
             for r in g.imbalance:
                 jobs.append((f"imbalance:{r:g}", 1.0, seed, capped_imbalance(y["pool"], r, seed)))
         # features for fusion, labels, and every cell's training subset (recorded: pool positions)
-        save_npz(features_path(init, root), **{f"{s}_x": f.astype(np.float16) for s, f in feats.items()},
+        # float32 as probed: a randomly initialised MobileNetV2 in eval mode emits features of ~1e-10,
+        # which float16 would flush to zero
+        save_npz(features_path(init, root),
+                 **{f"{s}_x_s{es}" if per_seed else f"{s}_x": f for es, fs in feats.items() for s, f in fs.items()},
                  **{f"{s}_y": v for s, v in y.items()},
                  **{f"subset_{rg}_f{f:g}_s{sd}": idx for rg, f, sd, idx in jobs})
         mlflow.log_artifact(str(features_path(init, root)), "grid")
@@ -143,11 +162,12 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
                     cells.append(_finetune_cell(p, init, regime, f, seed, idx, x, y, labels, scored, mean, std,
                                                 classes, root, run.info.run_id, curves))
                     continue
-                tr = feats["pool"][idx]
-                head = (lambda ev: linear_probe(tr, labels["train"], ev, nc, g.linear_c, seed)) if protocol == "linear" \
-                    else (lambda ev: knn_probe(tr, labels["train"], ev, nc, g.knn_k))
+                fs = feats[seed if per_seed else seeded[0]]
+                tr = fs["pool"][idx]
+                head = (lambda ev: linear_probe(tr, labels["train"], ev, nc, g.linear_c, g.linear_class_weight, seed)) \
+                    if protocol == "linear" else (lambda ev: knn_probe(tr, labels["train"], ev, nc, g.knn_k))
                 cells.append(make_cell(init, protocol, regime, f, seed, idx,
-                                       probe_scores(head, tr, labels, feats, scored, classes)))
+                                       probe_scores(head, tr, labels, fs, scored, classes)))
         seconds = round(time.time() - t0, 1)
         mlflow.log_metric("seconds", seconds)
         main = [c for c in cells if c["regime"] == "fractions"]

@@ -24,10 +24,14 @@ def extract_features(backbone: torch.nn.Module, images: torch.Tensor, mean, std,
 
 
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, num_classes: int,
-                 c: float = 1.0, seed: int = 0) -> np.ndarray:
-    """Multinomial logistic regression on standardised frozen features -> eval probabilities (M, C)."""
+                 c: float, class_weight: str, seed: int = 0) -> np.ndarray:
+    """Multinomial logistic regression on standardised frozen features -> eval probabilities (M, C).
+
+    class_weight "balanced" weights each class by n / (k * n_class), so the probe minimises the loss
+    the balanced-accuracy selection asks for; "none" fits the plain (prevalence-weighted) loss."""
     scaler = StandardScaler().fit(train_x)
-    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(train_x), train_y)
+    clf = LogisticRegression(C=c, max_iter=2000, random_state=seed, class_weight=None if class_weight == "none" else class_weight)
+    clf.fit(scaler.transform(train_x), train_y)
     return _full_proba(clf.predict_proba(scaler.transform(eval_x)), clf.classes_, num_classes)
 
 
