@@ -121,6 +121,9 @@ def test_knn_probe_on_separable_features():
     x = centers[y] + rng.normal(size=(90, 8))
     proba = knn_probe(x[::2], y[::2], x[1::2], 4, k=5)
     assert proba.shape == (45, 4) and (proba.argmax(1) == y[1::2]).mean() > 0.95 and np.all(proba[:, 3] == 0)
+    # cosine ignores scale, down to the ~1e-10 float32 features of a random encoder in eval mode
+    tiny = (1e-10 * x).astype(np.float32)
+    assert np.allclose(knn_probe(tiny[::2], y[::2], tiny[1::2], 4, k=5), proba, atol=1e-5)
 
 
 def test_class_balanced_linear_probe_raises_minority_recall_and_balanced_accuracy():

@@ -36,9 +36,14 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, n
 
 
 def knn_probe(train_x: np.ndarray, train_y: np.ndarray, eval_x: np.ndarray, num_classes: int, k: int = 20) -> np.ndarray:
-    """Distance-weighted cosine k-NN on frozen features -> eval probabilities (M, C)."""
-    knn = KNeighborsClassifier(n_neighbors=min(k, len(train_y)), metric="cosine", weights="distance").fit(train_x, train_y)
-    return _full_proba(knn.predict_proba(eval_x), knn.classes_, num_classes)
+    """Distance-weighted cosine k-NN on frozen features -> eval probabilities (M, C).
+
+    Features are first divided by one train-set scale (cosine ignores it): scikit-learn treats row norms
+    below ~1e-6 as zero, and a randomly initialised encoder in eval mode emits features of ~1e-10."""
+    scale = float(np.abs(train_x).max()) or 1.0
+    knn = KNeighborsClassifier(n_neighbors=min(k, len(train_y)), metric="cosine", weights="distance")
+    knn.fit(train_x / scale, train_y)
+    return _full_proba(knn.predict_proba(eval_x / scale), knn.classes_, num_classes)
 
 
 def _full_proba(p: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:

@@ -186,7 +186,9 @@ def comparison(p: Params, classes: list[str], out: Path, root: Path = Path("."))
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
           f"kept); scored on {n_pool['test']} test images; fine-tune cells: {p.epochs.grid.epochs} epochs, best epoch "
           "on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds). "
-          "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run.", "",
+          "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
+          f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
+          f"{g.linear_class_weight}.", "",
           "### Summary", "", *winners(agg, g.protocols, inits, fr), ""]
     for protocol in g.protocols:
         md += [f"### {PROTOCOL_NAMES[protocol]}", "", protocol_table(agg, "fractions", protocol, inits, fr)]
