@@ -114,10 +114,11 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
                 assert np.isfinite(c["test"]["balanced_accuracy"]) and "shift" in c and "kappa_quadratic" in c["test"]
         assert seen == {(p, f): {0, 1, 2} for p in protocols for f in fractions}
         with np.load(d / f"models/grid/{init}/features.npz") as z:  # recorded subsets are nested and keep every class
+            stored = {k for k in z.files if k.startswith("pool_x")}
             if init == "random":  # one encoder draw per seed, as in its fine-tune cells
-                assert "pool_x" not in z.files and not np.array_equal(z["pool_x_s0"], z["pool_x_s1"])
-            else:
-                assert "pool_x" in z.files and "pool_x_s0" not in z.files
+                assert stored == {"pool_x_s0", "pool_x_s1", "pool_x_s2"} and not np.array_equal(z["pool_x_s0"], z["pool_x_s1"])
+            else:  # fixed weights: one encoder, built under params.yaml's seed
+                assert stored == {f"pool_x_s{yaml.safe_load((d / 'params.yaml').read_text())['seed']}"}
             assert all(z[k].std(0).max() > 0 for k in z.files if "_x" in k)  # stored as probed, not flushed to zero
             for seed in (0, 1, 2):
                 subsets = [set(z[f"subset_fractions_f{f:g}_s{seed}"]) for f in fractions]

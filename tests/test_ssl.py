@@ -54,7 +54,7 @@ SSL_CHECK = {"data.max_train": None, "data.max_eval": None, "data.image_size": 3
 def ssl_project(tmp_path_factory, dermamnist):
     """Prepared real DermaMNIST (all 7,007 train images) and the linear probe of the random encoder of
     each grid seed (the draws the grid's random row averages)."""
-    from medssl.data.prepare import run_prepare
+    from medssl.data.prepare import load_prepared, run_prepare
     from medssl.data.sources import fetch
 
     work = project_copy(tmp_path_factory.mktemp("ssl") / "p", **SSL_CHECK)
@@ -64,18 +64,18 @@ def ssl_project(tmp_path_factory, dermamnist):
         p = load_params("params.yaml")
         fetch(p.data.path)
         run_prepare(p)
-        yield work, p, [_linear_probe_at_full_labels(p, "random", seed) for seed in p.grid.seeds]
+        prepared = load_prepared()
+        yield work, p, prepared, [_linear_probe_at_full_labels(p, prepared, "random", seed) for seed in p.grid.seeds]
 
 
-def _linear_probe_at_full_labels(p, init: str, seed: int) -> dict:
+def _linear_probe_at_full_labels(p, prepared, init: str, seed: int) -> dict:
     """The grid's linear protocol at 100 % labels: the init's frozen encoder, built as the grid builds it,
     logistic regression (grid.linear_c, grid.linear_class_weight) on every train label, scored on the test split."""
-    from medssl.data.prepare import load_prepared
     from medssl.grid import frozen_encoder
     from medssl.metrics import classification_metrics
-    from medssl.probe import extract_features, linear_probe
+    from medssl.probe import extract_features
 
-    splits, meta = load_prepared()
+    splits, meta = prepared
     mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
     backbone = frozen_encoder(p, init, len(meta["classes"]), torch.device("cpu"), seed)
     feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images), mean, std) for s in ("train", "test")}
@@ -91,7 +91,7 @@ def test_ssl_objective_decreases_and_encoder_beats_random_under_linear_probe(met
 
     from medssl.pretrain import encoder_path, run_pretrain
 
-    work, p, random_scores = ssl_project
+    work, p, prepared, random_scores = ssl_project
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
     s = run_pretrain(p, method)
@@ -103,7 +103,7 @@ def test_ssl_objective_decreases_and_encoder_beats_random_under_linear_probe(met
     images = [a.path for a in mlflow.MlflowClient().list_artifacts(s["run_id"], method)]
     assert run.info.status == "FINISHED" and len(images) == 10  # one diagnostic image per epoch
 
-    ssl_scores = _linear_probe_at_full_labels(p, method, p.seed)
+    ssl_scores = _linear_probe_at_full_labels(p, prepared, method, p.seed)
     # the report's two metrics, against the mean of the random draws the grid's random row averages
     random_mean = {k: float(np.mean([r[k] for r in random_scores])) for k in ("balanced_accuracy", "auc_macro", "accuracy")}
     print(f"{method}: pretrain {s['seconds']} s, loss {s['first_loss']:.3f} -> {s['loss']:.3f}")

@@ -78,10 +78,11 @@ def grid_data(p: Params) -> tuple[dict[str, Split], dict]:
     return data, meta
 
 
-def encoder_seeds(p: Params, init: str) -> list[int]:
-    """Seeds whose frozen encoders differ: the random init is one draw per grid seed (as in its fine-tune
-    cells); every other init loads fixed weights, so one encoder (p.seed) serves all seeds."""
-    return list(p.grid.seeds) if init == "random" else [p.seed]
+def encoder_seed(p: Params, init: str, seed: int) -> int:
+    """Seed of the frozen encoder a cell of `seed` probes: the random init is one draw per grid seed (as in
+    its fine-tune cells); every other init loads fixed weights, so one encoder (p.seed) serves all seeds.
+    Its features are `<split>_x_s<encoder seed>` in features.npz."""
+    return seed if init == "random" else p.seed
 
 
 def frozen_encoder(p: Params, init: str, num_classes: int, device, seed: int, root: Path = Path(".")) -> torch.nn.Module:
@@ -89,10 +90,6 @@ def frozen_encoder(p: Params, init: str, num_classes: int, device, seed: int, ro
     seed_everything(seed)
     return prepare_model(build_classifier(p, init, num_classes, root).backbone, device)
 
-
-def features_key(split: str, seed: int, keys) -> str:
-    """Key of a split's frozen features in features.npz: per seed (`<split>_x_s<seed>`) for seeded encoders."""
-    return f"{split}_x_s{seed}" if f"{split}_x_s{seed}" in keys else f"{split}_x"
 
 
 def _kept(m: dict) -> dict:
@@ -134,12 +131,10 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
     cells, curves = [], []
     with tracking.model_run(p, f"grid-{init}", tags, params, parent) as run:
         t0 = time.time()
-        seeded = encoder_seeds(p, init)
         feats = {}  # encoder seed -> split -> (N, D) features
-        for es in seeded:
+        for es in sorted({encoder_seed(p, init, seed) for seed in g.seeds}):
             backbone = frozen_encoder(p, init, nc, device, es, root)
             feats[es] = {s: extract_features(backbone, x[s], mean, std) for s in x}
-        per_seed = len(seeded) > 1
 
         jobs = []  # (regime, fraction, seed, indices into the pool)
         for seed in g.seeds:
@@ -151,7 +146,7 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
         # float32 as probed: a randomly initialised MobileNetV2 in eval mode emits features of ~1e-10,
         # which float16 would flush to zero
         save_npz(features_path(init, root),
-                 **{f"{s}_x_s{es}" if per_seed else f"{s}_x": f for es, fs in feats.items() for s, f in fs.items()},
+                 **{f"{s}_x_s{es}": f for es, fs in feats.items() for s, f in fs.items()},
                  **{f"{s}_y": v for s, v in y.items()},
                  **{f"subset_{rg}_f{f:g}_s{sd}": idx for rg, f, sd, idx in jobs})
         mlflow.log_artifact(str(features_path(init, root)), "grid")
@@ -162,7 +157,7 @@ def run_grid(p: Params, init: str, root: Path = Path("."), parent: str | None = 
                     cells.append(_finetune_cell(p, init, regime, f, seed, idx, x, y, labels, scored, mean, std,
                                                 classes, root, run.info.run_id, curves))
                     continue
-                fs = feats[seed if per_seed else seeded[0]]
+                fs = feats[encoder_seed(p, init, seed)]
                 tr = fs["pool"][idx]
                 head = (lambda ev: linear_probe(tr, labels["train"], ev, nc, g.linear_c, g.linear_class_weight, seed)) \
                     if protocol == "linear" else (lambda ev: knn_probe(tr, labels["train"], ev, nc, g.knn_k))

@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from medssl.config import Params  # noqa: E402
-from medssl.grid import cells_path, features_key, features_path, make_cell, probe_scores  # noqa: E402
+from medssl.grid import cells_path, encoder_seed, features_path, make_cell, probe_scores  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
 from medssl.probe import linear_probe  # noqa: E402
 
@@ -59,8 +59,7 @@ def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[
         for seed in p.grid.seeds:
             # the probe standardises every feature, so each encoder enters with unit-variance features;
             # a seeded encoder (random) contributes the draw its own cells of this seed probed
-            x = {s: np.concatenate([feats[i][features_key(s, seed, feats[i])] for i in group], 1)
-                 for s in y}
+            x = {s: np.concatenate([feats[i][f"{s}_x_s{encoder_seed(p, i, seed)}"] for i in group], 1) for s in y}
             for fraction in p.grid.fractions:
                 idx = first[f"subset_fractions_f{fraction:g}_s{seed}"]  # the single encoders' subset
                 labels = {"train": y["pool"][idx], **{s: y[s] for s in scored}}
