@@ -21,44 +21,46 @@ from medssl.evaluate import run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
 from medssl.grid import run_grid
+from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
+LAY = Layout(ROOT)  # stage outputs live at the project root, as with dvc repro
 
 
 @task(name="fetch")
 def fetch_task(p: Params, source: str | None) -> str:
-    return str(fetch(p.data.path, source) if source else run_fetch(p))
+    return str(fetch(LAY.raw(p.data.path), source) if source else run_fetch(p, LAY))
 
 
 @task(name="prepare")
 def prepare_task(p: Params) -> dict:
-    return run_prepare(p)
+    return run_prepare(p, LAY)
 
 
 @task(name="pretrain", task_run_name="pretrain-{method}")
 def pretrain_task(p: Params, method: str) -> dict:
-    return run_pretrain(p, method)
+    return run_pretrain(p, method, LAY)
 
 
-@task(name="finetune", task_run_name="finetune-{init}")
-def finetune_task(p: Params, init: str) -> dict:
-    return run_finetune(p, init)
+@task(name="finetune")
+def finetune_task(p: Params) -> dict:
+    return run_finetune(p, None, LAY)
 
 
 @task(name="grid", task_run_name="grid-{init}")
 def grid_task(p: Params, init: str) -> dict:
-    return {k: v for k, v in run_grid(p, init).items() if k != "cells"}
+    return {k: v for k, v in run_grid(p, init, LAY).items() if k != "cells"}
 
 
 @task(name="evaluate")
 def evaluate_task(p: Params) -> dict:
-    return run_evaluate(p)
+    return run_evaluate(p, LAY)
 
 
 @task(name="export")
 def export_task(p: Params) -> dict:
-    return run_export(p)
+    return run_export(p, LAY)
 
 
 def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> str:
@@ -73,7 +75,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
              f"Selected on validation `{p.export.select_metric}`; test metrics never feed a choice.", "",
              "| init | val acc | val bal. acc | val AUC | test acc | test bal. acc | test AUC | MLflow run |",
              "|---|---|---|---|---|---|---|---|"]
-    for init, r in results.items():
+    for init, r in {results["init"]: results}.items():
         v, t = r["val"], r["test"]
         lines.append(f"| {init}{' (champion)' if init == export['champion'] else ''} | {v['accuracy']:.4f} | "
                      f"{v['balanced_accuracy']:.4f} | {v['auc_macro']:.4f} | {t['accuracy']:.4f} | "
@@ -93,9 +95,9 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
              budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
              grid_epochs: int | None = None, grid_max_train: int | None = None, fractions: list[float] | None = None,
              retries: int = 1, params_path: str = "params.yaml") -> dict:
-    """Run prepare -> pretrain -> fine-tune + grid -> evaluate (report) -> export with params.yaml plus these overrides."""
+    """Run prepare -> pretrain -> grid -> fine-tune (champion) -> evaluate (report) -> export with params.yaml plus these overrides."""
     logger = get_run_logger()
-    os.chdir(ROOT)  # stage outputs live at the project root, as with dvc repro
+    params_path = ROOT / params_path  # relative to the project, whatever the worker's working directory
     over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
                          image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,
                          grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions)
@@ -110,15 +112,14 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             fetched = fetch_task.with_options(**opts).submit(p, data_path)
             prepared = prepare_task.with_options(**opts).submit(p, wait_for=[fetched])
             pretrained = {m: pretrain_task.with_options(**opts).submit(p, m, wait_for=[prepared]) for m in p.inits.ssl}
-            finetuned = [finetune_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)])
-                         for i in p.inits.all]
             grids = [grid_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)]) for i in p.inits.all]
-            evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=finetuned + grids)
+            finetuned = finetune_task.with_options(**opts).submit(p, wait_for=grids)
+            evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=[finetuned])
             export = export_task.with_options(**opts).submit(p, wait_for=[evaluated]).result()
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)
             create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")
-            report = Path("reports/report.md").read_text()  # the comparison report (images stay in MLflow)
+            report = (LAY.reports / "report.md").read_text()  # the comparison report (images stay in MLflow)
             create_markdown_artifact(report, key="medssl-report",
                                      description="init x protocol x label fraction x seed comparison, mean ± 95 % CI")
             mlflow.log_text(md, "prefect/results.md")

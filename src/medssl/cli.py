@@ -74,13 +74,14 @@ def pretrain(method: str, params: Path = PARAMS):
 
 @app.command()
 @_clear_errors
-def finetune(init: str, params: Path = PARAMS):
-    """Fine-tune a classifier from one init (random, imagenet or an SSL method)."""
+def finetune(init: Optional[str] = typer.Argument(None, help="default: the champion on validation (grid cells)"),
+             params: Path = PARAMS):
+    """Train the classifier `export` ships: the champion init (or INIT) on all train images."""
     from medssl.finetune import run_finetune
 
     s = run_finetune(_params(params), init)
     v = s["val"]
-    err.print(f"finetune {init}: best epoch {s['best_epoch']}, val acc {v['accuracy']:.4f} "
+    err.print(f"finetune {s['init']}: best epoch {s['best_epoch']}, val acc {v['accuracy']:.4f} "
               f"bal_acc {v['balanced_accuracy']:.4f} auc {v['auc_macro']:.4f} in {s['seconds']}s")
 
 
@@ -97,11 +98,12 @@ def grid(init: str, params: Path = PARAMS):
 @app.command()
 @_clear_errors
 def evaluate(params: Path = PARAMS):
-    """Test metrics of the export candidates and reports/ (markdown + HTML) with the comparison."""
+    """Test metrics of the champion's classifier and reports/ (markdown + HTML) with the comparison."""
     from medssl.evaluate import run_evaluate
 
-    for init, r in run_evaluate(_params(params)).items():
-        t = r["test"]
+    r = run_evaluate(_params(params))
+    t, init = r["test"], r["init"]
+    if t:
         err.print(f"test {init}: acc {t['accuracy']:.4f} bal_acc {t['balanced_accuracy']:.4f} auc {t['auc_macro']:.4f} "
                   f"kappa {t['kappa']:.4f} f1 {t['f1_macro']:.4f}")
 

@@ -120,6 +120,7 @@ class Finetune(_Strict):
     weight_decay: float = Field(default=1e-4, ge=0.0)
     batch_size: int = Field(default=128, ge=2)
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=1.0)
+    class_weight: Literal["balanced", "none"] = "none"  # loss weights classes by 1/frequency | none
     warmup_epochs: int = Field(default=0, ge=0)
     frozen_blocks: int = Field(default=0, ge=0)  # leading backbone blocks kept fixed
     augment: Augment = Augment()
@@ -140,6 +141,7 @@ class Grid(_Strict):
     knn_k: int = Field(default=20, ge=1)
     linear_c: float = Field(default=1.0, gt=0.0)            # inverse L2 strength of the linear probe
     linear_class_weight: Literal["balanced", "none"] = "balanced"  # linear probe's loss: class-balanced or plain
+    finetune_class_weight: Literal["balanced", "none"] = "balanced"  # the grid's fine-tune cells' loss
     imbalance: list[float] = [1.0, 10.0]                    # largest/smallest class count, by capping classes
     shift: Shift | None = None
     fusion: list[list[str]] = [["imagenet", "simclr"], ["vae", "simclr", "mim"]]

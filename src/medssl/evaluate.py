@@ -1,5 +1,5 @@
-"""Stage `evaluate`: test metrics of the export candidates and the one report in reports/ (markdown + HTML):
-candidates, then the init x protocol x fraction x seed comparison (medssl.report)."""
+"""Stage `evaluate`: test metrics of the champion's classifier and the one report in reports/ (markdown + HTML):
+the init x protocol x fraction x seed comparison (medssl.report), then the champion."""
 from __future__ import annotations
 
 import csv
@@ -15,29 +15,19 @@ import torch  # noqa: E402
 
 from medssl import tracking  # noqa: E402
 from medssl.config import Params  # noqa: E402
+from medssl.core.engine import pick_device, predict_proba  # noqa: E402
+from medssl.core.train import scores  # noqa: E402
 from medssl.data.prepare import load_prepared  # noqa: E402
-from medssl.device import pick_device, prepare_model  # noqa: E402
-from medssl.engine import predict_proba  # noqa: E402
+from medssl.finetune import load_classifier  # noqa: E402
 from medssl.io import read_json, write_json, write_text  # noqa: E402
-from medssl.metrics import classification_metrics, confusion  # noqa: E402
-from medssl.models.classifier import Classifier  # noqa: E402
-from medssl.finetune import checkpoint_path, val_metrics_path  # noqa: E402
+from medssl.layout import Layout  # noqa: E402
+from medssl.metrics import confusion  # noqa: E402
 
-REPORTS = Path("reports")
-TEST_METRICS = Path("metrics/test.json")
-REPORT_METRICS = Path("metrics/report.json")
 TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 
-def load_classifier(init: str, device: torch.device) -> tuple[Classifier, dict]:
-    ckpt = torch.load(checkpoint_path(init), map_location="cpu", weights_only=True)
-    model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"])
-    model.load_state_dict(ckpt["state_dict"])
-    return prepare_model(model, device).eval(), ckpt
-
-
-def read_curves(init: str) -> list[dict]:
-    with open(f"plots/finetune/{init}.csv") as f:
+def read_curves(path: Path) -> list[dict]:
+    with open(path) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -73,80 +63,60 @@ def plot_curves(curves: list[dict], init: str, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_gaps(all_curves: dict[str, list[dict]], path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for init, curves in all_curves.items():
-        ep = [c["epoch"] for c in curves]
-        axes[0].plot(ep, [c["val_balanced_accuracy"] for c in curves], "o-", label=init)
-        axes[1].plot(ep, [c["gap_accuracy"] for c in curves], "o-", label=init)
-    axes[0].set(xlabel="epoch", title="validation balanced accuracy")
-    axes[1].set(xlabel="epoch", title="overfitting gap (train - val accuracy)")
-    axes[1].axhline(0, color="grey", lw=0.8)
-    for ax in axes:
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _table(rows: dict[str, dict], keys=TABLE_KEYS) -> str:
     head = "| init | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     return head + "".join(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |\n" for i, m in rows.items())
 
 
-def run_evaluate(p: Params) -> dict:
+def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
+    """Test metrics of the champion's classifier (chosen on validation by `finetune`) and the report."""
     device = pick_device()
-    splits, meta = load_prepared()
+    splits, meta = load_prepared(lay)
     classes = meta["classes"]
-    te_x = torch.from_numpy(splits["test"].images).to(device)
     te_y = splits["test"].labels
-    mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
-    REPORTS.mkdir(exist_ok=True)
+    out = lay.reports
+    out.mkdir(parents=True, exist_ok=True)
 
-    results, val_rows, all_curves = {}, {}, {}
-    for init in p.inits.all:
-        model, _ = load_classifier(init, device)
-        proba = predict_proba(model, te_x, mean, std)
-        test = classification_metrics(te_y, proba, classes)
-        summary = read_json(val_metrics_path(init))
-        all_curves[init] = read_curves(init)
-        cm_png, curves_png = REPORTS / f"confusion_{init}.png", REPORTS / f"curves_{init}.png"
-        plot_confusion(confusion(te_y, proba), classes, f"{init} (test)", cm_png)
-        plot_curves(all_curves[init], init, curves_png)
-        with tracking.resume_run(summary["run_id"]):
-            mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
-            mlflow.log_artifact(str(cm_png), "plots")
-            mlflow.log_artifact(str(curves_png), "plots")
-        results[init] = {"test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
-                         "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
-        val_rows[init] = summary["val"]
-    plot_gaps(all_curves, REPORTS / "gap_all.png")
-    write_json(TEST_METRICS, {i: r["test"] for i, r in results.items()})
+    model, _ = load_classifier(lay, device)
+    proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
+    test = scores(te_y, proba, classes)
+    summary = read_json(lay.finetune_metrics)
+    init, curves = summary["init"], read_curves(lay.finetune_curves)
+    plot_confusion(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)", out / "confusion.png")
+    plot_curves(curves, init, out / "curves.png")
+    with tracking.resume_run(summary["run_id"]):
+        mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
+        mlflow.log_artifact(str(out / "confusion.png"), "plots")
+        mlflow.log_artifact(str(out / "curves.png"), "plots")
+    result = {"init": init, "test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
+              "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
+    write_json(lay.test_metrics, {init: test})
 
-    select = p.export.select_metric
-    champion = max(results, key=lambda i: results[i]["val"][select])
     from medssl.report import comparison
 
-    section, summary = comparison(p, classes, REPORTS)
+    select = p.export.select_metric
+    section, comp = comparison(p, classes, out, lay)
+    cands = summary.get("candidates_val") or {}
+    gap = summary["gap_at_best"]
     md = (
         f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
         + section
-        + f"\n## Export candidates (100 % labels, seed {p.seed}, {p.epochs.finetune_epochs} epochs)\n\n"
-        f"### Validation (best epoch, selected on `{select}`)\n\n{_table(val_rows)}\n"
-        f"### Test\n\n{_table({i: r['test'] for i, r in results.items()})}\n"
-        f"Gap at best epoch (train - val): "
-        + ", ".join(f"{i}: acc {r['gap_at_best']['gap_accuracy']:+.3f}, loss {r['gap_at_best']['gap_loss']:+.3f}"
-                    for i, r in results.items())
-        + f"\n\nChampion on validation `{select}`: **{champion}**.\n\n"
-        "![gaps](gap_all.png)\n\n"
-        + "".join(f"#### {i}\n\n![curves](curves_{i}.png)\n![confusion](confusion_{i}.png)\n\n" for i in results)
+        + f"\n## Champion: {init}\n\n"
+        f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
+        + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
+        + f". Then trained on all {meta['n']['train']} train images for {p.epochs.finetune_epochs} epochs "
+        f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation.\n\n"
+        f"### Validation (best epoch)\n\n{_table({init: summary['val']})}\n"
+        f"### Test\n\n{_table({init: test})}\n"
+        f"Gap at best epoch (train - val): acc {gap['gap_accuracy']:+.3f}, loss {gap['gap_loss']:+.3f}.\n\n"
+        "![curves](curves.png)\n![confusion](confusion.png)\n\n"
     )
-    write_text(REPORTS / "report.md", md)
-    write_text(REPORTS / "report.html", to_html(md, f"medssl report: {p.data.name}"))
-    write_json(REPORT_METRICS, {"balanced_accuracy": summary, "champion": champion})
-    _log_report(p, REPORTS)
-    return results
+    write_text(out / "report.md", md)
+    write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}"))
+    write_json(lay.report_metrics, {"balanced_accuracy": comp, "champion": init})
+    _log_report(p, out)
+    return result
 
 
 def to_html(md: str, title: str) -> str:

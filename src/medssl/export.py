@@ -18,23 +18,11 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import tracking
 from medssl.config import Params
-from medssl.data.prepare import META
 from medssl.errors import ParityError
-from medssl.evaluate import TEST_METRICS, load_classifier
-from medssl.finetune import val_metrics_path
+from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json
+from medssl.layout import Layout
 from medssl.models.classifier import ExportModel
-
-ONNX_PATH = Path("models/champion.onnx")
-EXPORT_METRICS = Path("metrics/export.json")
-
-
-def choose_champion(p: Params) -> tuple[str, dict]:
-    """Best init on the validation metric of params.yaml; test metrics play no part."""
-    summaries = {init: read_json(val_metrics_path(init)) for init in p.inits.all}
-    metric = p.export.select_metric
-    champion = max(summaries, key=lambda i: summaries[i]["val"][metric])
-    return champion, summaries
 
 
 def export_onnx(model: ExportModel, example: np.ndarray, path: Path) -> None:
@@ -65,23 +53,26 @@ def pip_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}", f"numpy=={np.__version__}"]
 
 
-def run_export(p: Params) -> dict:
-    champion, summaries = choose_champion(p)
-    model, ckpt = load_classifier(champion, torch.device("cpu"))
-    export_model = ExportModel(model, ckpt["mean"], ckpt["std"], ckpt["image_size"]).eval()
-    with np.load(p.data.path) as z:  # validated by `prepare`; data resolution, as users send
+def run_export(p: Params, lay: Layout = Layout()) -> dict:
+    """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity gate -> registry."""
+    summary = read_json(lay.finetune_metrics)
+    champion = summary["init"]
+    model, ckpt = load_classifier(lay, torch.device("cpu"))
+    export_model = ExportModel(model, ckpt["image_size"]).eval()
+    with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
         val_raw = z["val_images"][: p.export.parity_images]
     classes = ckpt["classes"]
-    test = read_json(TEST_METRICS)[champion]
-    val = summaries[champion]["val"]
-    data_md5 = read_json(META)["raw_md5"]
+    test = read_json(lay.test_metrics)[champion]
+    val = summary["val"]
+    data_md5 = read_json(lay.meta)["raw_md5"]
+    ONNX_PATH, EXPORT_METRICS = lay.onnx, lay.export_metrics
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
-            "source_run_id": summaries[champion]["run_id"]}
+            "source_run_id": summary["run_id"]}
     tmp = ONNX_PATH.with_name(f".{ONNX_PATH.name}.tmp")
     ONNX_PATH.parent.mkdir(parents=True, exist_ok=True)
     with tracking.model_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
-                                                **{f"candidate_val_{i}": s["val"][p.export.select_metric] for i, s in summaries.items()},
+                                                **{f"candidate_val_{i}": v for i, v in (summary.get("candidates_val") or {}).items()},
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
         try:
             export_onnx(export_model, val_raw[:2], tmp)
@@ -112,7 +103,7 @@ def run_export(p: Params) -> dict:
         mv = mlflow.register_model(info.model_uri, p.export.registered_model)
         client = mlflow.MlflowClient()
         client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
-        version_tags = {"init": champion, "source_run_id": summaries[champion]["run_id"], "export_run_id": run.info.run_id,
+        version_tags = {"init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
                         **{f"val_{k}": f"{v:.4f}" for k, v in val.items()}, **{f"test_{k}": f"{v:.4f}" for k, v in test.items()},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}

@@ -1,45 +1,34 @@
-"""Stage `finetune@<init>`: one classifier per init under identical conditions.
+"""Stage `finetune`: the champion's classifier on all labelled train images (what `export` ships).
 
-Identical for every init: backbone architecture, head, optimiser, schedule, epochs,
-augmentation, batch size, seed and data. Only the backbone's starting weights differ.
+The champion init is chosen on validation from the grid's fine-tune cells at 100 % labels (mean over
+seeds of export.select_metric); test metrics play no part. Tuning trials call run_finetune for any init.
+Identical for every init: backbone architecture, head, optimiser, schedule, augmentation, batch size,
+data; only the backbone's starting weights differ.
 """
 from __future__ import annotations
-
-import time
-from pathlib import Path
-from typing import Callable
 
 import mlflow
 import numpy as np
 import torch
-from tqdm import trange
 
 from medssl import tracking
 from medssl.config import Params
+from medssl.core.engine import pick_device
+from medssl.core.rng import generator
+from medssl.core.train import finetune
 from medssl.data.prepare import load_prepared
-from medssl.device import pick_device, prepare_model, seed_everything
-from medssl.engine import predict_proba, train_one_epoch, warmup_cosine
-from medssl.io import save_torch, write_csv, write_json
-from medssl.metrics import classification_metrics, overfitting_gap
+from medssl.io import read_json, save_torch, write_csv, write_json
+from medssl.layout import Layout
 from medssl.models.classifier import Classifier
-from medssl.pretrain import encoder_path
-
-CURVE_KEYS = ("loss", "accuracy", "balanced_accuracy")
-
-
-def checkpoint_path(init: str, root: Path = Path(".")) -> Path:
-    return root / f"models/finetune/{init}/model.pt"
-
-
-def val_metrics_path(init: str, root: Path = Path(".")) -> Path:
-    return root / f"metrics/finetune/{init}.json"
+from medssl.resume import Checkpointer
 
 
 def backbone_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
     """The backbone's stages in input-to-output order (what `finetune.frozen_blocks` counts)."""
-    if hasattr(backbone, "features"):  # mobilenet_v2, efficientnet_b0
-        return list(backbone.features.children())
-    return [torch.nn.Sequential(backbone.conv1, backbone.bn1), backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    t = backbone.trunk
+    if hasattr(t, "features"):  # mobilenet_v2, efficientnet_b0
+        return list(t.features.children())
+    return [torch.nn.Sequential(t.conv1, t.bn1), t.layer1, t.layer2, t.layer3, t.layer4]
 
 
 def freeze_blocks(model: Classifier, k: int) -> None:
@@ -54,93 +43,93 @@ def freeze_blocks(model: Classifier, k: int) -> None:
                 m.momentum = 0.0  # running statistics stay as initialised/pretrained
 
 
-def build_classifier(p: Params, init: str, num_classes: int, root: Path = Path(".")) -> Classifier:
-    """Classifier with the backbone weights of `init`; SSL inits load their pretrained encoder."""
+def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = Layout()) -> Classifier:
+    """Classifier with the backbone weights of `init` (on CPU); random weights (the random init's backbone, every
+    head) are drawn from a generator seeded with `seed`; SSL inits load their pretrained encoder."""
     if init not in p.inits.all:
         raise ValueError(f"init {init!r} is not configured; inits are {p.inits.all}")
-    model = Classifier(p.model.backbone, num_classes, p.model.dropout, imagenet=init == "imagenet")
+    model = Classifier(p.model.backbone, len(meta["classes"]), p.model.dropout, imagenet=init == "imagenet",
+                       mean=meta["mean"], std=meta["std"], gen=generator(seed))
     if init in p.inits.ssl:
-        path = encoder_path(init, root)
+        path = lay.encoder(init)
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run `medssl pretrain {init}` first")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt["backbone"] != p.model.backbone:
             raise ValueError(f"{path}: encoder is a {ckpt['backbone']}, params.yaml model.backbone is {p.model.backbone}")
         model.backbone.load_state_dict(ckpt["state_dict"])
+    freeze_blocks(model, p.finetune.frozen_blocks)
     return model
 
 
-def fit(p: Params, init: str, train: tuple, val: tuple, sub: tuple, epochs: int, seed: int, mean, std,
-        classes: list[str], root: Path = Path("."), desc: str = "", on_epoch: Callable[[int, float], None] | None = None
-        ) -> tuple[dict, list[dict]]:
-    """Fine-tune a classifier from `init` and keep its best epoch on validation (logged to the active MLflow run).
-
-    train, val, sub: (images (N, S, S, 3) uint8 on device, labels); `sub` is a train subset scored in eval
-    mode like validation, so the train - val gap compares like with like. Returns (best, per-epoch curves);
-    best = {epoch, train-subset and val metrics, gap at that epoch, state_dict copy}.
-    """
-    cfg = p.finetune
-    gen = seed_everything(seed)
-    (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = train, val, sub
-    clf = build_classifier(p, init, len(classes), root)
-    freeze_blocks(clf, cfg.frozen_blocks)
-    model = prepare_model(clf, tr_x.device)
-    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    batch = min(cfg.batch_size, len(tr_y))
-    steps_per_epoch = -(-len(tr_y) // batch)
-    sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
-    select = p.export.select_metric
-    best, curves = None, []
-    for epoch in trange(1, epochs + 1, desc=desc or f"finetune {init}", disable=None, leave=False):
-        train_one_epoch(model, tr_x, tr_y, opt, sched, mean, std, batch, gen, cfg.augment,
-                        cfg.label_smoothing, desc=f"{init} epoch {epoch}")
-        tr = classification_metrics(sub_y, predict_proba(model, sub_x, mean, std), classes)
-        va = classification_metrics(va_y, predict_proba(model, va_x, mean, std), classes)
-        row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
-               **overfitting_gap(tr, va, CURVE_KEYS)}
-        curves.append(row)
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"} | {"val_auc_macro": va["auc_macro"]}, step=epoch)
-        if best is None or va[select] > best["val"][select]:
-            # copy the tensors: a reference to the live state_dict would keep changing
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best = {"epoch": epoch, "train": tr, "val": va, "gap": {k: row[k] for k in row if k.startswith("gap_")},
-                    "state": state}
-        if on_epoch is not None:
-            on_epoch(epoch, va[select])
-    return best, curves
+def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
+    """init -> mean validation export.select_metric of its grid fine-tune cells at 100 % labels; the best init."""
+    metric, means = p.export.select_metric, {}
+    for init in p.inits.all:
+        path = lay.grid_cells(init)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
+        vals = [c["val"][metric] for c in read_json(path)["cells"]
+                if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0]
+        if not vals:
+            raise ValueError(f"{path}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
+        means[init] = float(np.mean(vals))
+    return max(means, key=means.get), means
 
 
-def run_finetune(p: Params, init: str, root: Path = Path("."), parent: str | None = None,
-                 on_epoch: Callable[[int, float], None] | None = None) -> dict:
-    """Train the full-label classifier of `init` (the export candidate); outputs under `root`.
-    `on_epoch(epoch, val_value)` may raise to stop (pruning)."""
-    cfg, epochs = p.finetune, p.epochs.finetune_epochs
+def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
+                 on_epoch=None) -> dict:
+    """Train the classifier of `init` (default: the champion on validation) on all train images for
+    budgets.<b>.finetune_epochs; best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning)."""
+    cfg, epochs, select = p.finetune, p.epochs.finetune_epochs, p.export.select_metric
+    candidates = None
+    if init is None:
+        init, candidates = choose_champion(p, lay)
     device = pick_device()
-    splits, meta = load_prepared()
+    splits, meta = load_prepared(lay)
     classes = meta["classes"]
-    tr_x, tr_y = (torch.from_numpy(a).to(device) for a in (splits["train"].images, splits["train"].labels))
+    tr_x, tr_y = (torch.from_numpy(a).to(device) for a in (splits["train"].images, splits["train"].labels.astype(np.int64)))
     va_x = torch.from_numpy(splits["val"].images).to(device)
     sub = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]).to(device)
-    mean, std = (torch.tensor(meta[k], device=device) for k in ("mean", "std"))
+    ckpt = Checkpointer(lay.resume(f"finetune-{init}"), {"init": init, "cfg": cfg.model_dump(), "epochs": epochs,
+                                                         "seed": p.seed, "md5": meta["raw_md5"], "model": p.model.model_dump()})
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed)}
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
-              "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed}
+              "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed,
+              **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
     with tracking.model_run(p, f"finetune-{init}", tags, params, parent) as run:
-        t0 = time.time()
-        best, curves = fit(p, init, (tr_x, tr_y), (va_x, splits["val"].labels), (tr_x[sub], tr_y[sub].cpu().numpy()),
-                           epochs, p.seed, mean, std, classes, root, on_epoch=on_epoch)
-        seconds = round(time.time() - t0, 1)
+        def logged(epoch, row, state):
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            ckpt.save(state)
+            if on_epoch is not None:
+                on_epoch(epoch, row[f"val_{select}"] if f"val_{select}" in row else None)
+
+        fit = finetune(build_classifier(p, init, meta, p.seed, lay), (tr_x, tr_y), (va_x, splits["val"].labels),
+                       (tr_x[sub], tr_y[sub]), cfg, epochs, select, classes, p.seed, device, desc=f"finetune {init}",
+                       on_epoch=logged, resume=ckpt.load())
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
-                    "raw_image_size": meta["raw_image_size"], "best_epoch": best["epoch"], "state_dict": best["state"]},
-                   checkpoint_path(init, root))
-        summary = {"init": init, "best_epoch": best["epoch"], "select_metric": p.export.select_metric, "val": best["val"],
-                   "gap_at_best": best["gap"], "seconds": seconds, "run_id": run.info.run_id}
-        mlflow.log_metrics({"best_epoch": best["epoch"], "seconds": seconds,
-                            **{f"best_val_{k}": v for k, v in best["val"].items()}})
-        mlflow.log_artifact(str(checkpoint_path(init, root)), artifact_path="checkpoint")
-    write_csv(root / f"plots/finetune/{init}.csv", curves)
-    write_json(val_metrics_path(init, root), summary)
+                    "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state},
+                   lay.classifier)
+        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "val": fit.val,
+                   "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
+                   "candidates_val": candidates}
+        mlflow.log_metrics({"best_epoch": fit.best_epoch, "seconds": fit.seconds,
+                            **{f"best_val_{k}": v for k, v in fit.val.items()}})
+        mlflow.log_artifact(str(lay.classifier), artifact_path="checkpoint")
+    write_csv(lay.finetune_curves, fit.curves)
+    write_json(lay.finetune_metrics, summary)
+    ckpt.clear()
     return summary
+
+
+def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict]:
+    """The trained classifier (eval mode, on `device`) and its checkpoint metadata."""
+    from medssl.core.engine import prepare_model
+
+    ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
+    model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
+    model.load_state_dict(ckpt["state_dict"])
+    return prepare_model(model, device).eval(), ckpt

@@ -16,9 +16,11 @@ import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from medssl.config import Params  # noqa: E402
-from medssl.grid import cells_path, encoder_seed, features_path, make_cell, probe_scores  # noqa: E402
+import torch  # noqa: E402
+
+from medssl.core.cells import Job, encoder_seed, probe_cell  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
-from medssl.probe import linear_probe  # noqa: E402
+from medssl.layout import Layout  # noqa: E402
 
 PROTOCOL_NAMES = {"linear": "Linear probe (frozen encoder)", "finetune": "Fine-tune", "knn": "k-NN (frozen encoder)"}
 
@@ -31,11 +33,11 @@ def ci95(values) -> tuple[float, float]:
     return float(v.mean()), float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
 
 
-def load_cells(p: Params, root: Path = Path(".")) -> tuple[list[dict], dict]:
+def load_cells(p: Params, lay: Layout) -> tuple[list[dict], dict]:
     """Every init's cells, and the split sizes they were scored on (the same for every init)."""
     cells, sizes = [], {}
     for init in p.inits.all:
-        path = cells_path(init, root)
+        path = lay.grid_cells(init)
         if not path.is_file():
             raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
         grid = read_json(path)
@@ -44,29 +46,27 @@ def load_cells(p: Params, root: Path = Path(".")) -> tuple[list[dict], dict]:
     return cells, sizes
 
 
-def fusion_cells(p: Params, classes: list[str], root: Path = Path(".")) -> list[dict]:
+def fusion_cells(p: Params, classes: list[str], lay: Layout) -> list[dict]:
     """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds."""
     feats = {}
     for init in {i for group in p.grid.fusion for i in group}:
-        with np.load(features_path(init, root)) as z:
+        with np.load(lay.grid_features(init)) as z:
             feats[init] = {k: z[k] for k in z.files}
     cells = []
     for group in p.grid.fusion:
         name = "+".join(group)
         first = feats[group[0]]
-        y = {s[:-2]: first[s] for s in first if s.endswith("_y")}
+        y = {s[:-2]: first[s].astype(np.int64) for s in first if s.endswith("_y")}
         scored = [s for s in y if s != "pool"]
         for seed in p.grid.seeds:
             # the probe standardises every feature, so each encoder enters with unit-variance features;
             # a seeded encoder (random) contributes the draw its own cells of this seed probed
-            x = {s: np.concatenate([feats[i][f"{s}_x_s{encoder_seed(p, i, seed)}"] for i in group], 1) for s in y}
+            x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1))
+                 for s in y}
             for fraction in p.grid.fractions:
-                idx = first[f"subset_fractions_f{fraction:g}_s{seed}"]  # the single encoders' subset
-                labels = {"train": y["pool"][idx], **{s: y[s] for s in scored}}
-                head = lambda ev: linear_probe(x["pool"][idx], labels["train"], ev, len(classes), p.grid.linear_c,  # noqa: E731
-                                               p.grid.linear_class_weight, seed)
-                cells.append(make_cell(name, "linear", "fusion", fraction, seed, idx,
-                                       probe_scores(head, x["pool"][idx], labels, x, scored, classes)))
+                job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
+                cell = probe_cell(name, "linear", job, x, y, scored, p.grid, classes)
+                cells.append({**cell, "regime": "fusion"})
     return cells
 
 
@@ -145,11 +145,11 @@ def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fraction
     plt.close(fig)
 
 
-def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, root: Path = Path(".")) -> None:
+def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, lay: Layout) -> None:
     """Fine-tune train - val accuracy gap per epoch, mean over seeds, one panel per init."""
     fig, axes = plt.subplots(1, len(inits), figsize=(3.6 * len(inits), 3.2), squeeze=False, sharey=True)
     for ax, init in zip(axes[0], inits):
-        file = root / f"plots/grid/{init}.csv"
+        file = lay.grid_curves(init)
         rows = list(csv.DictReader(file.read_text().splitlines())) if file.is_file() else []
         for f in fractions:
             by_epoch = defaultdict(list)
@@ -168,18 +168,18 @@ def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, root: 
     plt.close(fig)
 
 
-def comparison(p: Params, classes: list[str], out: Path, root: Path = Path(".")) -> tuple[str, dict]:
+def comparison(p: Params, classes: list[str], out: Path, lay: Layout) -> tuple[str, dict]:
     """Markdown section + a flat summary for `dvc metrics`; plots and CSVs written under `out`/plots."""
     g = p.grid
-    cells, n_pool = load_cells(p, root)
-    fused = fusion_cells(p, classes, root) if g.fusion else []
+    cells, n_pool = load_cells(p, lay)
+    fused = fusion_cells(p, classes, lay) if g.fusion else []
     agg = aggregate(cells + fused)
     inits, fr = p.inits.all, g.fractions
     seeds = sorted({c["seed"] for c in cells})
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
     if "finetune" in g.protocols:
-        plot_gap_curves(inits, fr, out / "gap_curves.png", root)
+        plot_gap_curves(inits, fr, out / "gap_curves.png", lay)
     md = [f"## Comparison: {len(inits)} inits × {len(g.protocols)} protocols × {len(fr)} label fractions × "
           f"{len(seeds)} seeds (seeds {seeds})", "",
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
@@ -217,7 +217,7 @@ def comparison(p: Params, classes: list[str], out: Path, root: Path = Path("."))
     summary = {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                  for f in fr} for init in inits} for protocol in g.protocols}
     for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init
-        write_csv(root / f"plots/report/{protocol}.csv",
+        write_csv(lay.report_plots / f"{protocol}.csv",
                   [{"fraction": f, **{i: agg[("fractions", protocol, i, f)]["balanced_accuracy"][0] for i in inits}} for f in fr])
     return "\n".join(md), summary
 

@@ -19,6 +19,7 @@ import yaml
 from medssl import tracking
 from medssl.config import ConfigError, Params, set_dotted
 from medssl.finetune import run_finetune
+from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
 # Optuna parameter name -> params.yaml key
@@ -91,7 +92,7 @@ def objective_for(p: Params, parent: str, root: Path):
         with tracking.model_run(p, f"trial-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"}, parent) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             try:
-                run_pretrain(pt, p.tune.init, trial_root, parent=run.info.run_id)
+                run_pretrain(pt, p.tune.init, Layout(trial_root, data_root=Path(".")), parent=run.info.run_id)
 
                 def on_epoch(epoch: int, value: float) -> None:
                     client.log_metric(run.info.run_id, f"val_{select}", value, step=epoch)
@@ -99,7 +100,7 @@ def objective_for(p: Params, parent: str, root: Path):
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_{select} {value:.4f})")
 
-                summary = run_finetune(pt, p.tune.init, trial_root, parent=run.info.run_id, on_epoch=on_epoch)
+                summary = run_finetune(pt, p.tune.init, Layout(trial_root, data_root=Path(".")), parent=run.info.run_id, on_epoch=on_epoch)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna_state", "PRUNED")
                 raise

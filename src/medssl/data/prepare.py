@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,11 +9,9 @@ import torch.nn.functional as F
 
 from medssl.config import Params
 from medssl.data.fractions import nested_fractions
+from medssl.io import save_npz, write_json
 from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, load_npz, md5sum
-
-PREPARED = Path("data/prepared/dataset.npz")
-META = Path("data/prepared/meta.json")
-DATA_CARD = Path("metrics/data_card.json")
+from medssl.layout import Layout
 
 
 def resize_u8(images: np.ndarray, size: int, batch: int = 2048) -> np.ndarray:
@@ -37,8 +34,8 @@ def stratified_subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.images[idx], split.labels[idx])
 
 
-def run_prepare(p: Params) -> dict:
-    raw_path = Path(p.data.path)
+def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
+    raw_path = lay.raw(p.data.path)
     splits = load_npz(raw_path)
     raw_size = int(splits["train"].images.shape[1])
     splits["train"] = stratified_subset(splits["train"], p.data.max_train, p.seed)
@@ -52,10 +49,7 @@ def run_prepare(p: Params) -> dict:
     x = arrays["train_images"].reshape(-1, 3).astype(np.float64) / 255.0  # train only: no leakage
     mean, std = x.mean(0).tolist(), x.std(0).tolist()
 
-    PREPARED.parent.mkdir(parents=True, exist_ok=True)
-    tmp = PREPARED.with_name(".dataset.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(PREPARED)
+    save_npz(lay.prepared, **arrays)
 
     nc = len(DERMAMNIST_CLASSES)
     card = {
@@ -69,16 +63,15 @@ def run_prepare(p: Params) -> dict:
         },
     }
     meta = {**card, "classes": list(DERMAMNIST_CLASSES), "mean": mean, "std": std}
-    META.write_text(json.dumps(meta, indent=2))
-    DATA_CARD.parent.mkdir(parents=True, exist_ok=True)
-    DATA_CARD.write_text(json.dumps(card, indent=2))
+    write_json(lay.meta, meta)
+    write_json(lay.data_card, card)
     return card
 
 
-def load_prepared() -> tuple[dict[str, Split], dict]:
+def load_prepared(lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
     """Prepared splits and meta (classes, mean/std, raw md5, sizes)."""
-    if not PREPARED.is_file():
-        raise FileNotFoundError(f"{PREPARED} missing: run `medssl prepare` (or `dvc repro prepare`) first")
-    with np.load(PREPARED) as z:
+    if not lay.prepared.is_file():
+        raise FileNotFoundError(f"{lay.prepared} missing: run `medssl prepare` (or `dvc repro prepare`) first")
+    with np.load(lay.prepared) as z:
         splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
-    return splits, json.loads(META.read_text())
+    return splits, json.loads(lay.meta.read_text())

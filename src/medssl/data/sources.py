@@ -32,16 +32,19 @@ def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def run_fetch(p) -> Path:
-    """Stage `fetch`: the raw npz at data.path, from the configured source (dvc.yaml, CLI, flows)."""
+def run_fetch(p, lay=None) -> Path:
+    """Stage `fetch`: the raw npz at data.path (under the Layout's root), from the configured source."""
+    from medssl.layout import Layout
+
+    target = (lay or Layout()).raw(p.data.path)
     if p.data.source == "folder":
         from medssl.data.folder import load_folder, write_npz
 
         f = p.data.folder
         splits, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed)
-        write_npz(splits, groups, Path(p.data.path))
-        return Path(p.data.path)
-    return fetch(p.data.path)
+        write_npz(splits, groups, target)
+        return target
+    return fetch(target)
 
 
 def fetch(target: str | Path, source: str | None = None) -> Path:

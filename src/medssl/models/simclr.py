@@ -6,16 +6,19 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from medssl.models.backbones import build_backbone
+from medssl.models.backbones import build_backbone, reinit_
 
 
 class SimCLR(nn.Module):
-    """x: (N, 3, S, S) normalised -> projections z (N, proj_dim), L2-normalised."""
+    """x: (N, 3, S, S) in [0, 1] -> projections z (N, proj_dim), L2-normalised."""
 
-    def __init__(self, backbone: str, proj_dim: int = 128, hidden: int = 512):
+    def __init__(self, backbone: str, proj_dim: int = 128, hidden: int = 512, mean=(0.5,) * 3, std=(0.25,) * 3,
+                 gen: torch.Generator | None = None):
         super().__init__()
-        self.encoder, dim = build_backbone(backbone, imagenet=False)
+        self.encoder, dim = build_backbone(backbone, mean, std, gen=gen)
         self.projector = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+        if gen is not None:
+            reinit_(self.projector, gen)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.projector(self.encoder(x)), dim=1)
@@ -38,7 +41,7 @@ def random_view(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float
     pretrain.simclr's defaults keep colour nearly intact: in dermoscopy colour is diagnostic, and views that differ
     in colour teach the encoder to discard it."""
     n, _, s, _ = x.shape
-    r = lambda *shape: torch.rand(*shape, generator=gen).to(x.device)  # noqa: E731
+    r = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device).to(x.device)  # noqa: E731
     area = scale[0] + (scale[1] - scale[0]) * r(n)
     side = (area.sqrt() * s).clamp(4, s)
     x0, y0 = r(n) * (s - side), r(n) * (s - side)

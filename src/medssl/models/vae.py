@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medssl.models.backbones import build_backbone
+from medssl.models.backbones import build_backbone, reinit_
 
 
 def _up(cin: int, cout: int) -> nn.Sequential:
@@ -13,16 +13,22 @@ def _up(cin: int, cout: int) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """x: (N, 3, S, S) normalised -> recon (N, 3, S, S) in [0, 1], mu, logvar (N, latent_dim)."""
+    """x: (N, 3, S, S) in [0, 1] -> recon (N, 3, S, S) in [0, 1], mu, logvar (N, latent_dim).
+    The reparameterisation noise comes from `self.generator` (set by the trainer)."""
 
-    def __init__(self, backbone: str, image_size: int, latent_dim: int = 128):
+    def __init__(self, backbone: str, image_size: int, latent_dim: int = 128, mean=(0.5,) * 3, std=(0.25,) * 3,
+                 gen: torch.Generator | None = None):
         super().__init__()
-        self.encoder, dim = build_backbone(backbone, imagenet=False)
+        self.encoder, dim = build_backbone(backbone, mean, std, gen=gen)
+        self.generator = None
         self.fc_mu = nn.Linear(dim, latent_dim)
         self.fc_logvar = nn.Linear(dim, latent_dim)
         self.latent_dim, self.s0 = latent_dim, image_size // 16
         self.fc_dec = nn.Linear(latent_dim, 256 * self.s0 * self.s0)
         self.decoder = nn.Sequential(_up(256, 128), _up(128, 64), _up(64, 32), nn.ConvTranspose2d(32, 3, 4, 2, 1))
+        if gen is not None:
+            for m in (self.fc_mu, self.fc_logvar, self.fc_dec, self.decoder):
+                reinit_(m, gen)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
@@ -34,7 +40,8 @@ class VAE(nn.Module):
 
     def forward(self, x: torch.Tensor):
         mu, logvar = self.encode(x)
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        noise = torch.randn(mu.shape, generator=self.generator, device=mu.device).to(mu.dtype)
+        z = mu + noise * (0.5 * logvar).exp() if self.training else mu
         return self.decode(z), mu, logvar
 
 

@@ -1,0 +1,102 @@
+"""Grid cells: one cell = (init, protocol, regime, fraction, seed) -> scores, as a plain dict.
+
+The plan (which training subset each cell sees) depends only on the pool's labels, the grid section
+and the seed, so the same cells come out whatever runs them, in whatever order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medssl.core.engine import predict_proba
+from medssl.core.probes import knn_probe, linear_probe
+from medssl.core.train import FitResult, finetune, scores
+from medssl.data.fractions import nested_fractions
+
+SCORED = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece")
+
+
+@dataclass(frozen=True)
+class Job:
+    regime: str          # "fractions" or "imbalance:<ratio>"
+    fraction: float
+    seed: int
+    idx: np.ndarray      # sorted positions in the labelled pool
+
+    @property
+    def key(self) -> str:
+        return f"{self.regime}_f{self.fraction:g}_s{self.seed}"
+
+
+def capped_imbalance(labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Indices keeping at most ceil(ratio * n_min) random examples per class (n_min: the smallest class),
+    so the largest/smallest class count is at most `ratio`; ratio 1 balances the classes. Sorted."""
+    rng = np.random.default_rng(seed)
+    counts = {c: np.flatnonzero(labels == c) for c in np.unique(labels)}
+    cap = int(np.ceil(ratio * min(len(v) for v in counts.values())))
+    return np.sort(np.concatenate([rng.permutation(v)[:cap] for v in counts.values()]))
+
+
+def plan(pool_y: np.ndarray, fractions: list[float], imbalance: list[float], seeds: list[int]) -> list[Job]:
+    """Every training subset of the grid: nested stratified fractions and capped-imbalance regimes, per seed."""
+    jobs = []
+    for seed in seeds:
+        jobs += [Job("fractions", f, seed, idx) for f, idx in nested_fractions(pool_y, fractions, seed).items()]
+        jobs += [Job(f"imbalance:{r:g}", 1.0, seed, capped_imbalance(pool_y, r, seed)) for r in imbalance]
+    return jobs
+
+
+def encoder_seed(init: str, seed: int, base_seed: int) -> int:
+    """Seed of the frozen encoder a cell of `seed` probes: the random init is one draw per grid seed (as in its
+    fine-tune cells); every other init loads fixed weights, so one encoder (base_seed) serves all seeds."""
+    return seed if init == "random" else base_seed
+
+
+def kept(m: dict) -> dict:
+    return {k: v for k, v in m.items() if k in SCORED or k.startswith("recall_")}
+
+
+def make_cell(init: str, protocol: str, job: Job, sc: dict, **extra) -> dict:
+    """sc: split -> metrics, with "train" (the cell's own training rows, eval mode) and "val"."""
+    gap = {k: sc["train"][k] - sc["val"][k] for k in ("accuracy", "balanced_accuracy")}
+    return {"init": init, "protocol": protocol, "regime": job.regime, "fraction": job.fraction, "seed": job.seed,
+            "n_train": int(len(job.idx)), **{s: sc[s] for s in sc if s != "train"}, "train": sc["train"],
+            "gap_accuracy": gap["accuracy"], "gap_balanced_accuracy": gap["balanced_accuracy"], **extra}
+
+
+def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor], y: dict[str, np.ndarray],
+               scored: list[str], grid, classes: list[str]) -> dict:
+    """A frozen-feature cell. feats: split -> (N, D) features on the device, with "pool"; y: split -> labels.
+    grid: the grid section (linear_c, linear_class_weight, knn_k). Scored on its own training rows and `scored`."""
+    nc = len(classes)
+    sel = torch.as_tensor(job.idx, device=feats["pool"].device)
+    tr_x, tr_y = feats["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=sel.device).long()
+    ev = torch.cat([tr_x, *(feats[s] for s in scored)])
+    if protocol == "linear":
+        proba = linear_probe(tr_x, tr_y, ev, nc, grid.linear_c, grid.linear_class_weight)
+    elif protocol == "knn":
+        proba = knn_probe(tr_x, tr_y, ev, nc, grid.knn_k)
+    else:
+        raise ValueError(f"unknown frozen-feature protocol {protocol!r}")
+    labels = {"train": y["pool"][job.idx], **{s: y[s] for s in scored}}
+    parts = torch.split(proba, [len(labels[s]) for s in labels])
+    return make_cell(init, protocol, job, {s: kept(scores(labels[s], part, classes)) for s, part in zip(labels, parts)})
+
+
+def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
+                  scored: list[str], cfg, epochs: int, max_eval: int | None, select: str, classes: list[str],
+                  device: torch.device, on_epoch=None) -> tuple[dict, FitResult]:
+    """A fine-tune cell: `model` (a Classifier built for this init and seed) trained on the job's subset, best
+    epoch on validation, then scored on the held-out splits. x: split -> (N, S, S, 3) uint8 on the device."""
+    sel = torch.as_tensor(job.idx, device=device)
+    tr_x, tr_y = x["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=device).long()
+    sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[: max_eval or len(job.idx)], device=device)
+    fit = finetune(model, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], tr_y[sub]), cfg, epochs, select, classes,
+                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch)
+    model.load_state_dict(fit.state)
+    # train subset and val were scored at the best epoch inside finetune; only the held-out splits remain
+    sc = {"train": kept(fit.train), "val": kept(fit.val),
+          **{s: kept(scores(y[s], predict_proba(model, x[s]), classes)) for s in scored if s != "val"}}
+    return make_cell(init, "finetune", job, sc, best_epoch=fit.best_epoch), fit

@@ -1,0 +1,116 @@
+"""The one epoch loop (pretraining and fine-tuning alike) over device-resident uint8 tensors.
+
+No DataLoader (the data fits in device memory), no host sync inside the step loop: losses are summed
+on the device and read once per epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from medssl.models.classifier import to_input
+
+# step(idx) -> (loss, {name: scalar tensor}); idx: (B,) int64 positions on the data's device
+Step = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def autocast(device: torch.device):
+    """bf16 mixed precision on CUDA; full precision on CPU (bf16 is slower than fp32 on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    # channels_last: tensor cores on CUDA, faster oneDNN convolutions on CPUs
+    return model.to(device).to(memory_format=torch.channels_last)
+
+
+def augment(x: torch.Tensor, cfg, gen: torch.Generator) -> torch.Tensor:
+    """Per-image random flips / 90-degree rotations on the data's device. x: (N, H, W, 3) uint8, square images;
+    cfg: hflip, vflip, rot90, strength (probability of each); gen lives on x's device."""
+    n = x.shape[0]
+
+    def coin() -> torch.Tensor:
+        return (torch.rand(n, generator=gen, device=gen.device) < cfg.strength).to(x.device).view(n, 1, 1, 1)
+
+    if cfg.hflip:
+        x = torch.where(coin(), x.flip(2), x)
+    if cfg.vflip:
+        x = torch.where(coin(), x.flip(1), x)
+    if cfg.rot90:
+        x = torch.where(coin(), x.transpose(1, 2), x)  # with the flips this covers all 8 dihedral views
+    return x
+
+
+def batches(n: int, batch_size: int, gen: torch.Generator | None, device: torch.device):
+    """Index batches of a random (gen) or sequential (None) order; a last batch of one is dropped (BatchNorm)."""
+    order = torch.randperm(n, generator=gen, device=gen.device).to(device) if gen is not None \
+        else torch.arange(n, device=device)
+    for i in range(0, n, batch_size):
+        idx = order[i : i + batch_size]
+        if gen is None or len(idx) >= 2:
+            yield idx
+
+
+def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, optimizer: torch.optim.Optimizer,
+                scheduler, gen: torch.Generator, device: torch.device, desc: str = "train") -> dict[str, float]:
+    """One pass over n examples in random order; returns the example-weighted mean of the loss and its parts."""
+    model.train()
+    sums, seen = None, 0
+    for idx in tqdm(list(batches(n, batch_size, gen, device)), desc=desc, leave=False, disable=None):
+        with autocast(device):
+            loss, parts = step(idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]) * len(idx)
+        sums = vals if sums is None else sums + vals
+        seen += len(idx)
+    if sums is None:
+        raise ValueError(f"{desc}: {n} examples make no batch of two")
+    return dict(zip(["loss", *parts], (sums / seen).tolist()))  # the epoch's one host sync
+
+
+@torch.no_grad()
+def forward_all(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """fn over images (N, S, S, 3) uint8 in batches, as float in [0, 1] -> (N, ...) float32 on the device."""
+    out = []
+    for idx in batches(len(images), batch_size, None, images.device):
+        x = to_input(images[idx]).contiguous(memory_format=torch.channels_last)
+        with autocast(images.device):
+            out.append(fn(x).float())
+    return torch.cat(out)
+
+
+def predict_proba(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """images: (N, S, S, 3) uint8 on the model's device -> probabilities (N, C) float32 on that device."""
+    model.eval()
+    return forward_all(lambda x: model(x).float().softmax(1), images, batch_size)
+
+
+def extract_features(encoder: torch.nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """images: (N, S, S, 3) uint8 -> (N, D) float32 pooled features of the frozen encoder (eval mode), on the device."""
+    encoder.eval()
+    return forward_all(encoder, images, batch_size)
+
+
+def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up for `warmup` steps, then cosine decay to zero at `total` steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

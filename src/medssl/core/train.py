@@ -1,0 +1,141 @@
+"""Fine-tuning and self-supervised pretraining: both run core.engine.train_epoch, both return plain results.
+
+Resumable: `on_epoch(epoch, row, checkpoint)` hands the caller a callable that returns the full training
+state (model, optimiser, schedule, generator, best so far); passing that dict back as `resume` continues
+after that epoch with the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import trange
+
+from medssl.core.engine import augment, predict_proba, prepare_model, train_epoch, warmup_cosine
+from medssl.core.rng import generator
+from medssl.metrics import classification_metrics, overfitting_gap
+
+CURVE_KEYS = ("loss", "accuracy", "balanced_accuracy")
+OnEpoch = Callable[[int, dict, Callable[[], dict]], None]
+
+
+def scores(y: np.ndarray, proba: torch.Tensor, classes: list[str]) -> dict:
+    """Metrics of device probabilities (N, C): rows renormalised in float64 for scikit-learn."""
+    p = proba.double().cpu().numpy()
+    return classification_metrics(y, p / p.sum(1, keepdims=True), classes)
+
+
+def _copy(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _state(model, opt, sched, gen, extra: dict) -> dict:
+    return {"model": _copy(model.state_dict()), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), **extra}
+
+
+def _restore(resume: dict | None, model, opt, sched, gen) -> int:
+    if resume is None:
+        return 0
+    model.load_state_dict(resume["model"])
+    opt.load_state_dict(resume["optimizer"])
+    sched.load_state_dict(resume["scheduler"])
+    gen.set_state(resume["generator"])
+    return int(resume["epoch"])
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    train: dict            # metrics of the train subset (eval mode) at the best epoch
+    val: dict              # validation metrics at the best epoch
+    gap: dict              # gap_<k> = train - val at the best epoch
+    state: dict            # the best epoch's state_dict (a copy, on CPU)
+    curves: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, epochs: int, select: str,
+             classes: list[str], seed: int, device: torch.device, desc: str = "finetune",
+             on_epoch: OnEpoch | None = None, resume: dict | None = None) -> FitResult:
+    """Train a Classifier (built by the caller, on CPU) and keep its best epoch on validation.
+
+    train, sub: (images (N, S, S, 3) uint8 on device, labels (N,) int64 on device); `sub` is a train subset
+    scored in eval mode like validation, so the train - val gap compares like with like. val: (images, labels
+    numpy). cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing, warmup_epochs, augment).
+    Every draw (order, augmentation, dropout) comes from one generator on `device` seeded with `seed`."""
+    t0 = time.time()
+    (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = train, val, sub
+    gen = generator(seed, device)
+    model = prepare_model(model, device)
+    model.set_generator(gen)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    batch = min(cfg.batch_size, len(tr_y))
+    steps_per_epoch = len(tr_y) // batch + (len(tr_y) % batch >= 2)
+    sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    sub_np = sub_y.cpu().numpy()
+    nc = len(classes)
+    weight = None
+    if cfg.class_weight == "balanced":  # n / (k * n_class) over the k classes present, as the linear probe
+        counts = torch.bincount(tr_y, minlength=nc).float()
+        weight = torch.where(counts > 0, len(tr_y) / (int((counts > 0).sum()) * counts.clamp(min=1)), 0.0)
+
+    def step(idx):
+        x = augment(tr_x[idx], cfg.augment, gen)
+        x = x.permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
+        return F.cross_entropy(model(x).float(), tr_y[idx], weight=weight, label_smoothing=cfg.label_smoothing), {}
+
+    best, curves = (resume or {}).get("best"), list((resume or {}).get("curves", []))
+    start = _restore(resume, model, opt, sched, gen)
+    for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None, leave=False):
+        train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=f"{desc} epoch {epoch}")
+        tr = scores(sub_np, predict_proba(model, sub_x), classes)
+        va = scores(va_y, predict_proba(model, va_x), classes)
+        row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
+               "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE_KEYS)}
+        curves.append(row)
+        if best is None or va[select] > best["val"][select]:
+            # copy the tensors: a reference to the live state_dict would keep changing
+            best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(model.state_dict()),
+                    "gap": {k: row[k] for k in row if k.startswith("gap_")}}
+        if on_epoch is not None:
+            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves}))
+    model.set_generator(None)
+    return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
+                     round(time.time() - t0, 1))
+
+
+@dataclass
+class PretrainResult:
+    encoder: dict                      # the encoder's state_dict (CPU copy)
+    curves: list[dict]                 # per epoch: loss and its parts
+    seconds: float = 0.0
+
+
+def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, aug, seed: int, device: torch.device,
+             desc: str = "pretrain", on_epoch: OnEpoch | None = None, resume: dict | None = None) -> PretrainResult:
+    """Train a core.methods method on unlabelled images (N, S, S, 3) uint8 on `device`.
+    cfg: the method's section (lr, weight_decay); aug: the flips/rotations applied before the method's own views."""
+    t0 = time.time()
+    gen = generator(seed, device)
+    model = prepare_model(method.model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    bs = min(batch_size, len(images))
+    steps = epochs * (len(images) // bs + (len(images) % bs >= 2))
+    sched = warmup_cosine(opt, steps // 10, steps)
+    curves = list((resume or {}).get("curves", []))
+    start = _restore(resume, model, opt, sched, gen)
+    for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None):
+        row = {"epoch": epoch, **train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen),
+                                              len(images), bs, opt, sched, gen, device, desc=f"{desc} epoch {epoch}")}
+        if not np.isfinite(row["loss"]):
+            raise FloatingPointError(f"{desc}: loss is {row['loss']} at epoch {epoch} (diverged; lower the learning rate)")
+        curves.append(row)
+        if on_epoch is not None:
+            model.eval()
+            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves}))
+    return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))

@@ -1,0 +1,98 @@
+"""Layout(root): every path medssl reads or writes, defined once (dvc.yaml names the same files).
+
+Stage functions take a Layout instead of relying on the working directory, so the CLI, dvc.yaml,
+the Prefect flow and tuning trials (a Layout per trial folder) all write where they mean to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path = Path(".")
+    data_root: Path | None = None  # where raw and prepared data live, if not under root (tuning trials)
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).resolve())
+        object.__setattr__(self, "data_root", Path(self.data_root or self.root).resolve())
+
+    def raw(self, data_path: str) -> Path:
+        """The raw npz (params data.path), relative to the data root unless absolute."""
+        return self.data_root / data_path
+
+    # prepare
+    @property
+    def prepared(self) -> Path:
+        return self.data_root / "data/prepared/dataset.npz"
+
+    @property
+    def meta(self) -> Path:
+        return self.data_root / "data/prepared/meta.json"
+
+    @property
+    def data_card(self) -> Path:
+        return self.root / "metrics/data_card.json"
+
+    # pretrain@<method>
+    def encoder(self, method: str) -> Path:
+        return self.root / f"models/pretrain/{method}/encoder.pt"
+
+    def pretrain_metrics(self, method: str) -> Path:
+        return self.root / f"metrics/pretrain/{method}.json"
+
+    def pretrain_curves(self, method: str) -> Path:
+        return self.root / f"plots/pretrain/{method}.csv"
+
+    # grid@<init>
+    def grid_cells(self, init: str) -> Path:
+        return self.root / f"metrics/grid/{init}.json"
+
+    def grid_features(self, init: str) -> Path:
+        return self.root / f"models/grid/{init}/features.npz"
+
+    def grid_curves(self, init: str) -> Path:
+        return self.root / f"plots/grid/{init}.csv"
+
+    # finetune (the champion's classifier on all labels)
+    @property
+    def classifier(self) -> Path:
+        return self.root / "models/finetune/model.pt"
+
+    @property
+    def finetune_metrics(self) -> Path:
+        return self.root / "metrics/finetune.json"
+
+    @property
+    def finetune_curves(self) -> Path:
+        return self.root / "plots/finetune/curves.csv"
+
+    # evaluate, export
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def test_metrics(self) -> Path:
+        return self.root / "metrics/test.json"
+
+    @property
+    def report_metrics(self) -> Path:
+        return self.root / "metrics/report.json"
+
+    @property
+    def report_plots(self) -> Path:
+        return self.root / "plots/report"
+
+    @property
+    def onnx(self) -> Path:
+        return self.root / "models/champion.onnx"
+
+    @property
+    def export_metrics(self) -> Path:
+        return self.root / "metrics/export.json"
+
+    # resumable state (not a DVC output: DVC deletes a stage's outputs before it reruns it)
+    def resume(self, name: str) -> Path:
+        return self.root / f".medssl/resume/{name}.pt"
