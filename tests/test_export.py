@@ -7,9 +7,9 @@ from medssl.models.classifier import Classifier, ExportModel
 
 
 def test_onnx_parity_dynamic_batch_and_uint8_input(tmp_path, dermamnist):
-    torch.manual_seed(0)
-    clf = Classifier("mobilenet_v2", 7).eval()
-    model = ExportModel(clf, [0.76, 0.54, 0.56], [0.14, 0.15, 0.17], image_size=64).eval()
+    clf = Classifier("mobilenet_v2", 7, mean=[0.76, 0.54, 0.56], std=[0.14, 0.15, 0.17],
+                     gen=torch.Generator().manual_seed(0)).eval()
+    model = ExportModel(clf, image_size=64).eval()
     with np.load(dermamnist) as z:
         images = z["val_images"][:64]
     path = tmp_path / "m.onnx"

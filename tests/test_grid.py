@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from medssl.grid import capped_imbalance
+from medssl.core.cells import capped_imbalance, plan
 from medssl.report import ci95
 
 
@@ -20,3 +20,15 @@ def test_ci95_is_the_student_t_interval():
     mean, half = ci95([0.5, 0.6, 0.7])
     assert mean == pytest.approx(0.6) and half == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
     assert ci95([0.4, 0.4, 0.4]) == (pytest.approx(0.4), pytest.approx(0.0, abs=1e-12))
+
+
+def test_plan_is_nested_and_independent_of_order():
+    """Each seed's fractions are nested; the plan depends only on labels, settings and seeds."""
+    y = np.repeat(np.arange(7), [40, 60, 130, 12, 140, 700, 15])
+    jobs = plan(y, [0.1, 0.5, 1.0], [1, 10], [0, 1, 2])
+    assert len(jobs) == 3 * (3 + 2)
+    by = {j.key: j.idx for j in jobs}
+    for s in (0, 1, 2):
+        assert set(by[f"fractions_f0.1_s{s}"]) <= set(by[f"fractions_f0.5_s{s}"]) <= set(by[f"fractions_f1_s{s}"])
+    again = {j.key: j.idx for j in plan(y, [1.0, 0.5, 0.1], [1, 10], [2, 1, 0])}
+    assert all(np.array_equal(by[k], again[k]) for k in by)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from medssl.metrics import classification_metrics, confusion, overfitting_gap
+from medssl.metrics import binary_auc, classification_metrics, confusion, overfitting_gap
 
 
 def onehot(pred, c):
@@ -68,3 +68,27 @@ def test_auc_is_finite_when_a_row_puts_all_mass_on_an_absent_class():
     proba = np.eye(4)[[0, 1, 3, 0, 2, 2]]  # third row: all mass on class 3, absent from y
     m = classification_metrics(y, proba)
     assert np.isfinite(m["auc_macro"]) and m["auc_classes"] == 3
+
+
+@pytest.mark.parametrize("seed, classes", [(0, 7), (1, 2), (2, 5)])
+def test_every_metric_equals_scikit_learn(seed, classes):
+    """The numpy metrics are scikit-learn's definitions, on random imbalanced data with ties and absent predictions."""
+    from sklearn import metrics as skm
+
+    rng = np.random.default_rng(seed)
+    y = rng.choice(classes, 300, p=np.r_[0.6, np.full(classes - 1, 0.4 / (classes - 1))])
+    p = rng.dirichlet(np.ones(classes) * 0.5, 300)
+    pred, labels = p.argmax(1), np.arange(classes)
+    m = classification_metrics(y, p)
+    assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred))
+    assert m["kappa"] == pytest.approx(skm.cohen_kappa_score(y, pred, labels=labels))
+    assert m["kappa_quadratic"] == pytest.approx(skm.cohen_kappa_score(y, pred, labels=labels, weights="quadratic"))
+    assert m["f1_macro"] == pytest.approx(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0))
+    assert m["loss"] == pytest.approx(skm.log_loss(y, p, labels=labels))
+    auc = skm.roc_auc_score(y, p[:, 1]) if classes == 2 else skm.roc_auc_score(y, p, multi_class="ovr", average="macro")
+    assert m["auc_macro"] == pytest.approx(auc)
+    recall = skm.recall_score(y, pred, labels=labels, average=None, zero_division=0)
+    assert [m[f"recall_{i}"] for i in range(classes)] == pytest.approx(list(recall))
+    ties = p[:, 0].round(1)  # many tied scores: each tie counts one half, as in roc_auc_score
+    assert binary_auc(y == 0, ties) == pytest.approx(skm.roc_auc_score(y == 0, ties))

@@ -19,7 +19,7 @@ def test_backbones_give_features(name, dim):
 def test_imagenet_weights_are_torchvisions_file():
     model, _ = build_backbone("mobilenet_v2", imagenet=True)
     ref = torch.load(weights_file("mobilenet_v2"), map_location="cpu", weights_only=True)
-    got = model.state_dict()
+    got = model.trunk.state_dict()
     assert all(torch.equal(got[k], ref[k]) for k in got)
 
 
@@ -59,8 +59,30 @@ def test_vae_shapes_and_loss_parts():
 
 def test_export_model_takes_raw_uint8_and_returns_probabilities():
     clf = Classifier("mobilenet_v2", 7).eval()
-    model = ExportModel(clf, [0.5] * 3, [0.25] * 3, image_size=64).eval()
+    model = ExportModel(clf, image_size=64).eval()
     x = torch.randint(0, 256, (3, 28, 28, 3), dtype=torch.uint8)
     with torch.no_grad():
         p = model(x)
     assert p.shape == (3, 7) and torch.allclose(p.sum(1), torch.ones(3))
+
+
+def test_random_init_depends_on_its_generator_only():
+    """Same seed, same weights, whatever process-wide random state says; another seed, other weights."""
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    a = Classifier("mobilenet_v2", 7, gen=gen(3)).state_dict()
+    torch.manual_seed(123)
+    torch.rand(1000)
+    b = Classifier("mobilenet_v2", 7, gen=gen(3)).state_dict()
+    c = Classifier("mobilenet_v2", 7, gen=gen(4)).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["head.1.weight"], c["head.1.weight"])
+
+
+def test_normalisation_lives_in_the_model():
+    """The encoder normalises with its own buffers: a [0, 1] image in, the checkpoint carries mean/std."""
+    clf = Classifier("mobilenet_v2", 7, mean=[0.7, 0.5, 0.5], std=[0.2, 0.2, 0.2], gen=torch.Generator().manual_seed(0))
+    sd = clf.state_dict()
+    assert torch.allclose(sd["backbone.mean"].flatten(), torch.tensor([0.7, 0.5, 0.5]))
+    x = torch.rand(2, 3, 32, 32)
+    enc = clf.backbone.eval()
+    assert torch.allclose(enc(x), enc.trunk((x - enc.mean) / enc.std))

@@ -8,7 +8,7 @@ from medssl.data.fractions import nested_fractions
 from medssl.models.backbones import build_backbone
 from medssl.models.mim import masked_mse, random_patch_mask
 from medssl.models.simclr import nt_xent, random_view
-from medssl.probe import knn_probe, linear_probe
+from medssl.core.probes import knn_probe, linear_probe
 
 from conftest import ROOT, project_copy
 
@@ -71,17 +71,16 @@ def ssl_project(tmp_path_factory, dermamnist):
 def _linear_probe_at_full_labels(p, prepared, init: str, seed: int) -> dict:
     """The grid's linear protocol at 100 % labels: the init's frozen encoder, built as the grid builds it,
     logistic regression (grid.linear_c, grid.linear_class_weight) on every train label, scored on the test split."""
+    from medssl.core.engine import extract_features
+    from medssl.core.train import scores
     from medssl.grid import frozen_encoder
-    from medssl.metrics import classification_metrics
-    from medssl.probe import extract_features
 
     splits, meta = prepared
-    mean, std = torch.tensor(meta["mean"]), torch.tensor(meta["std"])
-    backbone = frozen_encoder(p, init, len(meta["classes"]), torch.device("cpu"), seed)
-    feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images), mean, std) for s in ("train", "test")}
-    proba = linear_probe(feats["train"], splits["train"].labels, feats["test"], len(meta["classes"]), p.grid.linear_c,
-                         p.grid.linear_class_weight)
-    return classification_metrics(splits["test"].labels, proba, meta["classes"])
+    backbone = frozen_encoder(p, init, meta, torch.device("cpu"), seed)
+    feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images)) for s in ("train", "test")}
+    proba = linear_probe(feats["train"], torch.from_numpy(splits["train"].labels.astype(np.int64)), feats["test"],
+                         len(meta["classes"]), p.grid.linear_c, p.grid.linear_class_weight)
+    return scores(splits["test"].labels, proba, meta["classes"])
 
 
 @pytest.mark.slow
@@ -89,14 +88,15 @@ def _linear_probe_at_full_labels(p, prepared, init: str, seed: int) -> dict:
 def test_ssl_objective_decreases_and_encoder_beats_random_under_linear_probe(method, ssl_project, monkeypatch):
     import mlflow
 
-    from medssl.pretrain import encoder_path, run_pretrain
+    from medssl.layout import Layout
+    from medssl.pretrain import run_pretrain
 
     work, p, prepared, random_scores = ssl_project
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{work}/mlflow.db")
-    s = run_pretrain(p, method)
+    s = run_pretrain(p, method, Layout(work))
     assert s["loss"] < 0.97 * s["first_loss"], s
-    ckpt = torch.load(encoder_path(method), weights_only=True)
+    ckpt = torch.load(Layout(work).encoder(method), weights_only=True)
     backbone, _ = build_backbone(p.model.backbone)
     backbone.load_state_dict(ckpt["state_dict"])  # the encoder drops into the classifier's backbone
     run = mlflow.get_run(s["run_id"])
@@ -119,11 +119,12 @@ def test_knn_probe_on_separable_features():
     centers = rng.normal(size=(3, 8)) * 5
     y = np.repeat(np.arange(3), 30)
     x = centers[y] + rng.normal(size=(90, 8))
-    proba = knn_probe(x[::2], y[::2], x[1::2], 4, k=5)
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    proba = knn_probe(t(x[::2]), t(y[::2]), t(x[1::2]), 4, k=5).numpy()
     assert proba.shape == (45, 4) and (proba.argmax(1) == y[1::2]).mean() > 0.95 and np.all(proba[:, 3] == 0)
     # cosine ignores scale, down to the ~1e-10 float32 features of a random encoder in eval mode
     tiny = (1e-10 * x).astype(np.float32)
-    assert np.allclose(knn_probe(tiny[::2], y[::2], tiny[1::2], 4, k=5), proba, atol=1e-5)
+    assert np.allclose(knn_probe(t(tiny[::2]), t(y[::2]), t(tiny[1::2]), 4, k=5).numpy(), proba, atol=1e-5)
 
 
 def test_class_balanced_linear_probe_raises_minority_recall_and_balanced_accuracy():
@@ -133,6 +134,7 @@ def test_class_balanced_linear_probe_raises_minority_recall_and_balanced_accurac
     x = rng.normal(size=(1000, 4)) + 1.2 * y[:, None]
     ty = np.repeat([0, 1], [500, 500])
     tx = rng.normal(size=(1000, 4)) + 1.2 * ty[:, None]
-    pred = {w: linear_probe(x, y, tx, 2, 1.0, w).argmax(1) for w in ("none", "balanced")}
+    t = torch.from_numpy
+    pred = {w: linear_probe(t(x).float(), t(y), t(tx).float(), 2, 1.0, w).argmax(1).numpy() for w in ("none", "balanced")}
     assert recall_score(ty, pred["balanced"]) > recall_score(ty, pred["none"]) + 0.2
     assert balanced_accuracy_score(ty, pred["balanced"]) > balanced_accuracy_score(ty, pred["none"])

@@ -14,9 +14,9 @@ class Layout:
     root: Path = Path(".")
     data_root: Path | None = None  # where raw and prepared data live, if not under root (tuning trials)
 
-    def __post_init__(self):
-        object.__setattr__(self, "root", Path(self.root).resolve())
-        object.__setattr__(self, "data_root", Path(self.data_root or self.root).resolve())
+    def __post_init__(self):  # relative roots stay relative: they follow the working directory, as DVC does
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "data_root", Path(self.root if self.data_root is None else self.data_root))
 
     def raw(self, data_path: str) -> Path:
         """The raw npz (params data.path), relative to the data root unless absolute."""
