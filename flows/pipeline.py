@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import mlflow
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -26,6 +27,9 @@ from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 LAY = Layout(ROOT)  # stage outputs live at the project root, as with dvc repro
+# Concurrent stages share one process. On a GPU, 4 at once keep it busy; on a CPU, one stage per core with
+# one torch thread each (set in the flow): N stages x N threads would oversubscribe the cores ~N-fold.
+WORKERS = 4 if torch.cuda.is_available() else max(1, len(os.sched_getaffinity(0)))
 
 
 @task(name="fetch")
@@ -89,7 +93,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
     return "\n".join(lines)
 
 
-@flow(name="medssl-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+@flow(name="medssl-pipeline", task_runner=ThreadPoolTaskRunner(max_workers=WORKERS), log_prints=True)
 def pipeline(data_path: str | None = None, image_size: int | None = None, inits: list[str] | None = None,
              epochs: int | None = None, pretrain_epochs: int | None = None, seed: int | None = None,
              budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
@@ -97,6 +101,8 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
              retries: int = 1, params_path: str = "params.yaml") -> dict:
     """Run prepare -> pretrain -> grid -> fine-tune (champion) -> evaluate (report) -> export with params.yaml plus these overrides."""
     logger = get_run_logger()
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
     params_path = ROOT / params_path  # relative to the project, whatever the worker's working directory
     over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
                          image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,

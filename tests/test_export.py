@@ -2,7 +2,7 @@ import numpy as np
 import onnx
 import torch
 
-from medssl.export import export_onnx, parity
+from medssl.core.onnx import export_onnx, parity
 from medssl.models.classifier import Classifier, ExportModel
 
 

@@ -73,7 +73,8 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     inits = ("random", "imagenet", "vae", "simclr", "mim")
-    assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), *(f"finetune-{i}" for i in inits),
+    champion = yaml.safe_load((project["dir"] / "metrics/finetune.json").read_text())["init"]
+    assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), f"finetune-{champion}",
                              *(f"grid-{i}" for i in inits), "export"}
     cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-simclr"].info.run_id]
     assert len(cells) == 3 * (6 + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
@@ -83,12 +84,12 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     for r in children.values():
         assert r.info.status == "FINISHED"
         assert r.data.tags["data_md5"] == md5 and r.data.tags["seed"] == "42" and len(r.data.tags["git_commit"]) >= 40
-    ft = children["finetune-imagenet"]
+    ft = children[f"finetune-{champion}"]
     sys.path.insert(0, str(project["dir"] / "src"))
     from medssl.config import load_params
 
     lr = load_params(project["dir"] / "params.yaml").finetune.lr  # params.yaml + tuned.yaml
-    assert ft.data.tags["init"] == "imagenet" and float(ft.data.params["lr"]) == pytest.approx(lr)
+    assert ft.data.tags["init"] == champion and float(ft.data.params["lr"]) == pytest.approx(lr)
     client = mlflow.MlflowClient()
     gap = client.get_metric_history(ft.info.run_id, "gap_accuracy")
     tr = client.get_metric_history(ft.info.run_id, "train_accuracy")
@@ -96,7 +97,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert [m.step for m in gap] == [1] and gap[0].value == pytest.approx(tr[0].value - va[0].value)
     assert "test_auc_macro" in ft.data.metrics and "test_kappa" in ft.data.metrics
     arts = {a.path for a in client.list_artifacts(ft.info.run_id, "plots")}
-    assert {"plots/confusion_imagenet.png", "plots/curves_imagenet.png"} <= arts
+    assert {"plots/confusion.png", "plots/curves.png"} <= arts
     vae_imgs = {a.path for a in client.list_artifacts(children["pretrain-vae"].info.run_id, "vae")}
     assert "vae/reconstructions_epoch001.png" in vae_imgs and "vae/samples_epoch001.png" in vae_imgs
 
@@ -143,15 +144,20 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
 def test_registry_round_trip_champion_chosen_on_validation(project):
     d = project["dir"]
     ex = yaml.safe_load((d / "metrics/export.json").read_text())
-    vals = {i: yaml.safe_load((d / f"metrics/finetune/{i}.json").read_text())["val"]["balanced_accuracy"]
-            for i in ("random", "imagenet", "vae", "simclr", "mim")}
-    assert vals[ex["champion"]] == max(vals.values())
+    ft = yaml.safe_load((d / "metrics/finetune.json").read_text())
+    # chosen on the validation scores of the grid's fine-tune cells at 100 % labels, never on test
+    vals = {}
+    for i in ("random", "imagenet", "vae", "simclr", "mim"):
+        cells = yaml.safe_load((d / f"metrics/grid/{i}.json").read_text())["cells"]
+        vals[i] = np.mean([c["val"]["balanced_accuracy"] for c in cells
+                           if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0])
+    assert ft["candidates_val"] == pytest.approx(vals) and ex["champion"] == ft["init"] == max(vals, key=vals.get)
     assert ex["parity_max_abs_diff"] <= 1e-4 and ex["parity_images"] >= 64
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("derm-e2e", "champion")
     assert int(mv.version) == ex["version"]
     assert mv.tags["init"] == ex["champion"] and "test_accuracy" in mv.tags and "val_balanced_accuracy" in mv.tags
-    assert mv.tags["source_run_id"] == yaml.safe_load((d / f"metrics/finetune/{ex['champion']}.json").read_text())["run_id"]
+    assert mv.tags["source_run_id"] == ft["run_id"]
 
     model = mlflow.pyfunc.load_model("models:/derm-e2e@champion")
     with np.load(d / "data/raw/dermamnist.npz") as z:
@@ -178,12 +184,11 @@ def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     sys.path.insert(0, str(d / "src"))
     from medssl.models.classifier import Classifier, ExportModel
 
-    champion = yaml.safe_load((d / "metrics/export.json").read_text())["champion"]
-    ckpt = torch.load(d / f"models/finetune/{champion}/model.pt", weights_only=True)
-    clf = Classifier(ckpt["backbone"], 7, ckpt["dropout"])
+    ckpt = torch.load(d / "models/finetune/model.pt", weights_only=True)
+    clf = Classifier(ckpt["backbone"], 7, ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     clf.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
-        ref = ExportModel(clf, ckpt["mean"], ckpt["std"], ckpt["image_size"]).eval()(torch.from_numpy(x)).argmax(1)
+        ref = ExportModel(clf, ckpt["image_size"]).eval()(torch.from_numpy(x)).argmax(1)
     assert [r["predicted"] for r in rows] == [ckpt["classes"][i] for i in ref.tolist()]
 
     bad = folder / "broken.jpg"
@@ -200,11 +205,17 @@ def test_dvc_tracks_changes(project):
     set_params(d / "params.yaml", **{"finetune.lr": 3e-4})
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
     # stages whose own inputs changed; evaluate and export follow them in the DAG
-    assert changed == {"finetune@random", "finetune@imagenet", *(f"finetune_ssl@{m}" for m in ("vae", "simclr", "mim")),
-                       "grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in ("vae", "simclr", "mim"))}
+    grids = {"grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in ("vae", "simclr", "mim"))}
+    assert changed == {"finetune", *grids}
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
-    assert '"finetune@imagenet" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
+    assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)
+    # every stage depends on the code it runs: editing any module of src/medssl reruns the pipeline
+    probes = d / "src/medssl/core/probes.py"
+    probes.write_text(probes.read_text() + "\n")
+    changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
+    assert {"prepare", "finetune", "evaluate", "export", *grids, *(f"pretrain@{m}" for m in ("vae", "simclr", "mim"))} <= changed
+    sh(["git", "checkout", "src"], d, env)
 
 
 def test_failed_parity_registers_nothing_and_marks_run_failed(project, tmp_path):

@@ -5,8 +5,6 @@ Nothing is registered unless ONNX Runtime reproduces PyTorch within `export.pari
 from __future__ import annotations
 
 import os
-import warnings
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -18,34 +16,12 @@ from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import tracking
 from medssl.config import Params
+from medssl.core.onnx import export_onnx, parity
 from medssl.errors import ParityError
 from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json
 from medssl.layout import Layout
 from medssl.models.classifier import ExportModel
-
-
-def export_onnx(model: ExportModel, example: np.ndarray, path: Path) -> None:
-    """uint8 (N, h, w, 3) -> probabilities (N, C), batch dimension dynamic."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-        torch.onnx.export(
-            model, (torch.from_numpy(example),), str(path), dynamo=False, opset_version=17,
-            input_names=["images"], output_names=["probabilities"],
-            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
-        )
-    onnx.checker.check_model(str(path))
-
-
-def parity(model: ExportModel, path: Path, images: np.ndarray) -> dict:
-    """Max |ORT - PyTorch| over the probabilities and the fraction of equal argmax labels."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_p = sess.run(None, {"images": images})[0]
-    with torch.no_grad():
-        torch_p = model(torch.from_numpy(images)).numpy()
-    return {"parity_max_abs_diff": float(np.abs(onnx_p - torch_p).max()),
-            "parity_label_agreement": float((onnx_p.argmax(1) == torch_p.argmax(1)).mean()),
-            "parity_images": int(len(images))}
 
 
 def pip_requirements() -> list[str]:

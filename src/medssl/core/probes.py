@@ -43,10 +43,17 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
         return out
     w = class_weights(train_y, num_classes, class_weight).to(dtype)
     n = len(y)
+    basis = None
+    if n < xs.shape[1]:
+        # wider than tall: the optimal W lies in the row space of xs (the loss sees only xs @ W, and the
+        # L2 term is smallest there), so solve in the n-dimensional basis of the SVD xs = U S Vh, W = Vh^T Z,
+        # where ||W|| = ||Z||: the same minimiser at n/D of the cost per iteration
+        u, sv, vh = torch.linalg.svd(xs, full_matrices=False)
+        basis, xs = vh.T, u * sv
     W = torch.zeros(xs.shape[1], k, dtype=dtype, device=xs.device, requires_grad=True)
     b = torch.zeros(k, dtype=dtype, device=xs.device, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
-                            history_size=20, line_search_fn="strong_wolfe")
+                            history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -56,6 +63,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
 
     opt.step(closure)
     with torch.no_grad():
+        W = W if basis is None else basis @ W
         proba = (((eval_x.to(dtype) - mu) / sd) @ W + b).softmax(1)
     out = torch.zeros(len(eval_x), num_classes, device=eval_x.device)
     out[:, present] = proba.float()

@@ -1,0 +1,1 @@
+"""Benchmarks of medssl's hot loops against a naive baseline: `python -m benchmarks` (README, Benchmarks)."""

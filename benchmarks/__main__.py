@@ -1,0 +1,251 @@
+"""`python -m benchmarks`: images per second of every hot loop, medssl's way and the naive way, in one run.
+
+medssl's way (medssl.core): uint8 data resident on the device, augmentation on the device, channels_last,
+bf16 autocast on CUDA, no host sync inside the step loop; probes in torch on the device.
+Naive: a torch DataLoader over CPU tensors, a host-to-device copy per batch, fp32, NCHW, `.item()` every
+step; probes in scikit-learn. Plus ONNX Runtime against eager PyTorch for batch inference.
+Needs only PyTorch, torchvision, numpy, scikit-learn and onnxruntime (runs on a bare GPU host with
+PYTHONPATH=src). Writes benchmarks/results/<device>_<date>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace as NS
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medssl.core.engine import augment, extract_features, predict_proba, prepare_model, train_epoch
+from medssl.core.methods import METHODS
+from medssl.core.probes import knn_probe, linear_probe
+from medssl.core.rng import generator
+from medssl.models.classifier import Classifier, ExportModel, to_input
+
+AUG = NS(hflip=True, vflip=True, rot90=True, strength=0.5)
+CFG = {"vae": NS(latent_dim=128, beta=1.0), "simclr": NS(proj_dim=128, temperature=0.5, min_scale=0.2, jitter=0.1, grayscale=0.0),
+       "mim": NS(patch=8, mask_ratio=0.6)}
+MEAN, STD = [0.76, 0.54, 0.57], [0.14, 0.15, 0.17]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat: int = 1) -> float:
+    """Seconds per call, after one warm-up call."""
+    fn()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / repeat
+
+
+def data(n: int, size: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    y = torch.randint(0, 7, (n,), generator=g)
+    return x, y
+
+
+def make(kind: str, size: int):
+    gen = generator(0)
+    if kind == "finetune":
+        return Classifier("mobilenet_v2", 7, mean=MEAN, std=STD, gen=gen)
+    return METHODS[kind](CFG[kind], "mobilenet_v2", size, MEAN, STD, gen)
+
+
+def train_fast(kind, x, y, bs, device):
+    """One epoch of medssl's engine over device-resident uint8 images: images/s."""
+    obj = make(kind, x.shape[1])
+    model = prepare_model(obj if kind == "finetune" else obj.model, device)
+    gen = generator(0, device)
+    xd, yd = x.to(device), y.to(device)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    if kind == "finetune":
+        model.set_generator(gen)
+
+        def step(idx):
+            xb = augment(xd[idx], AUG, gen)
+            return F.cross_entropy(model(to_input(xb).contiguous(memory_format=torch.channels_last)).float(), yd[idx]), {}
+    else:
+        def step(idx):
+            return obj.loss(augment(xd[idx], AUG, gen), gen)
+    return len(x) / timed(lambda: train_epoch(model, step, len(x), bs, opt, None, gen, device, desc=kind), device)
+
+
+def train_naive(kind, x, y, bs, device):
+    """One epoch the usual way: DataLoader over CPU tensors, per-batch copy, fp32, NCHW, .item() per step."""
+    obj = make(kind, x.shape[1])
+    model = (obj if kind == "finetune" else obj.model).to(device)
+    gen = generator(0, device)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=bs, shuffle=True, drop_last=True)
+
+    def epoch():
+        model.train()
+        total = 0.0
+        for xb, yb in loader:
+            xb = augment(xb, AUG, torch.Generator().manual_seed(0)).to(device)
+            yb = yb.to(device)
+            if kind == "finetune":
+                loss = F.cross_entropy(model(to_input(xb)), yb)
+            else:
+                loss, _ = obj.loss(xb, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        return total
+
+    return len(loader) * bs / timed(epoch, device)
+
+
+def infer(x, bs, device, features: bool):
+    """Evaluation / feature extraction: medssl's way vs DataLoader + per-batch copy + fp32 NCHW + .cpu() per batch."""
+    clf = Classifier("mobilenet_v2", 7, mean=MEAN, std=STD, gen=generator(0))
+    fast_m = prepare_model(Classifier("mobilenet_v2", 7, mean=MEAN, std=STD, gen=generator(0)), device).eval()
+    naive_m = clf.to(device).eval()
+    xd = x.to(device)
+    fast = (lambda: extract_features(fast_m.backbone, xd, bs)) if features else (lambda: predict_proba(fast_m, xd, bs))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=bs)
+
+    @torch.no_grad()
+    def naive():
+        out = []
+        for (xb,) in loader:
+            xb = to_input(xb.to(device))
+            out.append((naive_m.backbone(xb) if features else naive_m(xb).softmax(1)).cpu())
+        return torch.cat(out)
+
+    return len(x) / timed(fast, device), len(x) / timed(naive, device)
+
+
+def features(n: int, d: int, device, seed: int = 0):
+    """Class-structured features like an encoder's (N, D), imbalanced labels as in DermaMNIST."""
+    rng = np.random.default_rng(seed)
+    y = rng.choice(7, n, p=[0.033, 0.051, 0.11, 0.011, 0.111, 0.669, 0.015])
+    x = (rng.normal(size=(7, d))[y] * 0.5 + rng.normal(size=(n, d))).astype(np.float32)
+    return x, y
+
+
+def probes(n_train: int, n_eval: int, d: int, device):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = features(n_train + n_eval, d, device)
+    tx, ty, ex = torch.from_numpy(x[:n_train]).to(device), torch.from_numpy(y[:n_train]).to(device), torch.from_numpy(x[n_train:]).to(device)
+    out = {}
+    out["linear"] = (timed(lambda: linear_probe(tx, ty, ex, 7, 1.0, "balanced"), device),
+                     timed(lambda: LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(
+                         StandardScaler().fit_transform(x[:n_train]), y[:n_train]), device))
+    out["knn"] = (timed(lambda: knn_probe(tx, ty, ex, 7, 20), device),
+                  timed(lambda: KNeighborsClassifier(20, metric="cosine", weights="distance").fit(x[:n_train], y[:n_train])
+                        .predict_proba(x[n_train:]), device))
+    return out
+
+
+def onnx_vs_eager(device, batches=(1, 64, 256), raw: int = 28, size: int = 64):
+    """ExportModel (uint8 in, probabilities out) in eager PyTorch vs ONNX Runtime, same device."""
+    import onnxruntime as ort
+
+    from medssl.core.onnx import export_onnx
+
+    model = ExportModel(Classifier("mobilenet_v2", 7, mean=MEAN, std=STD, gen=generator(0)), size).eval()
+    x = data(max(batches), raw)[0].numpy()
+    providers = ["CPUExecutionProvider"] if device.type == "cpu" else ["CUDAExecutionProvider"]
+    if providers[0] not in ort.get_available_providers():
+        return {"skipped": f"{providers[0]} not in this onnxruntime ({ort.get_available_providers()})"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        export_onnx(model, x[:2], path)
+        sess = ort.InferenceSession(str(path), providers=providers)
+        m = model.to(device)
+        rows = {}
+        for b in batches:
+            xb = x[:b]
+            xt = torch.from_numpy(xb).to(device)
+            with torch.no_grad():
+                eager = timed(lambda: m(xt).cpu(), device, repeat=20 if b == 1 else 5)
+            onnx = timed(lambda: sess.run(None, {"images": xb}), device, repeat=20 if b == 1 else 5)
+            rows[b] = {"eager_images_per_s": b / eager, "onnx_images_per_s": b / onnx, "speedup": eager / onnx}
+        return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=64, help="image side (px); MobileNetV2 throughout")
+    ap.add_argument("--n", type=int, default=None, help="images per training epoch (default: 1024 on CPU, 7168 on GPU)")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default: 128 on CPU, 512 on GPU)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: finetune vae simclr mim eval features probes onnx")
+    a = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = a.n or (7168 if device.type == "cuda" else 1024)
+    bs = a.batch or (512 if device.type == "cuda" else 128)
+    want = set(a.only or ["finetune", "vae", "simclr", "mim", "eval", "features", "probes", "onnx"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    x, y = data(n, a.size)
+    rows, res = [], {}
+    for kind in ("finetune", "vae", "simclr", "mim"):
+        if kind in want:
+            fast, naive = train_fast(kind, x, y, bs, device), train_naive(kind, x, y, bs, device)
+            res[f"train_{kind}"] = {"fast_images_per_s": fast, "naive_images_per_s": naive}
+            rows.append((f"{kind} training step (batch {bs})", fast, naive, "images/s"))
+            print(rows[-1], flush=True)
+    for kind in ("eval", "features"):
+        if kind in want:
+            fast, naive = infer(x, 1024, device, kind == "features")
+            res[kind] = {"fast_images_per_s": fast, "naive_images_per_s": naive}
+            rows.append((f"{'evaluation (probabilities)' if kind == 'eval' else 'feature extraction'} (batch 1024)", fast, naive, "images/s"))
+            print(rows[-1], flush=True)
+    if "probes" in want:
+        for name, (fast, naive) in probes(7007, 2005, 1280, device).items():
+            res[f"probe_{name}"] = {"fast_seconds": fast, "naive_seconds": naive}
+            rows.append((f"{name} probe, 7,007 x 1,280 train, 2,005 eval (scikit-learn naive)", fast, naive, "seconds"))
+            print(rows[-1], flush=True)
+    if "onnx" in want:
+        res["onnx_vs_eager"] = onnx_vs_eager(device)
+        print(res["onnx_vs_eager"], flush=True)
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cpu": cpu,
+            "avx512": " avx512f" in flags, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
+            "torch": torch.__version__, "image_size": a.size, "n": n, "batch": bs, "model": "mobilenet_v2"}
+    tag = ("cuda-" + meta["gpu"].replace(" ", "-") if meta["gpu"] else "cpu") + "_" + meta["date"][:10]
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
+    md = [f"# medssl benchmark: {meta['gpu'] or cpu} ({device}), {meta['date']}", "",
+          f"torch {meta['torch']}, Python {meta['python']}, {meta['threads']} threads, AVX-512 {meta['avx512']}; "
+          f"MobileNetV2 at {a.size} px, {n} images per epoch, synthetic uint8 data.", "",
+          "| hot loop | medssl | naive | ratio |", "|---|---|---|---|"]
+    for name, fast, naive, unit in rows:
+        ratio = fast / naive if unit == "images/s" else naive / fast
+        md.append(f"| {name} | {fast:,.1f} {unit} | {naive:,.1f} {unit} | {ratio:.2f}x |")
+    if isinstance(res.get("onnx_vs_eager"), dict) and "skipped" not in res["onnx_vs_eager"]:
+        md += ["", "| batch inference (uint8 28 px in, resized to 64 px) | eager PyTorch | ONNX Runtime | ratio |", "|---|---|---|---|"]
+        md += [f"| batch {b} | {r['eager_images_per_s']:,.0f} images/s | {r['onnx_images_per_s']:,.0f} images/s | {r['speedup']:.2f}x |"
+               for b, r in res["onnx_vs_eager"].items()]
+    elif "onnx_vs_eager" in res:
+        md += ["", f"ONNX Runtime: {res['onnx_vs_eager']['skipped']}"]
+    (a.out / f"{tag}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

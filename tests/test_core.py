@@ -1,0 +1,83 @@
+"""The compute core on its own: no MLflow, no paths. Same cells whatever runs them; resume = uninterrupted run."""
+import threading
+from types import SimpleNamespace as NS
+
+import numpy as np
+import pytest
+import torch
+
+from medssl.core.cells import finetune_cell, plan, probe_cell
+from medssl.core.engine import extract_features
+from medssl.core.train import finetune
+from medssl.models.classifier import Classifier
+
+CLASSES = [str(i) for i in range(7)]
+CFG = NS(lr=1e-3, weight_decay=1e-4, batch_size=16, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
+         augment=NS(hflip=True, vflip=True, rot90=True, strength=0.5))
+GRID = NS(linear_c=1.0, linear_class_weight="balanced", knn_k=5)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    y = {s: np.arange(n) % 7 for s, n in (("pool", 70), ("val", 28), ("test", 28))}
+    x = {s: torch.from_numpy(rng.integers(0, 256, (len(v), 32, 32, 3), dtype=np.uint8)) for s, v in y.items()}
+    return x, y
+
+
+def model(seed: int) -> Classifier:
+    return Classifier("mobilenet_v2", 7, dropout=0.2, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(seed))
+
+
+def cells_of(seed: int, x, y) -> list[dict]:
+    """A few cells of one seed: fine-tune at two fractions, linear and k-NN probes of the seed's encoder."""
+    jobs = [j for j in plan(y["pool"], [0.5, 1.0], [], [seed])]
+    out = [finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, 1, 16, "balanced_accuracy", CLASSES,
+                         torch.device("cpu"))[0] for j in jobs]
+    feats = {s: extract_features(model(seed).backbone, v) for s, v in x.items()}
+    out += [probe_cell("random", pr, j, feats, y, ["val", "test"], GRID, CLASSES) for j in jobs for pr in ("linear", "knn")]
+    return out
+
+
+def test_cells_are_identical_sequential_or_on_concurrent_threads(data):
+    """Every draw comes from generators seeded by the cell: two seeds on two threads, with process-wide random
+    state disturbed in between, give exactly the cells of a sequential run."""
+    x, y = data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as concurrent stages on a CPU do (no oversubscription); same for both runs
+    try:
+        sequential = {s: cells_of(s, x, y) for s in (0, 1)}
+        torch.manual_seed(999)
+        np.random.seed(999)
+        concurrent = {}
+        workers = [threading.Thread(target=lambda s=s: concurrent.__setitem__(s, cells_of(s, x, y))) for s in (0, 1)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert concurrent == sequential
+
+
+def test_resumed_finetune_equals_uninterrupted(data):
+    """Killed after epoch 1 and resumed from its state: the same best state, curves and metrics as 3 epochs in one go."""
+    x, y = data
+    train = (x["pool"], torch.from_numpy(y["pool"]).long())
+    args = (train, (x["val"], y["val"]), train, CFG, 3, "balanced_accuracy", CLASSES, 7, torch.device("cpu"))
+    full = finetune(model(7), *args)
+
+    saved = {}
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, row, state):
+        saved["state"] = state()
+        raise Killed
+
+    with pytest.raises(Killed):
+        finetune(model(7), *args, on_epoch=kill_after_first)
+    resumed = finetune(model(7), *args, resume=saved["state"])
+    assert resumed.curves == full.curves and resumed.best_epoch == full.best_epoch and resumed.val == full.val
+    assert all(torch.equal(resumed.state[k], full.state[k]) for k in full.state)
