@@ -1,0 +1,85 @@
+"""A grid stage killed mid-run resumes from its last finished cell and gives the cells of an uninterrupted run."""
+import shutil
+
+import pytest
+
+from medssl import grid as grid_stage
+from medssl.config import load_params
+from medssl.data.prepare import run_prepare
+from medssl.layout import Layout
+
+from conftest import ROOT, write_npz
+
+SMALL = {"data.image_size": 32, "inits.baselines": ["random"], "inits.ssl": [], "grid.fusion": [],
+         "grid.fractions": [0.5, 1.0], "grid.imbalance": [], "budgets.demo.grid": {"epochs": 1, "max_train": None, "max_eval": None},
+         "finetune.batch_size": 16, "mlflow.experiment": "resume"}
+
+
+def prepared(root, p):
+    lay = Layout(root)
+    lay.raw(p.data.path).parent.mkdir(parents=True)
+    write_npz(lay.raw(p.data.path), n=42)
+    run_prepare(p, lay)
+    return lay
+
+
+def test_killed_grid_resumes_from_last_cell(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
+    ref_lay, lay = prepared(tmp_path / "ref", p), prepared(tmp_path / "run", p)
+    reference = grid_stage.run_grid(p, "random", ref_lay)["cells"]
+
+    calls = {"n": 0}
+    real_probe, real_ft = grid_stage.probe_cell, grid_stage._finetune_cell
+
+    def dies_on_fifth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt("killed")
+        return real_probe(*a, **k)
+
+    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_fifth)
+    with pytest.raises(KeyboardInterrupt):
+        grid_stage.run_grid(p, "random", lay)
+    assert lay.resume("grid-random").is_file() and not lay.grid_cells("random").exists()
+
+    finetuned = {"n": 0}
+
+    def counted(*a, **k):
+        finetuned["n"] += 1
+        return real_ft(*a, **k)
+
+    monkeypatch.setattr(grid_stage, "probe_cell", real_probe)
+    monkeypatch.setattr(grid_stage, "_finetune_cell", counted)
+    resumed = grid_stage.run_grid(p, "random", lay)["cells"]
+    # 3 seeds x 2 fractions x (linear, finetune, knn); the killed run finished 4 probe cells and their fine-tunes
+    assert len(resumed) == 18 and finetuned["n"] == 4
+    assert resumed == reference
+    assert not lay.resume("grid-random").exists()
+
+
+def test_resume_state_of_other_settings_is_ignored(tmp_path, monkeypatch):
+    """A state file keyed to other settings (here: another learning rate) is never resumed from."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
+    lay = prepared(tmp_path / "run", p)
+    real_probe, calls = grid_stage.probe_cell, {"n": 0}
+
+    def dies_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        return real_probe(*a, **k)
+
+    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        grid_stage.run_grid(p, "random", lay)  # dies after a linear and a fine-tune cell were saved
+    assert lay.resume("grid-random").is_file()
+    monkeypatch.setattr(grid_stage, "probe_cell", real_probe)
+    other = load_params(ROOT / "params.yaml", {**SMALL, "finetune.lr": 3e-4}, tuned=False)
+    ref_lay = prepared(tmp_path / "ref", other)
+    fresh = grid_stage.run_grid(other, "random", ref_lay)["cells"]
+    shutil.rmtree(ref_lay.root / "metrics")
+    assert grid_stage.run_grid(other, "random", lay)["cells"] == fresh
