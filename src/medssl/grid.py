@@ -133,9 +133,7 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
         cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight})
         cell, fit = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
                                   b.epochs, b.max_eval, p.export.select_metric, classes, device)
-        for row in fit.curves:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
-        mlflow.log_metrics({f"test_{k}": v for k, v in cell["test"].items()} | {"best_epoch": fit.best_epoch})
+        tracking.log_curves(fit.curves, {f"test_{k}": v for k, v in cell["test"].items()} | {"best_epoch": fit.best_epoch})
     rows = []
     if job.regime == "fractions":
         rows = [{"fraction": job.fraction, "seed": job.seed, "epoch": r["epoch"], "val_balanced_accuracy": r["val_balanced_accuracy"],

@@ -66,6 +66,18 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def log_curves(curves: list[dict], final: dict | None = None) -> None:
+    """Per-epoch rows ({"epoch": e, name: value, ...}) and final values into the active run, in one request."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in curves for k, v in row.items() if k != "epoch"]
+    metrics += [Metric(k, float(v), now, 0) for k, v in (final or {}).items()]
+    mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
 def parent_run_id() -> str | None:
     """The run to nest under: ours (`medssl pipeline`) or the one `mlflow run` started."""
     return os.environ.get(PARENT_ENV) or os.environ.get("MLFLOW_RUN_ID")

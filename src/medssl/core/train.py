@@ -93,8 +93,8 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
     start = _restore(resume, model, opt, sched, gen)
     for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None, leave=False):
         train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=f"{desc} epoch {epoch}")
-        tr = scores(sub_np, predict_proba(model, sub_x), classes)
-        va = scores(va_y, predict_proba(model, va_x), classes)
+        proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
+        tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
         row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
                "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE_KEYS)}
         curves.append(row)
