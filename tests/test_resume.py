@@ -15,6 +15,19 @@ SMALL = {"data.image_size": 32, "inits.baselines": ["random"], "inits.ssl": [], 
          "finetune.batch_size": 16, "mlflow.experiment": "resume"}
 
 
+def dies_on_call(n: int, fn):
+    """fn, except that its n-th call raises KeyboardInterrupt (a kill in the middle of the stage)."""
+    calls = {"n": 0}
+
+    def wrapped(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt("killed")
+        return fn(*a, **k)
+
+    return wrapped
+
+
 def prepared(root, p):
     lay = Layout(root)
     lay.raw(p.data.path).parent.mkdir(parents=True)
@@ -30,16 +43,8 @@ def test_killed_grid_resumes_from_last_cell(tmp_path, monkeypatch):
     ref_lay, lay = prepared(tmp_path / "ref", p), prepared(tmp_path / "run", p)
     reference = grid_stage.run_grid(p, "random", ref_lay)["cells"]
 
-    calls = {"n": 0}
     real_probe, real_ft = grid_stage.probe_cell, grid_stage._finetune_cell
-
-    def dies_on_fifth(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt("killed")
-        return real_probe(*a, **k)
-
-    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_fifth)
+    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_call(5, real_probe))
     with pytest.raises(KeyboardInterrupt):
         grid_stage.run_grid(p, "random", lay)
     assert lay.resume("grid-random").is_file() and not lay.grid_cells("random").exists()
@@ -65,15 +70,8 @@ def test_resume_state_of_other_settings_is_ignored(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
     lay = prepared(tmp_path / "run", p)
-    real_probe, calls = grid_stage.probe_cell, {"n": 0}
-
-    def dies_on_second(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("killed")
-        return real_probe(*a, **k)
-
-    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_second)
+    real_probe = grid_stage.probe_cell
+    monkeypatch.setattr(grid_stage, "probe_cell", dies_on_call(2, real_probe))
     with pytest.raises(KeyboardInterrupt):
         grid_stage.run_grid(p, "random", lay)  # dies after a linear and a fine-tune cell were saved
     assert lay.resume("grid-random").is_file()

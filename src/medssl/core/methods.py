@@ -91,9 +91,8 @@ class MIMMethod:
     def diagnostics(self, x8: torch.Tensor, gen: torch.Generator) -> dict[str, np.ndarray]:
         x, mask, recon = self._masked(x8, gen)
         enc = self.model.encoder
-        shown = torch.cat([x, x * (1 - mask), recon.float() * enc.std + enc.mean]) * 1
-        shown[2 * len(x):] = shown[2 * len(x):] * mask + x * (1 - mask)
-        return {"masked_reconstructions": image_grid(shown, len(x8))}
+        filled = (recon.float() * enc.std + enc.mean) * mask + x * (1 - mask)  # visible pixels kept as they are
+        return {"masked_reconstructions": image_grid(torch.cat([x, x * (1 - mask), filled]), len(x8))}
 
 
 METHODS = {"vae": VAEMethod, "simclr": SimCLRMethod, "mim": MIMMethod}
