@@ -17,7 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from medssl import tracking
 from medssl.config import Params, load_params, run_overrides
 from medssl.data.prepare import run_prepare
-from medssl.data.sources import fetch, run_fetch
+from medssl.data.sources import run_fetch
 from medssl.evaluate import run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
@@ -34,7 +34,7 @@ WORKERS = 4 if torch.cuda.is_available() else max(1, len(os.sched_getaffinity(0)
 
 @task(name="fetch")
 def fetch_task(p: Params, source: str | None) -> str:
-    return str(fetch(LAY.raw(p.data.path), source) if source else run_fetch(p, LAY))
+    return str(run_fetch(p, LAY, source))
 
 
 @task(name="prepare")

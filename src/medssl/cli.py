@@ -2,6 +2,7 @@
 `pipeline` (a parent MLflow run around `dvc repro`) and `predict`."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -12,12 +13,22 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medssl.errors import ConfigError, DataError, ImageReadError, ParityError, WeightsUnavailable
+from medssl.errors import (Busy, ConfigError, DataError, Diverged, ImageReadError, ParityError, PromotionError,
+                           TrackingUnavailable, WeightsUnavailable)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 err = Console(stderr=True)
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="configuration file")
+
+
+@app.callback()
+def _process_hygiene():
+    """medssl: self-supervised vs ImageNet initialisation for small medical image data sets."""
+    from medssl import guard
+
+    guard.terminate_as_interrupt()
+    guard.follow_pipeline()
 
 
 def _clear_errors(fn):
@@ -27,9 +38,15 @@ def _clear_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, ParityError, ImageReadError, WeightsUnavailable, FileNotFoundError, ValueError) as e:
+        except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
+                TrackingUnavailable, Busy,
+                FileNotFoundError, ValueError) as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as e:
+            err.print(f"[bold red]interrupted[/] ({e or 'Ctrl-C'}); runs ended KILLED, finished epochs/cells kept for resume",
+                      highlight=False)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -38,6 +55,23 @@ def _params(path: Path):
     from medssl.config import load_params
 
     return load_params(path)
+
+
+@app.command()
+def validate(params: Path = PARAMS):
+    """Check the whole configuration (params.yaml + tuned.yaml): types, ranges, cross-field rules."""
+    from medssl.errors import ConfigError
+    from medssl.io import write_json
+    from medssl.layout import Layout
+
+    try:
+        _params(params)
+    except ConfigError as e:
+        err.print(f"[bold red]error:[/] {e}\nNo stage ran and no output was removed. If `dvc exp run -S` wrote this value, "
+                  f"fix it in {params} (or `git checkout {params}`).", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    write_json(Layout().config_check, {"valid": True})  # constant: a valid change reruns only the stages that read it
+    err.print(f"{params}: valid")
 
 
 @app.command()
@@ -110,36 +144,61 @@ def evaluate(params: Path = PARAMS):
 
 @app.command()
 @_clear_errors
-def export(params: Path = PARAMS):
-    """Export the validation champion to ONNX, gate on parity, register it and set the alias."""
+def export(params: Path = PARAMS, force: bool = typer.Option(False, "--force", help="move the alias even if the "
+                                                                   "current champion scores as well or better")):
+    """Export the validation champion to ONNX, gate on parity, register it; move the alias if it beats the current one."""
     from medssl.export import run_export
+    from medssl.layout import Layout
 
-    r = run_export(_params(params))
-    err.print(f"champion {r['champion']} -> {r['model_uri']} (version {r['version']}), "
-              f"parity max |diff| {r['parity_max_abs_diff']:.2e} on {r['parity_images']} images")
+    r = run_export(_params(params), Layout(), force)
+    err.print(f"{r['champion']} -> {r['version_uri']}: {'promoted to ' + r['model_uri'] if r['promoted'] else 'not promoted'}"
+              f" ({r['reason']}); parity max |diff| {r['parity_max_abs_diff']:.2e} on {r['parity_images']} images",
+              highlight=False)
 
 
 @app.command()
 @_clear_errors
 def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)")):
-    """Run `dvc repro` inside one parent MLflow run; every stage nests its runs under it."""
+    """Run `dvc repro` inside one parent MLflow run; every stage nests its runs under it.
+
+    One pipeline per project at a time. Ctrl-C or SIGTERM ends `dvc repro` and its stage (their runs KILLED);
+    if this process is killed outright, its stages notice within a second and end too."""
+    import signal
+
     import mlflow
 
-    from medssl import tracking
+    from medssl import guard, tracking
     from medssl.io import read_json
+    from medssl.layout import Layout
 
     p = _params(params)
-    exp = tracking.experiment_id(p)
+    exp = tracking.experiment_id(p)  # checks the tracking server first
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
     start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": "pipeline"}
-    with mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline"}) as run:
+    with guard.exclusive(Layout().lock("pipeline"), "medssl pipeline in this project"), \
+            mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline",
+                                            tracking.PROCESS_TAG: guard.process_id()}) as run:
+        tracking.end_stale_runs(exp)
         mlflow.log_params(tracking.flat_params(p.model_dump()))
         mlflow.log_artifact(str(params))
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id}
-        rc = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], env=env).returncode
+        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, guard.PIPELINE_PID_ENV: guard.process_id()}
+        rc = _run_tree(["dvc", "repro", *(["--force"] if force else [])], env)
         if rc != 0:
-            err.print(f"[bold red]dvc repro failed (exit {rc}); parent run {run.info.run_id} marked FAILED[/]")
-            raise typer.Exit(rc)
+            tracking.end_stale_runs(exp)  # a stage killed outright leaves its run RUNNING
+            tags = mlflow.get_run(run.info.run_id).data.tags
+            if rc in (-signal.SIGINT, -signal.SIGTERM, 130, 143):
+                tracking.mark_failed_stage(run.info.run_id, tags.get("failed_stage", "dvc repro"),
+                                           f"interrupted (exit {rc})", "KILLED")
+                err.print(f"[bold red]interrupted; dvc repro and its stage ended, parent run {run.info.run_id} KILLED[/]")
+                mlflow.end_run("KILLED")
+                raise typer.Exit(130)
+            stage = tags.get("failed_stage")
+            if stage is None:
+                tracking.mark_failed_stage(run.info.run_id, "dvc repro", f"exit {rc} before any MLflow run failed")
+            err.print(f"[bold red]dvc repro failed (exit {rc}) in {stage or 'dvc repro'}"
+                      f"{': ' + tags['error'] if 'error' in tags else ''}; parent run {run.info.run_id} marked FAILED[/]",
+                      highlight=False)
+            raise typer.Exit(rc if rc > 0 else 1)
         for f in ("dvc.lock", "metrics/test.json", "metrics/export.json", "metrics/data_card.json"):
             if Path(f).is_file():
                 mlflow.log_artifact(f, "pipeline")
@@ -147,12 +206,47 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
             mlflow.log_artifacts("reports", "reports")
         if Path("metrics/export.json").is_file():
             ex = read_json("metrics/export.json")
-            mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"])})
+            mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"]), "promoted": str(ex["promoted"])})
             mlflow.log_metrics({k: v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
-            err.print(f"[bold green]champion {ex['champion']}[/]: {ex['model_uri']} v{ex['version']}, "
+            moved = "now" if ex["promoted"] else "not promoted; alias stays on the current champion:"
+            err.print(f"[bold green]champion {ex['champion']}[/] v{ex['version']} {moved} {ex['reason']}; "
                       f"test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
-                      f"parity {ex['parity_max_abs_diff']:.2e}")
+                      f"parity {ex['parity_max_abs_diff']:.2e}", highlight=False)
         err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
+
+
+def _run_tree(cmd: list[str], env: dict) -> int:
+    """Run `cmd` in its own process group; on SIGINT/SIGTERM end the whole group (SIGTERM, then SIGKILL after
+    30 s) and return the signal as a negative exit. The child also gets SIGTERM if this process dies."""
+    import ctypes
+    import signal
+
+    def die_with_parent():
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=30 if got else None)
+                break
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # stragglers of the group (a stage dvc left behind)
+            os.killpg(proc.pid, signal.SIGTERM)
+        return -got[0] if got else rc
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @app.command()
@@ -160,15 +254,12 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classifier@champion"),
             paths: list[Path] = typer.Argument(..., help="image files and/or folders"),
             out: Optional[Path] = typer.Option(None, "--out", help="CSV file (default: stdout)"),
-            batch_size: int = 256):
+            batch_size: int = 256,
+            fit: str = typer.Option("reject", help="non-square images: reject | crop (centre) | stretch (as MedMNIST)")):
     """Class probabilities for PNG/JPEG images of any size, one CSV row per image."""
-    from medssl import tracking
     from medssl.inference import predict_files, write_rows
 
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking.tracking_uri())
-    rows = predict_files(model_uri, paths, batch_size)
+    rows = predict_files(model_uri, paths, batch_size, fit)
     write_rows(rows, out)
     err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
 

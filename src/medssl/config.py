@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,24 @@ METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v, info):
+        """YAML `true` is not a number: pydantic would read `lr: true` as 1.0."""
+        if isinstance(v, bool) and bool not in _scalar_types(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number or string, got a boolean")
+        return v
+
+
+def _scalar_types(annotation) -> set:
+    """The plain types an annotation admits: float | None -> {float, NoneType}; Literal[...] -> value types."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return {type(a) for a in args}
+    if not args:
+        return {annotation}
+    return set().union(*(_scalar_types(a) for a in args))
 
 
 class GridBudget(_Strict):
@@ -38,13 +56,15 @@ class Folder(_Strict):
     size: int = Field(default=28, ge=8, le=512)  # stored (= ONNX input) resolution
     val: float = Field(default=0.1, gt=0.0, lt=0.5)
     test: float = Field(default=0.2, gt=0.0, lt=0.5)
+    fit: Literal["stretch", "crop", "reject"] = "stretch"  # non-square photos: as MedMNIST | centre square | error
 
 
 class Data(_Strict):
     name: str = "dermamnist"
     source: Literal["npz", "folder"] = "npz"    # folder: `fetch` builds data.path from data.folder
+    npz: str | None = None                      # a user's own npz (read, never written); null: medmnist download
     folder: Folder | None = None
-    path: str = "data/raw/dermamnist.npz"
+    path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads
     image_size: int = Field(default=64, ge=16, le=512)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
@@ -53,6 +73,9 @@ class Data(_Strict):
     def _folder_given(self) -> "Data":
         if self.source == "folder" and self.folder is None:
             raise ValueError("data.source is 'folder' but data.folder (images, csv) is not set")
+        if self.npz is not None and Path(self.npz).resolve() == Path(self.path).resolve():
+            raise ValueError(f"data.npz ({self.npz}) is data.path, the fetch stage's output (DVC replaces it); "
+                             f"keep your file elsewhere and point data.npz at it")
         return self
 
     @field_validator("image_size")
@@ -215,6 +238,16 @@ class Params(_Strict):
                                  f"not configured: {missing}")
         return self
 
+    @model_validator(mode="after")
+    def _fits_image_size(self) -> "Params":
+        size = self.data.image_size
+        if size % self.pretrain.mim.patch:
+            raise ValueError(f"pretrain.mim.patch={self.pretrain.mim.patch} does not divide data.image_size={size} "
+                             f"(MIM masks whole patches)")
+        if self.data.max_eval is not None and self.data.max_eval < 7:
+            raise ValueError("data.max_eval must keep every class in val and test")
+        return self
+
     @property
     def epochs(self) -> Budget:
         return self.budgets[self.budget]
@@ -282,8 +315,6 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        lines = [
-            f"  {'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']} (got {err.get('input')!r})"
-            for err in e.errors()
-        ]
+        lines = [f"  {'.'.join(str(p) for p in err['loc']) or '<cross-field>'}: {err['msg'].removeprefix('Value error, ')}"
+                 + (f" (got {err.get('input')!r:.80})" if err["loc"] else "") for err in e.errors()]
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None

@@ -22,3 +22,19 @@ class ParityError(RuntimeError):
 
 class ImageReadError(ValueError):
     """An input file is not a readable image."""
+
+
+class Diverged(FloatingPointError):
+    """Training left the finite, bounded regime (non-finite or exploding loss, exploding weights)."""
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer."""
+
+
+class Busy(RuntimeError):
+    """Another process is running the same stage or pipeline on the same outputs."""
+
+
+class PromotionError(RuntimeError):
+    """A trained model fails a check that keeps it out of the registry."""

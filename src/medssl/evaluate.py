@@ -20,6 +20,7 @@ from medssl.core.train import scores  # noqa: E402
 from medssl.data.prepare import load_prepared  # noqa: E402
 from medssl.finetune import load_classifier  # noqa: E402
 from medssl.io import read_json, write_json, write_text  # noqa: E402
+from medssl.guard import one_writer
 from medssl.layout import Layout  # noqa: E402
 from medssl.metrics import confusion  # noqa: E402
 
@@ -68,6 +69,7 @@ def _table(rows: dict[str, dict], keys=TABLE_KEYS) -> str:
     return head + "".join(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |\n" for i, m in rows.items())
 
 
+@one_writer(lambda a: "evaluate")
 def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     """Test metrics of the champion's classifier (chosen on validation by `finetune`) and the report."""
     device = pick_device()

@@ -1,10 +1,14 @@
 """Stage `export`: champion chosen on validation -> ONNX (preprocessing inside) -> parity gate -> registry.
 
-Nothing is registered unless ONNX Runtime reproduces PyTorch within `export.parity_tolerance`.
+Nothing is registered unless ONNX Runtime reproduces PyTorch within `export.parity_tolerance` and the model
+beats a constant (majority-class) predictor on validation. A registered version takes the alias only when
+it beats the model holding it on this data version's validation split (both scored here, as ONNX, on the
+same images), or with `--force`; its tags and description say why it was or was not promoted.
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -17,10 +21,12 @@ from mlflow.types.schema import Schema, TensorSpec
 from medssl import tracking
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
-from medssl.errors import ParityError
+from medssl.errors import ParityError, PromotionError
 from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json
+from medssl.guard import one_writer
 from medssl.layout import Layout
+from medssl.metrics import classification_metrics
 from medssl.models.classifier import ExportModel
 
 
@@ -29,14 +35,78 @@ def pip_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}", f"numpy=={np.__version__}"]
 
 
-def run_export(p: Params, lay: Layout = Layout()) -> dict:
-    """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity gate -> registry."""
+@one_writer(lambda a: "export")
+def onnx_scores(path, images: np.ndarray, labels: np.ndarray, classes: list[str], batch: int = 512) -> dict:
+    """Validation metrics of an ONNX model (uint8 images at its input size -> probabilities)."""
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    proba = np.concatenate([sess.run(None, {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)])
+    return classification_metrics(labels, proba.astype(np.float64) / proba.sum(1, keepdims=True), classes)
+
+
+def constant_scores(labels: np.ndarray, classes: list[str]) -> dict:
+    """The same metrics for a model that always answers the majority class of `labels` with certainty."""
+    proba = np.zeros((len(labels), len(classes)))
+    proba[:, np.bincount(labels, minlength=len(classes)).argmax()] = 1.0
+    return classification_metrics(labels, proba, classes)
+
+
+def current_champion(name: str, alias: str) -> "mlflow.entities.model_registry.ModelVersion | None":
+    client = mlflow.MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+def score_version(name: str, version, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
+    """A registered version's validation metrics on these images (resized to its input size if it differs)."""
+    from mlflow.models import Model
+
+    from medssl.data.images import fit_image
+
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    meta = Model.load(local).metadata or {}
+    if list(meta.get("class_names", [])) != list(classes):
+        raise PromotionError(f"models:/{name}/{version} predicts classes {meta.get('class_names')}, not {classes}")
+    h, w = meta["input_size"]
+    if images.shape[1:3] != (h, w):
+        images = np.stack([fit_image(im, (h, w), "stretch") for im in images])
+    return onnx_scores(local / "model.onnx", images, labels, classes)
+
+
+def promotion(p: Params, candidate: dict, champion_version, images, labels, classes, force: bool) -> tuple[bool, str, dict]:
+    """(promote?, why, the current champion's validation metrics or {})."""
+    metric = p.export.select_metric
+    if champion_version is None:
+        return True, f"first model under alias {p.export.alias!r}", {}
+    name, v = p.export.registered_model, champion_version.version
+    try:
+        held = score_version(name, v, images, labels, classes)
+    except Exception as e:  # an unreadable or foreign champion: promote only on request
+        if force:
+            return True, f"--force (current champion v{v} could not be scored: {e})", {}
+        return False, f"current champion v{v} could not be scored on this validation split ({e}); use --force", {}
+    cmp = f"val {metric} {candidate[metric]:.4f} vs current champion v{v} {held[metric]:.4f} (same {len(labels)} images)"
+    if candidate[metric] > held[metric]:
+        return True, f"beats the current champion: {cmp}", held
+    if force:
+        return True, f"--force: {cmp}", held
+    return False, f"does not beat the current champion: {cmp}", held
+
+
+@one_writer(lambda a: "export")
+def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
+    """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity and sanity gates ->
+    registry; the alias moves only to a model that beats the current one on validation (or with `force`)."""
     summary = read_json(lay.finetune_metrics)
     champion = summary["init"]
     model, ckpt = load_classifier(lay, torch.device("cpu"))
     export_model = ExportModel(model, ckpt["image_size"]).eval()
     with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
-        val_raw = z["val_images"][: p.export.parity_images]
+        val_all, val_labels = z["val_images"], z["val_labels"].reshape(-1).astype(np.int64)
+    val_raw = val_all[: p.export.parity_images]
     classes = ckpt["classes"]
     test = read_json(lay.test_metrics)[champion]
     val = summary["val"]
@@ -59,6 +129,16 @@ def run_export(p: Params, lay: Layout = Layout()) -> dict:
                     f"ONNX Runtime differs from PyTorch by {check['parity_max_abs_diff']:.3g} "
                     f"(> export.parity_tolerance {p.export.parity_tolerance:g}) on {check['parity_images']} "
                     f"validation images; {champion} not registered")
+            onnx_val = onnx_scores(tmp, val_all, val_labels, classes)
+            floor = constant_scores(val_labels, classes)
+            metric = p.export.select_metric
+            mlflow.log_metrics({"onnx_val_" + k: onnx_val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")})
+            if not onnx_val[metric] > floor[metric]:
+                raise PromotionError(
+                    f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "
+                    f"majority-class predictor ({floor[metric]:.4f}) on {len(val_labels)} images; not registered")
+            held_by = current_champion(p.export.registered_model, p.export.alias)
+            promote, reason, held = promotion(p, onnx_val, held_by, val_all, val_labels, classes, force)
             os.replace(tmp, ONNX_PATH)
         finally:
             tmp.unlink(missing_ok=True)
@@ -78,16 +158,27 @@ def run_export(p: Params, lay: Layout = Layout()) -> dict:
         )
         mv = mlflow.register_model(info.model_uri, p.export.registered_model)
         client = mlflow.MlflowClient()
-        client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
-        version_tags = {"init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
+        if promote:
+            client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
+        client.update_model_version(p.export.registered_model, mv.version, description=(
+            f"{champion} init, {ckpt['backbone']}, data md5 {data_md5}. "
+            f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}."))
+        version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
+                        **({"compared_with_version": str(held_by.version),
+                            f"champion_val_{metric}": f"{held[metric]:.4f}"} if held else {}),
+                        f"onnx_val_{metric}": f"{onnx_val[metric]:.4f}","init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
                         **{f"val_{k}": f"{v:.4f}" for k, v in val.items()}, **{f"test_{k}": f"{v:.4f}" for k, v in test.items()},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         for k, v in version_tags.items():
             client.set_model_version_tag(p.export.registered_model, mv.version, k, v)
-        mlflow.set_tags({"registered_model": p.export.registered_model, "model_version": mv.version})
+        mlflow.set_tags({"registered_model": p.export.registered_model, "model_version": mv.version,
+                         "promoted": str(promote).lower(), "promotion_reason": reason})
 
-    result = {"champion": champion, "version": int(mv.version), "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
+    result = {"champion": champion, "version": int(mv.version), "promoted": promote, "reason": reason,
+              "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
+              "version_uri": f"models:/{p.export.registered_model}/{mv.version}",
+              f"onnx_val_{metric}": onnx_val[metric], **({f"champion_val_{metric}": held[metric]} if held else {}),
               "onnx_bytes": ONNX_PATH.stat().st_size, **check,
               **{f"val_{k}": val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")},
               **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}

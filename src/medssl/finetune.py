@@ -18,6 +18,7 @@ from medssl.core.rng import generator
 from medssl.core.train import finetune
 from medssl.data.prepare import load_prepared
 from medssl.io import read_json, save_torch, write_csv, write_json
+from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.models.classifier import Classifier
 from medssl.resume import Checkpointer
@@ -77,6 +78,7 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
     return max(means, key=means.get), means
 
 
+@one_writer(lambda a: "finetune")
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
                  on_epoch=None) -> dict:
     """Train the classifier of `init` (default: the champion on validation) on all train images for

@@ -29,6 +29,7 @@ from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
 from medssl.data.sources import Split
 from medssl.finetune import build_classifier
 from medssl.io import save_npz, write_csv, write_json
+from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.resume import Checkpointer
 
@@ -62,6 +63,7 @@ def frozen_encoder(p: Params, init: str, meta: dict, device, seed: int, lay: Lay
     return prepare_model(build_classifier(p, init, meta, seed, lay).backbone, device)
 
 
+@one_writer(lambda a: f"grid-{a['init']}")
 def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
     """All cells of `init`; writes metrics/grid/<init>.json, its fine-tune curves and frozen features."""
     g, b = p.grid, p.epochs.grid

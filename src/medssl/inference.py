@@ -35,7 +35,16 @@ class Predictor:
         import onnxruntime as ort
         from mlflow.models import Model
 
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        from mlflow.exceptions import MlflowException
+
+        from medssl.tracking import existing_store
+
+        existing_store()
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+        except MlflowException as e:
+            raise ValueError(f"{model_uri}: no such model in the registry at {mlflow.get_tracking_uri()} "
+                             f"({e.message.splitlines()[0][:200]}); `medssl pipeline` registers one") from None
         meta = Model.load(local).metadata or {}
         if "class_names" not in meta or "input_size" not in meta:
             raise ValueError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")
@@ -61,26 +70,28 @@ def list_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_image(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """Any size PNG/JPEG -> (h, w, 3) uint8 RGB at the model's input size (bicubic, antialiased)."""
-    from PIL import Image, UnidentifiedImageError
+def read_images(files: list[Path], size: tuple[int, int], fit: str = "reject") -> np.ndarray:
+    """(N, h, w, 3) uint8; every unreadable or unfit file is named in one error, not only the first."""
+    from medssl.data.images import read_image
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size[1], size[0]):
-                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageReadError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
+    out, bad = np.empty((len(files), *size, 3), np.uint8), []
+    for i, f in enumerate(files):
+        try:
+            out[i] = read_image(f, size, fit)
+        except ImageReadError as e:
+            bad.append(str(e))
+    if bad:
+        raise ImageReadError(f"{len(bad)} of {len(files)} image(s) refused:\n  " + "\n  ".join(bad[:50])
+                             + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""))
+    return out
 
 
-def predict_files(model_uri: str, paths: list[Path], batch_size: int = 256) -> list[dict]:
+def predict_files(model_uri: str, paths: list[Path], batch_size: int = 256, fit: str = "reject") -> list[dict]:
     files = list_images(paths)
     if not files:
         raise ImageReadError(f"no PNG/JPEG files in {[str(p) for p in paths]}")
     predictor = Predictor(model_uri)
-    images = np.stack([read_image(f, predictor.input_size) for f in files])
+    images = read_images(files, predictor.input_size, fit)
     proba = predictor.predict(images, batch_size)
     return [
         {"file": str(f), "predicted": predictor.classes[int(p.argmax())],

@@ -22,6 +22,16 @@ class Layout:
         """The raw npz (params data.path), relative to the data root unless absolute."""
         return self.data_root / data_path
 
+    @property
+    def config_check(self) -> Path:
+        """Stage validate's output: constant content, so every stage can wait for it without rerunning."""
+        return self.root / "metrics/config.json"
+
+    @property
+    def data_source(self) -> Path:
+        """Where fetch took the raw data from (source, path, md5): metrics/source.json."""
+        return self.root / "metrics/source.json"
+
     # prepare
     @property
     def prepared(self) -> Path:
@@ -92,6 +102,10 @@ class Layout:
     @property
     def export_metrics(self) -> Path:
         return self.root / "metrics/export.json"
+
+    # one writer at a time (guard.exclusive); not outputs either
+    def lock(self, name: str) -> Path:
+        return self.root / f".medssl/locks/{name}.lock"
 
     # resumable state (not a DVC output: DVC deletes a stage's outputs before it reruns it)
     def resume(self, name: str) -> Path:

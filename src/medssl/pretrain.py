@@ -16,10 +16,12 @@ from medssl.core.rng import generator, seed_of
 from medssl.core.train import pretrain
 from medssl.data.prepare import load_prepared
 from medssl.io import save_torch, write_csv, write_json
+from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.resume import Checkpointer
 
 
+@one_writer(lambda a: f"pretrain-{a['method']}")
 def run_pretrain(p: Params, method: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
     """Train the encoder of `method`; outputs under the Layout (the project for DVC, a trial folder for tuning)."""
     if method not in METHODS:

@@ -12,11 +12,51 @@ from medssl.config import Params
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
+PROCESS_TAG = "medssl.process"  # guard.process_id() of the process that owns a RUNNING run
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A server that goes away mid-run: a few quick retries, not MLflow's default of minutes of back-off.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+_checked: set[str] = set()
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_URI)
+
+
+def existing_store() -> str:
+    """The tracking URI, for commands that only read (predict, serve): the default local store must exist
+    already (MLflow would otherwise create an empty mlflow.db wherever the command runs)."""
+    from medssl.errors import TrackingUnavailable
+
+    uri = tracking_uri()
+    if uri == DEFAULT_URI and not Path("mlflow.db").is_file():
+        raise TrackingUnavailable(f"no MLflow store here ({Path('mlflow.db').resolve()} does not exist); run from the "
+                                  f"project directory or set MLFLOW_TRACKING_URI (e.g. sqlite:////abs/path/mlflow.db)")
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def check_server(uri: str | None = None, timeout: float = 3.0) -> None:
+    """An http(s) tracking URI must answer /health within `timeout` seconds (once per process)."""
+    import requests
+
+    from medssl.errors import TrackingUnavailable
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")) or uri in _checked:
+        return
+    try:
+        r = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        r.raise_for_status()
+    except requests.RequestException as e:
+        reason = type(e).__name__ if not isinstance(e, requests.HTTPError) else f"HTTP {e.response.status_code}"
+        raise TrackingUnavailable(f"MLflow tracking server {uri} does not answer ({reason} within {timeout:g} s); "
+                                  f"start it (`make mlflow-ui`) or set MLFLOW_TRACKING_URI to a running server "
+                                  f"(unset: the local sqlite:///mlflow.db)") from None
+    _checked.add(uri)
 
 
 def experiment_id(p: Params) -> str:
@@ -25,6 +65,7 @@ def experiment_id(p: Params) -> str:
     With the embedded SQLite store, artifacts go to ./mlartifacts (a server decides for itself).
     """
     uri = tracking_uri()
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(p.mlflow.experiment)
     if exp is not None:
@@ -96,20 +137,63 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
 
     An exception inside marks the run FAILED (KILLED when a trial is pruned) and propagates.
     """
+    from medssl.guard import process_id
+
     exp = experiment_id(p)
     parent = parent or parent_run_id()
     if parent:  # a child lives in its parent's experiment (`mlflow run` may have picked another)
         exp = mlflow.get_run(parent).info.experiment_id
+    end_stale_runs(exp)
     with _env_run_hidden():
-        run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, tags=tags, nested=True)
+        run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, nested=True,
+                               tags={**tags, PROCESS_TAG: process_id()})
         try:
             if params:
                 mlflow.log_params(flat_params(params))
             yield run
         except BaseException as e:
-            mlflow.end_run(end_status(e))
+            status = end_status(e)
+            reason = f"{type(e).__name__}: {e}"[:2000]
+            with contextlib.suppress(Exception):  # the failure itself may be the tracking server
+                mlflow.set_tag("error", reason)
+                if parent:
+                    mark_failed_stage(parent, name, reason, status)
+            mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")
+
+
+def mark_failed_stage(parent: str, stage: str, reason: str, status: str = "FAILED") -> None:
+    """Name the stage that ended the pipeline, and why, on the parent run (tags and description)."""
+    client = mlflow.MlflowClient()
+    client.set_tag(parent, "failed_stage", stage)
+    client.set_tag(parent, "error", reason[:2000])
+    client.set_tag(parent, "mlflow.note.content", f"**{stage}** {status.lower()}: {reason}")
+
+
+def end_stale_runs(exp: str) -> list[str]:
+    """Runs left RUNNING by a process that died (kill -9, power loss) on this host -> KILLED, with the reason.
+
+    Each run carries the owner's process id (host, pid, start time); runs of live processes and of other
+    hosts are left alone. Returns the names of the runs ended."""
+    from medssl.guard import alive
+
+    client, ended = mlflow.MlflowClient(), []
+    for run in client.search_runs([exp], "attributes.status = 'RUNNING'", max_results=1000):
+        owner = run.data.tags.get(PROCESS_TAG)
+        if owner is None or alive(owner) is not False:
+            continue
+        name = run.data.tags.get("mlflow.runName", run.info.run_id)
+        reason = f"process {owner} ended without closing the run (found and ended KILLED by a later run)"
+        client.set_tag(run.info.run_id, "killed_reason", reason)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent:
+            with contextlib.suppress(Exception):
+                if "failed_stage" not in client.get_run(parent).data.tags:
+                    mark_failed_stage(parent, name, reason, "KILLED")
+        client.set_terminated(run.info.run_id, "KILLED")
+        ended.append(name)
+    return ended
 
 
 @contextlib.contextmanager

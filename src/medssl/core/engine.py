@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from medssl.errors import Diverged
 from medssl.models.classifier import to_input
 
 # step(idx) -> (loss, {name: scalar tensor}); idx: (B,) int64 positions on the data's device
@@ -57,11 +58,20 @@ def batches(n: int, batch_size: int, gen: torch.Generator | None, device: torch.
             yield idx
 
 
+EXPLODE = 1e4       # a step loss this many times the run's first step loss counts as exploding
+MAX_WEIGHT = 1e6    # so does a parameter of this magnitude (trained weights stay within ~1e2)
+
+
 def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, optimizer: torch.optim.Optimizer,
-                scheduler, gen: torch.Generator, device: torch.device, desc: str = "train") -> dict[str, float]:
-    """One pass over n examples in random order; returns the example-weighted mean of the loss and its parts."""
+                scheduler, gen: torch.Generator, device: torch.device, desc: str = "train", epoch: int = 1,
+                ref_loss: float | None = None) -> dict[str, float]:
+    """One pass over n examples in random order; returns the example-weighted mean of the loss and its parts,
+    and `first_step_loss` (the reference for later epochs' `ref_loss`).
+
+    Raises Diverged ("diverged at epoch N (loss ...)") when a step loss is non-finite or exceeds EXPLODE x the
+    reference (`ref_loss`, else this epoch's first step), or a weight exceeds MAX_WEIGHT; read in the one sync."""
     model.train()
-    sums, seen = None, 0
+    sums, seen, first, peak = None, 0, None, None
     for idx in tqdm(list(batches(n, batch_size, gen, device)), desc=desc, leave=False, disable=None):
         with autocast(device):
             loss, parts = step(idx)
@@ -72,10 +82,21 @@ def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, opt
             scheduler.step()
         vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]) * len(idx)
         sums = vals if sums is None else sums + vals
+        l = loss.detach().float()
+        first = l if first is None else first
+        peak = l if peak is None else torch.maximum(peak, l.nan_to_num(nan=float("inf")))
         seen += len(idx)
     if sums is None:
         raise ValueError(f"{desc}: {n} examples make no batch of two")
-    return dict(zip(["loss", *parts], (sums / seen).tolist()))  # the epoch's one host sync
+    weight = torch.stack([q.detach().abs().max().float() for q in model.parameters()]).max()
+    *means, first, peak, weight = torch.cat([sums / seen, torch.stack([first, peak, weight])]).tolist()  # the one sync
+    ref = first if ref_loss is None else ref_loss
+    out = dict(zip(["loss", *parts], means))
+    if not (math.isfinite(peak) and math.isfinite(weight) and all(map(math.isfinite, means))) \
+            or abs(peak) > EXPLODE * max(abs(ref), 1e-3) or weight > MAX_WEIGHT:
+        raise Diverged(f"{desc}: diverged at epoch {epoch} (loss {out['loss']:.3g}, largest step loss {peak:.3g} vs "
+                       f"first {ref:.3g}, largest weight {weight:.3g}); lower the learning rate")
+    return {**out, "first_step_loss": first}
 
 
 @torch.no_grad()

@@ -90,9 +90,11 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
         return F.cross_entropy(model(x).float(), tr_y[idx], weight=weight, label_smoothing=cfg.label_smoothing), {}
 
     best, curves = (resume or {}).get("best"), list((resume or {}).get("curves", []))
+    ref = (resume or {}).get("ref_loss")
     start = _restore(resume, model, opt, sched, gen)
     for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None, leave=False):
-        train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=f"{desc} epoch {epoch}")
+        fit = train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
+        ref = fit["first_step_loss"] if ref is None else ref
         proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
         tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
         row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
@@ -103,7 +105,8 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
             best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(model.state_dict()),
                     "gap": {k: row[k] for k in row if k.startswith("gap_")}}
         if on_epoch is not None:
-            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves}))
+            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves,
+                                                                         "ref_loss": ref}))
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
                      round(time.time() - t0, 1))
@@ -128,14 +131,16 @@ def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, au
     steps = epochs * (len(images) // bs + (len(images) % bs >= 2))
     sched = warmup_cosine(opt, steps // 10, steps)
     curves = list((resume or {}).get("curves", []))
+    ref = (resume or {}).get("ref_loss")
     start = _restore(resume, model, opt, sched, gen)
     for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None):
-        row = {"epoch": epoch, **train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen),
-                                              len(images), bs, opt, sched, gen, device, desc=f"{desc} epoch {epoch}")}
-        if not np.isfinite(row["loss"]):
-            raise FloatingPointError(f"{desc}: loss is {row['loss']} at epoch {epoch} (diverged; lower the learning rate)")
+        row = train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen), len(images), bs, opt,
+                          sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
+        ref = row.pop("first_step_loss") if ref is None else ref
+        row.pop("first_step_loss", None)
+        row = {"epoch": epoch, **row}
         curves.append(row)
         if on_epoch is not None:
             model.eval()
-            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves}))
+            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
     return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))

@@ -11,6 +11,7 @@ from medssl.config import Params
 from medssl.data.fractions import nested_fractions
 from medssl.io import save_npz, write_json
 from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, load_npz, md5sum
+from medssl.guard import one_writer
 from medssl.layout import Layout
 
 
@@ -34,6 +35,7 @@ def stratified_subset(split: Split, n: int | None, seed: int) -> Split:
     return Split(split.images[idx], split.labels[idx])
 
 
+@one_writer(lambda a: "prepare")
 def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     raw_path = lay.raw(p.data.path)
     splits = load_npz(raw_path)

@@ -32,34 +32,75 @@ def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def run_fetch(p, lay=None) -> Path:
-    """Stage `fetch`: the raw npz at data.path (under the Layout's root), from the configured source."""
+def run_fetch(p, lay=None, source: str | None = None) -> Path:
+    """Stage `fetch`: the raw npz at data.path (under the Layout's root), from the configured source.
+
+    Sources, first match: `source` (a flow parameter), $MEDSSL_DATA_PATH, data.npz (a user's own file: read,
+    never written), data.source=folder (built from images + CSV), an earlier fetch's file, the medmnist
+    download. A source is validated completely before it replaces data.path, so a bad one leaves the good
+    file in place. The stage always runs (DVC cannot see an environment variable or a folder) but rewrites
+    data.path only when its content changes; metrics/source.json records where the data came from."""
+    from medssl.io import write_json
     from medssl.layout import Layout
 
-    target = (lay or Layout()).raw(p.data.path)
-    if p.data.source == "folder":
-        from medssl.data.folder import load_folder, write_npz
+    lay = lay or Layout()
+    target = lay.raw(p.data.path)
+    given = source or os.environ.get(ENV_DATA_PATH) or p.data.npz
+    if given is None and p.data.source == "folder":
+        origin = _fetch_folder(p, target, lay)
+    elif given:
+        fetch(target, given, "data source" if source else ENV_DATA_PATH if os.environ.get(ENV_DATA_PATH) else "data.npz")
+        origin = {"source": "file", "path": str(Path(given).resolve())}
+    else:
+        existed, last = target.is_file(), _record(lay)
+        fetch(target)
+        origin = {k: v for k, v in last.items() if k != "md5"} if existed and last.get("md5") == md5sum(target) \
+            else {"source": "existing file" if existed else "medmnist download", "path": None}
+    write_json(lay.data_source, {**origin, "md5": md5sum(target), "data_path": str(p.data.path)})
+    return target
 
-        f = p.data.folder
-        splits, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed)
+
+def _record(lay) -> dict:
+    import json
+
+    try:
+        return json.loads(lay.data_source.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _fetch_folder(p, target: Path, lay) -> dict:
+    """Build data.path from data.folder, unless the folder, its CSV and the settings are as last time."""
+    from medssl.data.folder import fingerprint, load_folder, write_npz
+
+    f = p.data.folder
+    mark = fingerprint(f.images, f.csv, [f.size, f.val, f.test, f.fit, p.seed])
+    last = _record(lay)
+    if not (target.is_file() and last.get("fingerprint") == mark and last.get("md5") == md5sum(target)):
+        splits, groups = load_folder(f.images, f.csv, f.size, f.val, f.test, p.seed, fit=f.fit)
         write_npz(splits, groups, target)
-        return target
-    return fetch(target)
+    return {"source": "folder", "path": str(Path(f.images).resolve()), "csv": str(Path(f.csv).resolve()),
+            "fingerprint": mark}
 
 
-def fetch(target: str | Path, source: str | None = None) -> Path:
+def fetch(target: str | Path, source: str | None = None, what: str = "data source") -> Path:
     """Make the raw npz available at `target`.
 
-    Order: `source` or $MEDSSL_DATA_PATH (copied in), an existing `target`, then the `medmnist`
-    download. The copy goes through a temporary file so a half-written file never sits at `target`.
+    Order: `source` or $MEDSSL_DATA_PATH (validated, then copied in), an existing `target`, then the
+    `medmnist` download. The copy goes through a temporary file so a half-written file never sits at `target`.
     """
     target = Path(target)
     env = source or os.environ.get(ENV_DATA_PATH)
     if env:
+        what = what if source else ENV_DATA_PATH
         src = Path(env)
         if not src.is_file():
-            raise DataError(f"{'data source' if source else ENV_DATA_PATH}={env}: no such file")
+            raise DataError(f"{what}={env}: no such file")
+        if src.resolve() == target.resolve():
+            raise DataError(f"{what}={env} is data.path, the fetch stage's output (DVC replaces it); keep your "
+                            f"file elsewhere and point {what} at it")
         if not (target.is_file() and md5sum(target) == md5sum(src)):
+            load_npz(src)  # a bad source never replaces a good file
             _atomic_copy(src, target)
         return target
     if target.is_file():
@@ -69,14 +110,17 @@ def fetch(target: str | Path, source: str | None = None) -> Path:
 
         with tempfile.TemporaryDirectory() as tmp:
             medmnist.DermaMNIST(split="train", download=True, root=tmp, size=28)
+            load_npz(Path(tmp) / "dermamnist.npz")
             _atomic_copy(Path(tmp) / "dermamnist.npz", target)
+    except DataError:
+        raise
     except Exception as e:  # network errors come in many types; all mean the same here
         raise DataError(
             f"DermaMNIST not found at {target} and the medmnist download failed "
             f"({type(e).__name__}: {e}). Obtain dermamnist.npz (MedMNIST v2, 28x28: "
             f"`python -m medmnist download --flag dermamnist --size 28` on a machine with internet, "
-            f"or https://zenodo.org/records/10519652), then place it at {target} "
-            f"or set {ENV_DATA_PATH}=/path/to/dermamnist.npz."
+            f"or https://zenodo.org/records/10519652), then set data.npz: /path/to/dermamnist.npz in "
+            f"params.yaml or {ENV_DATA_PATH}=/path/to/dermamnist.npz."
         ) from None
     return target
 
@@ -105,11 +149,39 @@ def load_npz(path: str | Path, num_classes: int = len(DERMAMNIST_CLASSES)) -> di
     sizes = {s: sp.images.shape[1:3] for s, sp in splits.items()}
     if len(set(sizes.values())) != 1:
         raise DataError(f"{path}: splits differ in image size: {sizes}")
-    counts = np.bincount(splits["train"].labels, minlength=num_classes)
-    if (empty := np.flatnonzero(counts == 0)).size:
-        names = [DERMAMNIST_CLASSES[i] if num_classes == len(DERMAMNIST_CLASSES) else str(i) for i in empty]
-        raise DataError(f"{path}: train_labels has no example of class(es) {names}; counts per class {counts.tolist()}")
+    h, w = sizes["train"]
+    if h != w:
+        raise DataError(f"{path}: images are {w}x{h} (width x height); medssl needs square images: "
+                        f"crop or resize them to a square before building the npz")
+    check_classes(splits, str(path), num_classes)
+    check_leaks(splits, str(path))
     return splits
+
+
+def check_classes(splits: dict[str, Split], where: str, num_classes: int = len(DERMAMNIST_CLASSES)) -> None:
+    """Every split holds every class: a split without one scores balanced accuracy and AUC on fewer classes."""
+    for s, sp in splits.items():
+        counts = np.bincount(sp.labels, minlength=num_classes)
+        if (empty := np.flatnonzero(counts == 0)).size:
+            names = [DERMAMNIST_CLASSES[i] if num_classes == len(DERMAMNIST_CLASSES) else str(i) for i in empty]
+            raise DataError(f"{where}: {s} split has no example of class(es) {names}; counts per class "
+                            f"{counts.tolist()}; every split needs every class")
+
+
+def check_leaks(splits: dict[str, Split], where: str, ids: dict[str, np.ndarray] | None = None) -> None:
+    """Refuse pixel-identical images in two splits (a leak from train into val/test), naming them."""
+    first: dict[bytes, tuple[str, int]] = {}
+    leaks = []
+    label = (lambda sp, j: f"{ids[sp][j]} ({sp})") if ids is not None else (lambda sp, j: f"{sp}[{j}]")
+    for s in SPLITS:
+        for i, img in enumerate(splits[s].images):
+            h = hashlib.blake2b(img.tobytes(), digest_size=16).digest()
+            s0, i0 = first.setdefault(h, (s, i))
+            if s0 != s:
+                leaks.append(f"{label(s0, i0)} = {label(s, i)}")
+    if leaks:
+        raise DataError(f"{where}: {len(leaks)} image(s) appear in two splits (identical pixels): {leaks[:20]}"
+                        f"{' ...' if len(leaks) > 20 else ''}; remove the duplicates so no test image is seen in training")
 
 
 def _validate_split(path: Path, split: str, images: np.ndarray, labels: np.ndarray, num_classes: int) -> Split:
