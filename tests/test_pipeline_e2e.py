@@ -80,7 +80,10 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert len(cells) == 3 * (6 + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
     md5 = hashlib.md5(dermamnist.read_bytes()).hexdigest()
     lock = yaml.safe_load((project["dir"] / "dvc.lock").read_text())
-    assert lock["stages"]["fetch"]["outs"][0]["md5"] == md5  # DVC and MLflow agree on the data version
+    raw = [o for o in lock["stages"]["fetch"]["outs"] if o["path"] == "data/raw/dermamnist.npz"]
+    assert raw[0]["md5"] == md5  # DVC and MLflow agree on the data version
+    source = yaml.safe_load((project["dir"] / "metrics/source.json").read_text())
+    assert source["md5"] == md5 and source["path"] == str(dermamnist.resolve())  # and say where it came from
     for r in children.values():
         assert r.info.status == "FINISHED"
         assert r.data.tags["data_md5"] == md5 and r.data.tags["seed"] == "42" and len(r.data.tags["git_commit"]) >= 40
@@ -158,6 +161,7 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
     assert int(mv.version) == ex["version"]
     assert mv.tags["init"] == ex["champion"] and "test_accuracy" in mv.tags and "val_balanced_accuracy" in mv.tags
     assert mv.tags["source_run_id"] == ft["run_id"]
+    assert mv.tags["promoted"] == "true" and "first model" in mv.tags["promotion_reason"] and "Promoted" in mv.description
 
     model = mlflow.pyfunc.load_model("models:/derm-e2e@champion")
     with np.load(d / "data/raw/dermamnist.npz") as z:
@@ -199,14 +203,15 @@ def test_predict_cli_agrees_with_pytorch(project, tmp_path):
 
 def test_dvc_tracks_changes(project):
     d, env = project["dir"], project["env"]
-    assert "Running stage" not in sh(["dvc", "repro"], d, env).stdout  # a second repro does nothing
+    out = sh(["dvc", "repro"], d, env).stdout  # a second repro only re-checks the data source
+    assert [line for line in out.splitlines() if line.startswith("Running stage")] == ["Running stage 'fetch':"], out
     r = sh(["dvc", "status", "--json"], d, env)
-    assert r.stdout.strip() in ("{}", ""), r.stdout
+    assert yaml.safe_load(r.stdout) == {"fetch": ["always changed"]}, r.stdout
     set_params(d / "params.yaml", **{"finetune.lr": 3e-4})
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
-    # stages whose own inputs changed; evaluate and export follow them in the DAG
+    # stages whose own inputs changed (validate reads every key); evaluate and export follow them in the DAG
     grids = {"grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in ("vae", "simclr", "mim"))}
-    assert changed == {"finetune", *grids}
+    assert changed == {"validate", "fetch", "finetune", *grids}
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)
@@ -239,3 +244,150 @@ def test_mlflow_project_entry_point_calls_same_cli(project):
     sh([str(BIN / "mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local", "--experiment-name", "e2e"], d, env)
     runs = [r for r in runs_of("e2e") if r.data.tags.get("mlflow.project.entryPoint") == "evaluate"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+
+
+def export(d, env, *args, check=True):
+    return sh([str(BIN / "medssl"), "export", *args], d, env, check=check)
+
+
+def test_alias_moves_only_to_a_better_model(project):
+    """Re-exporting the same classifier registers a version that ties the champion: it is not promoted, and says
+    why; --force promotes it."""
+    d, env = project["dir"], project["env"]
+    client = mlflow.MlflowClient()
+    held = client.get_model_version_by_alias("derm-e2e", "champion").version
+    r = export(d, env)
+    ex = yaml.safe_load((d / "metrics/export.json").read_text())
+    assert ex["promoted"] is False and "does not beat the current champion" in ex["reason"], ex
+    assert client.get_model_version_by_alias("derm-e2e", "champion").version == held
+    mv = client.get_model_version("derm-e2e", str(ex["version"]))
+    assert mv.tags["promoted"] == "false" and mv.tags["compared_with_version"] == held and "Not promoted" in mv.description
+    assert "not promoted" in r.stderr
+    export(d, env, "--force")
+    ex = yaml.safe_load((d / "metrics/export.json").read_text())
+    assert ex["promoted"] is True and ex["reason"].startswith("--force")
+    assert client.get_model_version_by_alias("derm-e2e", "champion").version == str(ex["version"])
+
+
+def test_constant_predictor_is_never_registered(project, tmp_path):
+    """A classifier that answers one class for every image fails the sanity gate: no version, run FAILED."""
+    d, env = project["dir"], project["env"]
+    copy = tmp_path / "copy"
+    shutil.copytree(d, copy, ignore=shutil.ignore_patterns(".dvc", ".git"))
+    ckpt = torch.load(copy / "models/finetune/model.pt", weights_only=True)
+    for k, v in ckpt["state_dict"].items():
+        if k.startswith("head"):
+            v.zero_()
+            if k.endswith("bias"):
+                v[5] = 10.0  # always "nv", the majority class
+    torch.save(ckpt, copy / "models/finetune/model.pt")
+    client = mlflow.MlflowClient()
+    before = len(client.search_model_versions("name='derm-e2e'"))
+    r = export(copy, env, check=False)
+    assert r.returncode == 2 and "no better than a constant majority-class predictor" in r.stderr, r.stderr[-2000:]
+    assert len(client.search_model_versions("name='derm-e2e'")) == before
+    assert [x for x in runs_of("e2e") if x.info.run_name == "export"][-1].info.status == "FAILED"
+
+
+def test_rest_server_scores_uint8_and_refuses_the_rest(project, tmp_path):
+    """`medssl serve` as a real process: valid uint8 images agree with `medssl predict`'s model; floats, wrong sizes,
+    non-JSON and oversized bodies get 400/413 with a message; SIGTERM ends it."""
+    import json as _json
+    import os
+    import signal
+    import time
+    import urllib.error
+    import urllib.request
+
+    from conftest import free_port, wait_http
+
+    d, env = project["dir"], project["env"]
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "medssl"), "serve", "models:/derm-e2e@champion", "--port", str(port),
+                             "--max-request-mb", "1"], cwd=d, env=env, stdout=(tmp_path / "serve.log").open("w"),
+                            stderr=subprocess.STDOUT)
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def post(body: bytes, ctype="application/json"):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": ctype})
+        try:
+            with direct.open(req, timeout=60) as r:
+                return r.status, _json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, _json.loads(e.read())
+
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        with np.load(d / "data/raw/dermamnist.npz") as z:
+            x = z["test_images"][:16]
+        status, out = post(_json.dumps({"inputs": x.tolist()}).encode())
+        assert status == 200 and np.asarray(out["predictions"]).shape == (16, 7)
+        pyfunc = mlflow.pyfunc.load_model("models:/derm-e2e@champion").predict(x)
+        pyfunc = pyfunc["probabilities"] if isinstance(pyfunc, dict) else np.asarray(pyfunc)
+        assert np.allclose(out["predictions"], pyfunc, atol=1e-5)
+        cases = {
+            "floats in [0, 1]": ({"inputs": (x / 255.0).tolist()}, 400, "multiplied by 255"),
+            "values over 255": ({"inputs": (x.astype(int) + 300).tolist()}, 400, "0..255"),
+            "wrong size": ({"inputs": x[:, :20].tolist()}, 400, "[N, 28, 28, 3]"),
+            "booleans": ({"inputs": (x > 100).tolist()}, 400, "integers"),
+            "no inputs key": ({"images": x.tolist()}, 400, '"inputs"'),
+        }
+        for name, (payload, code, words) in cases.items():
+            status, out = post(_json.dumps(payload).encode())
+            assert status == code and words in out["message"], (name, status, out)
+        assert post(b"{not json")[0] == 400
+        t0 = time.time()
+        status, out = post(b" " * (2 << 20))  # 2 MiB over a 1 MiB limit: refused before it is parsed
+        assert status == 413 and "limit" in out["message"]
+        rss = int(next(line.split()[1] for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmHWM")))
+        print(f"\nREST: 2 MiB body refused (413) in {time.time() - t0:.2f} s; server peak RSS {rss / 1024:.0f} MiB")
+    finally:
+        t0 = time.time()
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+        print(f"SIGTERM: server exited in {time.time() - t0:.1f} s")
+
+
+def test_predict_refuses_what_it_cannot_score_faithfully(project, tmp_path):
+    from PIL import Image
+
+    d, env = project["dir"], project["env"]
+    with np.load(d / "data/raw/dermamnist.npz") as z:
+        img = z["test_images"][0]
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    Image.fromarray(np.zeros((40, 28, 3), np.uint8)).save(folder / "tall.png")
+    Image.fromarray(np.zeros((28, 28, 3), np.uint8)).save(folder / "fine.png")
+    r = sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@champion", str(folder)], d, env, check=False)
+    assert r.returncode == 2 and "tall.png: 28x40" in r.stderr and "--fit" in r.stderr and "fine.png" not in r.stderr
+    r = sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@champion", str(folder), "--fit", "crop"], d, env)
+    assert len(r.stdout.strip().splitlines()) == 3
+    # a 16-bit PNG is scored like its 8-bit original, not as a white image
+    Image.fromarray(img).save(tmp_path / "eight.png")
+    Image.fromarray(img[..., 1].astype(np.uint16) * 257).save(tmp_path / "sixteen.png")
+    Image.fromarray(img[..., 1]).save(tmp_path / "grey.png")
+    rows = sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@champion", str(tmp_path / "sixteen.png"),
+               str(tmp_path / "grey.png")], d, env).stdout.splitlines()
+    assert rows[1].split(",")[1:] == rows[2].split(",")[1:]
+    r = sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@nope", str(tmp_path / "eight.png")], d, env, check=False)
+    assert r.returncode == 2 and "no such model" in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+
+
+def test_diverging_config_never_moves_the_alias(project):
+    """Last in this module (it changes the project): a VAE learning rate of 1e6 stops the pipeline at pretrain-vae
+    with the epoch and loss, the parent run names the stage, and the registry is untouched."""
+    d, env = project["dir"], project["env"]
+    client = mlflow.MlflowClient()
+    held = client.get_model_version_by_alias("derm-e2e", "champion").version
+    versions = len(client.search_model_versions("name='derm-e2e'"))
+    set_params(d / "params.yaml", **{"pretrain.vae.lr": 1.0e6})
+    try:
+        r = sh([str(BIN / "medssl"), "pipeline"], d, env, check=False)
+    finally:
+        sh(["git", "checkout", "params.yaml"], d, env)
+    assert r.returncode != 0 and "diverged at epoch 1" in r.stderr, r.stderr[-3000:]
+    parent = [x for x in runs_of("e2e") if x.data.tags.get("stage") == "pipeline"][-1]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_stage"] == "pretrain-vae"
+    assert "diverged at epoch 1" in parent.data.tags["error"]
+    assert client.get_model_version_by_alias("derm-e2e", "champion").version == held
+    assert len(client.search_model_versions("name='derm-e2e'")) == versions

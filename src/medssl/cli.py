@@ -264,6 +264,20 @@ def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classif
     err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
 
 
+@app.command()
+@_clear_errors
+def serve(model_uri: str = typer.Argument("models:/derm-classifier@champion", help="registered model to serve"),
+          host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
+          port: int = 5001,
+          max_request_mb: float = typer.Option(16.0, help="larger request bodies are refused (413) before they are read"),
+          max_images: int = typer.Option(4096, help="more images in one request are refused (413)"),
+          concurrency: int = typer.Option(4, help="requests in flight at once; more get 503 (bounds memory)")):
+    """REST endpoint: POST uint8 images as {"inputs": [...]} to /invocations; wrong input gets a 400 that says why."""
+    from medssl.serve import serve as run
+
+    run(model_uri, host, port, max_request_mb, max_images, concurrency)
+
+
 def _overrides(sets: list[str] | None) -> dict:
     """["finetune.lr=3e-4", ...] -> {"finetune.lr": 0.0003} (values parsed as YAML)."""
     import yaml

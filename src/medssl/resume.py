@@ -5,6 +5,7 @@ left by a run with other settings is ignored, never resumed from.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +24,12 @@ class Checkpointer:
             state = torch.load(self.path, map_location="cpu", weights_only=False)
         except Exception:  # a state file from another version of the code: start over
             return None
-        return state["state"] if state.get("key") == self.key else None
+        if state.get("key") != self.key:
+            return None
+        s = state["state"]
+        done = f"epoch {s['epoch']}" if "epoch" in s else f"{len(s.get('cells', {}))} cells"
+        print(f"resuming from {self.path}: {done} done", file=sys.stderr, flush=True)
+        return s
 
     def save(self, state) -> None:
         save_torch({"key": self.key, "state": state() if callable(state) else state}, self.path)

@@ -24,9 +24,10 @@ def open_rgb(path: str | Path) -> np.ndarray:
     """An image file -> (H, W, 3) uint8 RGB. Raises ImageReadError naming the file and the reason."""
     from PIL import Image, UnidentifiedImageError
 
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, at our limit (ours below names the size)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > MAX_PIXELS:
@@ -35,8 +36,10 @@ def open_rgb(path: str | Path) -> np.ndarray:
                 return to_rgb(im, path)
     except ImageReadError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageReadError(f"{path}: refused, too many pixels ({e})") from None
+    except Image.DecompressionBombError as e:  # over twice the limit: PIL refuses in open(), before our check
+        px = int("".join(c for c in str(e).split("pixels")[0] if c.isdigit()) or 0)
+        raise ImageReadError(f"{path}: {px / 1e6:.0f} Mpx is over the limit of {MAX_PIXELS / 1e6:.0f} Mpx; "
+                             f"downscale it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(f"{path}: cannot read as an image ({type(e).__name__}: {e})") from None
 
