@@ -170,6 +170,23 @@ def test_killed_pipeline_takes_its_stages_along(small, tmp_path):
     assert r.returncode == 0
 
 
+def test_sigterm_ends_the_pipeline_and_its_stages(small, tmp_path):
+    d, env = small
+    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
+                            stderr=subprocess.STDOUT)
+    wait_for(lambda: proc.poll() is not None or any("medssl grid" in c or "medssl pretrain" in c for c in processes_in(d)),
+             what="a stage running")
+    assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    wait_for(lambda: not processes_in(d), timeout=30, what="the process tree to end")
+    print(f"\nSIGTERM: medssl pipeline and its stages ended in {time.time() - t0:.1f} s")
+    parent = [r for r in runs() if r.data.tags.get("stage") == "pipeline"][-1]
+    assert parent.info.status == "KILLED" and "interrupted" in parent.data.tags["error"], parent.data.tags
+    assert not runs(status="RUNNING")
+
+
 def test_dead_tracking_server_fails_fast(small):
     d, env = small
     dead = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}

@@ -35,7 +35,6 @@ def pip_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}", f"numpy=={np.__version__}"]
 
 
-@one_writer(lambda a: "export")
 def onnx_scores(path, images: np.ndarray, labels: np.ndarray, classes: list[str], batch: int = 512) -> dict:
     """Validation metrics of an ONNX model (uint8 images at its input size -> probabilities)."""
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -8,7 +8,6 @@ Refused with a clear message instead of being scored: a body over `max_bytes` (4
 full), more than `max_images` images (413), non-JSON (400), floats, booleans or values outside 0..255
 (400: float images in [0, 1] would otherwise become black uint8 images), another image size or shape (400).
 """
-from __future__ import annotations
 
 import json
 
