@@ -87,7 +87,9 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
     model = p.export.registered_model
     version = (f"[{model} v{export['version']}]({uri}/#/models/{model}/versions/{export['version']})" if web
                else f"`{model}` v{export['version']}")
-    lines += ["", f"**Champion:** {export['champion']} → `{export['model_uri']}` = {version}; "
+    moved = (f"→ `{export['model_uri']}` = {version}" if export["promoted"]
+             else f"registered as {version}, not promoted (`{export['model_uri']}` unchanged)")
+    lines += ["", f"**Champion:** {export['champion']} {moved}: {export['reason']}; "
               f"ONNX parity max |diff| {export['parity_max_abs_diff']:.2e} on {export['parity_images']} images.",
               "", f"Parent MLflow run: {run_link(parent_id)} ({uri})"]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 _checked: set[str] = set()
+_swept: set[str] = set()
 
 
 def tracking_uri() -> str:
@@ -143,7 +144,9 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
     parent = parent or parent_run_id()
     if parent:  # a child lives in its parent's experiment (`mlflow run` may have picked another)
         exp = mlflow.get_run(parent).info.experiment_id
-    end_stale_runs(exp)
+    if exp not in _swept:  # once per process: runs of processes that died before this one started
+        _swept.add(exp)
+        end_stale_runs(exp)
     with _env_run_hidden():
         run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, nested=True,
                                tags={**tags, PROCESS_TAG: process_id()})
