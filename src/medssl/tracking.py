@@ -159,7 +159,7 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             reason = f"{type(e).__name__}: {e}"[:2000]
             with contextlib.suppress(Exception):  # the failure itself may be the tracking server
                 mlflow.set_tag("error", reason)
-                if parent:
+                if parent and mlflow.get_run(parent).data.tags.get("stage") == "pipeline":  # not a pruned trial's study
                     mark_failed_stage(parent, name, reason, status)
             mlflow.end_run(status)
             raise
@@ -192,7 +192,8 @@ def end_stale_runs(exp: str) -> list[str]:
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent:
             with contextlib.suppress(Exception):
-                if "failed_stage" not in client.get_run(parent).data.tags:
+                ptags = client.get_run(parent).data.tags
+                if ptags.get("stage") == "pipeline" and "failed_stage" not in ptags:
                     mark_failed_stage(parent, name, reason, "KILLED")
         client.set_terminated(run.info.run_id, "KILLED")
         ended.append(name)

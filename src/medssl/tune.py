@@ -109,6 +109,7 @@ def objective_for(p: Params, parent: str, root: Path):
                 raise
             finally:
                 shutil.rmtree(trial_root / "models", ignore_errors=True)  # checkpoints are in MLflow
+                shutil.rmtree(trial_root / ".medssl", ignore_errors=True)  # a trial is never resumed
             value = summary["val"][select]
             mlflow.log_metric("value", value)
             mlflow.set_tag("optuna_state", "COMPLETE")
