@@ -50,16 +50,21 @@ def runs(name=None, status=None):
     return [r for r in out if (name is None or r.info.run_name == name) and (status is None or r.info.status == status)]
 
 
-def processes_in(d: Path) -> list[str]:
-    """Command lines of live processes whose working directory is `d`."""
+def processes_in(d: Path, pids: bool = False) -> list:
+    """Command lines (with pids: (pid, command line)) of live processes whose working directory is `d`."""
     out = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and Path(os.readlink(proc / "cwd")) == d:
-                out.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                out.append((int(proc.name), cmd) if pids else cmd)
         except OSError:
             continue
     return out
+
+
+def stage_processes(d: Path) -> list:
+    return [(pid, cmd) for pid, cmd in processes_in(d, pids=True) if "medssl grid" in cmd or "medssl pretrain" in cmd]
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +173,26 @@ def test_killed_pipeline_takes_its_stages_along(small, tmp_path):
         assert mlflow.get_run(run_id).info.status == "KILLED"
     r = medssl(["validate"], d, env)  # DVC's own locks are free again
     assert r.returncode == 0
+
+
+def test_stage_killed_under_the_pipeline_is_named_on_the_parent(small, tmp_path):
+    """kill -9 of the training process itself: the pipeline fails, its parent run names the stage, and the
+    stage's run (left RUNNING by the dead process) ends KILLED with the reason."""
+    d, env = small
+    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
+                            stderr=subprocess.STDOUT)
+    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
+    assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    pid, cmd = stage_processes(d)[0]
+    name = "-".join(cmd.split("medssl ")[-1].split()[:2])  # e.g. grid-random, pretrain-vae
+    wait_for(lambda: runs(name, "RUNNING"), timeout=60, what=f"run {name}")
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    parent = [r for r in runs() if r.data.tags.get("stage") == "pipeline"][-1]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_stage"] == name, parent.data.tags
+    killed = runs(name)[-1]
+    assert killed.info.status == "KILLED" and "ended without closing the run" in killed.data.tags["killed_reason"]
+    assert name in (tmp_path / "log").read_text()
 
 
 def test_sigterm_ends_the_pipeline_and_its_stages(small, tmp_path):

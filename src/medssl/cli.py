@@ -1,5 +1,5 @@
 """`medssl` command line: one command per pipeline stage (called by dvc.yaml and MLproject), plus
-`pipeline` (a parent MLflow run around `dvc repro`) and `predict`."""
+`pipeline` (a parent MLflow run around `dvc repro`), `predict` and `serve` (REST)."""
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +39,7 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
-                TrackingUnavailable, Busy,
-                FileNotFoundError, ValueError) as e:
+                TrackingUnavailable, Busy, FileNotFoundError, ValueError) as e:
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:

@@ -35,9 +35,9 @@ def md5sum(path: str | Path, chunk: int = 1 << 20) -> str:
 def run_fetch(p, lay=None, source: str | None = None) -> Path:
     """Stage `fetch`: the raw npz at data.path (under the Layout's root), from the configured source.
 
-    Sources, first match: `source` (a flow parameter), $MEDSSL_DATA_PATH, data.npz (a user's own file: read,
-    never written), data.source=folder (built from images + CSV), an earlier fetch's file, the medmnist
-    download. A source is validated completely before it replaces data.path, so a bad one leaves the good
+    Sources, first match: `source` (a flow parameter), data.source=folder (built from images + CSV),
+    $MEDSSL_DATA_PATH, data.npz (a user's own file: read, never written), an earlier fetch's file, the
+    medmnist download. A source is validated completely before it replaces data.path, so a bad one leaves the good
     file in place. The stage always runs (DVC cannot see an environment variable or a folder) but rewrites
     data.path only when its content changes; metrics/source.json records where the data came from."""
     from medssl.io import write_json
@@ -46,7 +46,7 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
     lay = lay or Layout()
     target = lay.raw(p.data.path)
     given = source or os.environ.get(ENV_DATA_PATH) or p.data.npz
-    if given is None and p.data.source == "folder":
+    if p.data.source == "folder" and not source:  # configured explicitly: $MEDSSL_DATA_PATH is for npz sources
         origin = _fetch_folder(p, target, lay)
     elif given:
         fetch(target, given, "data source" if source else ENV_DATA_PATH if os.environ.get(ENV_DATA_PATH) else "data.npz")
