@@ -17,7 +17,8 @@ def onnx_providers() -> list[str]:
     """CUDA when a GPU is really usable, else CPU only (asking for CUDA on a CPU host logs errors)."""
     import onnxruntime as ort
 
-    if "CUDAExecutionProvider" in ort.get_available_providers():
+    gpu = Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
+    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():  # no torch import (~500 MiB) on CPU hosts
         import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
 
         if torch.cuda.is_available():
