@@ -157,20 +157,21 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         )
         mv = mlflow.register_model(info.model_uri, p.export.registered_model)
         client = mlflow.MlflowClient()
-        if promote:
-            client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
         client.update_model_version(p.export.registered_model, mv.version, description=(
             f"{champion} init, {ckpt['backbone']}, data md5 {data_md5}. "
             f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}."))
         version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
                         **({"compared_with_version": str(held_by.version),
                             f"champion_val_{metric}": f"{held[metric]:.4f}"} if held else {}),
-                        f"onnx_val_{metric}": f"{onnx_val[metric]:.4f}","init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
+                        f"onnx_val_{metric}": f"{onnx_val[metric]:.4f}",
+                        "init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
                         **{f"val_{k}": f"{v:.4f}" for k, v in val.items()}, **{f"test_{k}": f"{v:.4f}" for k, v in test.items()},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         for k, v in version_tags.items():
             client.set_model_version_tag(p.export.registered_model, mv.version, k, v)
+        if promote:  # last: the alias never points at a version whose record is incomplete
+            client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
         mlflow.set_tags({"registered_model": p.export.registered_model, "model_version": mv.version,
                          "promoted": str(promote).lower(), "promotion_reason": reason})
 
