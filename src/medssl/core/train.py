@@ -136,8 +136,8 @@ def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, au
     for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None):
         row = train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen), len(images), bs, opt,
                           sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
-        ref = row.pop("first_step_loss") if ref is None else ref
-        row.pop("first_step_loss", None)
+        first = row.pop("first_step_loss")
+        ref = first if ref is None else ref
         row = {"epoch": epoch, **row}
         curves.append(row)
         if on_epoch is not None:
