@@ -64,7 +64,14 @@ def processes_in(d: Path, pids: bool = False) -> list:
 
 
 def stage_processes(d: Path) -> list:
-    return [(pid, cmd) for pid, cmd in processes_in(d, pids=True) if "medssl grid" in cmd or "medssl pretrain" in cmd]
+    """The stage processes themselves, not the `sh -c "medssl ..."` wrapper DVC runs them in when $SHELL is
+    unset or dash (bash execs the command in place, dash does not)."""
+    return [(pid, cmd) for pid, cmd in processes_in(d, pids=True)
+            if ("medssl grid" in cmd or "medssl pretrain" in cmd) and " -c " not in f" {cmd} "]
+
+
+def no_leftovers(d: Path) -> None:
+    wait_for(lambda: not processes_in(d), timeout=60, what="processes of an earlier test to end")
 
 
 @pytest.fixture(scope="module")
@@ -157,10 +164,10 @@ def test_grid_killed_resumes_with_the_same_cells(small, tmp_path):
 
 def test_killed_pipeline_takes_its_stages_along(small, tmp_path):
     d, env = small
+    no_leftovers(d)
     log = tmp_path / "pipeline.log"
     proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or any("medssl grid" in c or "medssl pretrain" in c for c in processes_in(d)),
-             what="a stage running")
+    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
     assert proc.poll() is None, log.read_text()[-3000:]
     stage_runs = {r.info.run_id for r in runs(status="RUNNING") if r.data.tags.get("stage") != "pipeline"}
     os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the stages must notice on their own
@@ -179,6 +186,7 @@ def test_stage_killed_under_the_pipeline_is_named_on_the_parent(small, tmp_path)
     """kill -9 of the training process itself: the pipeline fails, its parent run names the stage, and the
     stage's run (left RUNNING by the dead process) ends KILLED with the reason."""
     d, env = small
+    no_leftovers(d)
     proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
                             stderr=subprocess.STDOUT)
     wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
@@ -197,10 +205,10 @@ def test_stage_killed_under_the_pipeline_is_named_on_the_parent(small, tmp_path)
 
 def test_sigterm_ends_the_pipeline_and_its_stages(small, tmp_path):
     d, env = small
+    no_leftovers(d)
     proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
                             stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or any("medssl grid" in c or "medssl pretrain" in c for c in processes_in(d)),
-             what="a stage running")
+    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
     assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)

@@ -240,12 +240,38 @@ def _run_tree(cmd: list[str], env: dict) -> int:
                 break
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):  # stragglers of the group (a stage dvc left behind)
-            os.killpg(proc.pid, signal.SIGTERM)
+        _end_group(proc.pid)  # stragglers: e.g. a stage whose `sh -c` wrapper died before it
         return -got[0] if got else rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+def _end_group(pgid: int, grace: float = 30.0) -> None:
+    """SIGTERM what is left of process group `pgid` and wait until it is gone (SIGKILL after `grace` s), so a
+    stage's run is closed, or its process dead, before the caller looks for stale runs."""
+    import signal
+    import time
+
+    def empty() -> bool:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp; zombies are already dead
+                    return False
+        return True
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline, killed = time.monotonic() + grace, False
+    while not empty():
+        if time.monotonic() > deadline:
+            if killed:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.1)
 
 
 @app.command()

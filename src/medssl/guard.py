@@ -47,7 +47,15 @@ def alive(process: str) -> bool | None:
         return None
     if host != socket.gethostname():
         return None
-    return _start_ticks(int(pid)) == ticks != "?"
+    return _start_ticks(int(pid)) == ticks != "?" and not _zombie(int(pid))
+
+
+def _zombie(pid: int) -> bool:
+    """Dead but not yet reaped by its parent (kill -9 of a child whose parent has not waited yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 @contextlib.contextmanager
