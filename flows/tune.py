@@ -1,7 +1,8 @@
-"""Prefect flow `medssl-tune`: an Optuna study over the VAE and fine-tuning hyperparameters.
+"""Prefect flow `medssl-tune`: one Optuna study per init over the same fine-tune space (plus the method's own
+pretraining hyperparameters for SSL inits), the same trial budget each.
 
 Same code as `medssl tune`: TPE sampler, median / successive-halving pruner fed with per-epoch
-validation values, one MLflow parent run with a nested run per trial, best values -> tuned.yaml.
+validation values, one MLflow parent run with a nested run per trial, best values per init -> tuned.yaml.
 """
 from __future__ import annotations
 
@@ -33,23 +34,30 @@ def study_task(p, params_path: str, n_trials: int | None, storage: str | None, w
 @flow(name="medssl-tune", log_prints=True)
 def tune(n_trials: int | None = None, storage: str | None = None, workers: int = 1, epochs: int | None = None,
          pretrain_epochs: int | None = None, max_train: int | None = None, max_eval: int | None = None,
-         pruner: str | None = None, params_path: str = "params.yaml") -> dict:
+         pruner: str | None = None, tune_inits: list[str] | None = None, params_path: str = "params.yaml") -> dict:
     """Tune with params.yaml (not tuned.yaml) as the starting point; writes the best values to tune.output."""
     os.chdir(ROOT)
     base = load_params(params_path, tuned=False)
     over = run_overrides(base, epochs=epochs, pretrain_epochs=pretrain_epochs, max_train=max_train, max_eval=max_eval)
     if pruner is not None:
         over["tune.pruner"] = pruner
+    if tune_inits is not None:
+        over["tune.inits"] = tune_inits
     p = load_params(params_path, over, tuned=False)
     prepared = prepare_task.submit(p)
     r = study_task.submit(p, params_path, n_trials, storage, workers, over, wait_for=[prepared]).result()
-    rows = "\n".join(f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in r["best_params"].items())
+    rows = []
+    for init, st in r["studies"].items():
+        values = ", ".join(f"`{k}` {v:.4g}" if isinstance(v, float) else f"`{k}` {v}" for k, v in st["best_params"].items())
+        rows.append(f"| {init} | {st['trials']} ({st['COMPLETE']} complete, {st['PRUNED']} pruned, {st['FAIL']} failed) | "
+                    f"{st['best_value']:.4f} | {values} |")
     create_markdown_artifact(
-        f"# medssl-tune: study `{r['study']}`\n\n{r['trials']} trials: {r['COMPLETE']} complete, {r['PRUNED']} pruned, "
-        f"{r['FAIL']} failed. Best trial {r['best_trial']}: val `{p.export.select_metric}` = {r['best_value']:.4f}.\n\n"
-        f"| parameter | value |\n|---|---|\n{rows}\n\nWritten to `{r['output']}`; MLflow parent run `{r['run_id']}`.",
-        key="medssl-tune", description="Optuna study summary")
-    get_run_logger().info("best trial %s: %.4f -> %s", r["best_trial"], r["best_value"], r["output"])
+        f"# medssl-tune: one study per init, {r['n_trials']} trials each\n\n"
+        f"| init | trials | best val `{p.export.select_metric}` | chosen values |\n|---|---|---|---|\n" + "\n".join(rows)
+        + f"\n\nWritten to `{r['output']}` under `tuned.<init>`; MLflow parent run `{r['run_id']}`.",
+        key="medssl-tune", description="Optuna studies per init")
+    for init, st in r["studies"].items():
+        get_run_logger().info("%s: best trial %s: %.4f", init, st["best_trial"], st["best_value"])
     return r
 
 

@@ -32,10 +32,16 @@ def model(seed: int) -> Classifier:
 def cells_of(seed: int, x, y) -> list[dict]:
     """A few cells of one seed: fine-tune at two fractions, linear and k-NN probes of the seed's encoder."""
     jobs = [j for j in plan(y["pool"], [0.5, 1.0], [], [seed])]
-    out = [finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, 1, 16, "balanced_accuracy", CLASSES,
-                         torch.device("cpu"))[0] for j in jobs]
+    out = []
+    for j in jobs:
+        cell, _, probas = finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, 1, 16, "balanced_accuracy",
+                                        CLASSES, torch.device("cpu"))
+        out.append((cell, probas["test"].tolist()))
     feats = {s: extract_features(model(seed).backbone, v) for s, v in x.items()}
-    out += [probe_cell("random", pr, j, feats, y, ["val", "test"], GRID, CLASSES) for j in jobs for pr in ("linear", "knn")]
+    for j in jobs:
+        for pr in ("linear", "knn"):
+            cell, probas = probe_cell("random", pr, j, feats, y, ["val", "test"], GRID, CLASSES)
+            out.append((cell, probas["test"].tolist()))
     return out
 
 

@@ -86,7 +86,8 @@ def test_resize_and_stratified_subset():
 
 def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     p = load_params("params.yaml")
-    assert p.inits.all == ["random", "imagenet", "vae", "simclr", "mim"] and p.epochs.finetune_epochs >= 1
+    assert p.inits.all == ["random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim"]
+    assert p.epochs.finetune_epochs >= 1 and p.tune_inits == p.inits.all
     assert p.grid.protocols == ["linear", "finetune", "knn"] and len(p.grid.seeds) >= 3
     assert p.grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
     bad = tmp_path / "params.yaml"

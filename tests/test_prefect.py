@@ -94,20 +94,28 @@ def test_failing_task_fails_flow_and_mlflow_run(prefect_stack, mlflow_server):
 
 
 def test_tune_deployment_agrees_with_study_and_best_file(prefect_stack, mlflow_server):
+    """Fair tuning through the deployment: one study per init, the same trial budget, each init's best values
+    under its own key in tuned.yaml."""
     import optuna
     import yaml
 
-    r = deployment_run(prefect_stack, "medssl-tune/dermamnist", "n_trials=3", "epochs=1", "pretrain_epochs=1",
-                       "max_train=256", "max_eval=128")
+    r = deployment_run(prefect_stack, "medssl-tune/dermamnist", "n_trials=2", "epochs=1", "pretrain_epochs=1",
+                       "max_train=256", "max_eval=128", 'tune_inits=["imagenet", "vae"]')
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     d = prefect_stack["dir"]
-    study = optuna.load_study(study_name="medssl-dermamnist", storage=f"sqlite:///{d}/optuna.db")
-    assert len(study.trials) == 3
-    tuned = yaml.safe_load((d / "tuned.yaml").read_text())
-    assert tuned["finetune"]["weight_decay"] == pytest.approx(study.best_params["weight_decay"])
+    tuned = yaml.safe_load((d / "tuned.yaml").read_text())["tuned"]
+    assert set(tuned) == {"imagenet", "vae"}
     mlflow.set_tracking_uri(mlflow_server)
     parent = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
               if x.data.tags.get("stage") == "tune"][0]
     trials = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
                                 filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(trials) == 3 and parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    assert sorted(t.data.tags["init"] for t in trials) == ["imagenet", "imagenet", "vae", "vae"]
+    for init in ("imagenet", "vae"):
+        study = optuna.load_study(study_name=f"medssl-dermamnist-{init}", storage=f"sqlite:///{d}/optuna.db")
+        assert len(study.trials) == 2
+        assert tuned[init]["finetune"]["weight_decay"] == pytest.approx(study.best_params["finetune.weight_decay"])
+        assert parent.data.metrics[f"{init}/best_value"] == pytest.approx(study.best_value)
+    assert "pretrain" not in tuned["imagenet"]  # a baseline has no pretraining to tune
+    assert tuned["vae"]["pretrain"]["vae"]["beta"] == pytest.approx(
+        optuna.load_study(study_name="medssl-dermamnist-vae", storage=f"sqlite:///{d}/optuna.db").best_params["pretrain.vae.beta"])

@@ -98,7 +98,8 @@ def prepare(params: Path = PARAMS):
 @app.command()
 @_clear_errors
 def pretrain(method: str, params: Path = PARAMS):
-    """Self-supervised pretraining of the backbone on unlabelled train images."""
+    """Self-supervised pretraining of the backbone on unlabelled train images (METHOD: an SSL init, e.g. simclr or
+    imagenet-simclr, SimCLR continued from ImageNet weights)."""
     from medssl.pretrain import run_pretrain
 
     s = run_pretrain(_params(params), method)
@@ -325,7 +326,7 @@ def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, hel
          storage: Optional[str] = typer.Option(None, help="default tune.storage"),
          workers: int = typer.Option(1, help="processes sharing the study (needs PostgreSQL or journal storage)"),
          sets: Optional[list[str]] = SETS):
-    """Optuna study over VAE + fine-tuning hyperparameters; writes the best values to tune.output."""
+    """One Optuna study per init (tune.inits), same space and trial budget; best values per init -> tune.output."""
     from medssl.config import load_params
     from medssl.data.prepare import run_prepare
     from medssl.data.sources import run_fetch
@@ -337,8 +338,10 @@ def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, hel
     run_fetch(p)
     run_prepare(p)
     r = run_tune(p, params, n_trials, storage, workers, over)
-    err.print(f"study {r['study']}: {r['trials']} trials ({r['COMPLETE']} complete, {r['PRUNED']} pruned, {r['FAIL']} failed); "
-              f"best trial {r['best_trial']} val {r['best_value']:.4f} -> {r['output']}")
+    for init, s in r["studies"].items():
+        err.print(f"{init}: study {s['study']}, {s['trials']} trials ({s['COMPLETE']} complete, {s['PRUNED']} pruned, "
+                  f"{s['FAIL']} failed); best trial {s['best_trial']} val {s['best_value']:.4f}", highlight=False)
+    err.print(f"best values per init -> {r['output']} (MLflow run {r['run_id']})")
 
 
 @app.command("tune-worker", hidden=True)

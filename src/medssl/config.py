@@ -12,6 +12,8 @@ from medssl.errors import ConfigError
 BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
 BASELINE_INITS = ("random", "imagenet")
 SSL_METHODS = ("vae", "simclr", "mim")
+HYBRIDS = {"imagenet-simclr": "simclr", "imagenet-mim": "mim"}  # the method continued from ImageNet weights
+SSL_INITS = (*SSL_METHODS, *HYBRIDS)
 PROTOCOLS = ("linear", "finetune", "knn")
 METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
@@ -91,9 +93,14 @@ class Model(_Strict):
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
 
 
+def method_of(init: str) -> str:
+    """The pretraining method of an SSL init: imagenet-simclr -> simclr; vae -> vae."""
+    return HYBRIDS.get(init, init)
+
+
 class Inits(_Strict):
     baselines: list[Literal[BASELINE_INITS]] = ["random", "imagenet"]
-    ssl: list[Literal[SSL_METHODS]] = ["vae"]
+    ssl: list[Literal[SSL_INITS]] = ["vae"]    # imagenet-<method>: the method pretrained from ImageNet weights
 
     @property
     def all(self) -> list[str]:
@@ -201,12 +208,19 @@ class Export(_Strict):
 
 
 class Tune(_Strict):
-    n_trials: int = Field(default=6, ge=1)
+    n_trials: int = Field(default=6, ge=1)  # per init: every init gets the same search and the same budget
     storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL, or journal:<file> for parallel workers
-    study_name: str = "medssl-dermamnist"
-    init: Literal[SSL_METHODS] = "vae"     # each trial pretrains this method, then fine-tunes from it
+    study_name: str = "medssl-dermamnist"  # one study per init: <study_name>-<init>
+    inits: list[str] | None = None         # null: every init in `inits`
     pruner: Literal["median", "successive_halving", "none"] = "median"
     output: str = "tuned.yaml"
+
+
+class TunedInit(_Strict):
+    """Values `medssl tune` chose for one init, merged over params.yaml's sections when that init trains."""
+    finetune: dict = {}
+    pretrain: dict = {}
+    study: dict = {}                       # where they came from: study, trials, best value, MLflow run
 
 
 class Mlflow(_Strict):
@@ -226,6 +240,7 @@ class Params(_Strict):
     export: Export = Export()
     tune: Tune = Tune()
     mlflow: Mlflow = Mlflow()
+    tuned: dict[str, TunedInit] = {}       # init -> tuned values (tuned.yaml, written by `medssl tune`)
 
     @model_validator(mode="after")
     def _budget_exists(self) -> "Params":
@@ -248,9 +263,42 @@ class Params(_Strict):
             raise ValueError("data.max_eval must keep every class in val and test")
         return self
 
+    @model_validator(mode="after")
+    def _tune_and_tuned_inits(self) -> "Params":
+        unknown = [i for i in (self.tune.inits or []) if i not in self.inits.all]
+        if unknown:
+            raise ValueError(f"tune.inits {unknown} are not configured in inits ({self.inits.all})")
+        for init, t in self.tuned.items():
+            bad = [k for k in t.pretrain if k != method_of(init)]
+            if bad:
+                raise ValueError(f"tuned.{init}.pretrain may only hold {method_of(init)!r} values, got {bad}")
+            for section in ("finetune", "pretrain"):
+                try:  # every tuned value is checked like the params.yaml value it replaces
+                    type(getattr(self, section)).model_validate(deep_merge(getattr(self, section).model_dump(),
+                                                                           getattr(t, section)))
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    loc = ".".join(str(x) for x in err["loc"])
+                    raise ValueError(f"tuned.{init}.{section}.{loc}: {err['msg']} (got {err.get('input')!r:.80})") from None
+        return self
+
     @property
     def epochs(self) -> Budget:
         return self.budgets[self.budget]
+
+    @property
+    def tune_inits(self) -> list[str]:
+        return self.tune.inits or self.inits.all
+
+    def for_init(self, init: str) -> "Params":
+        """This configuration with the values tuned for `init` merged over `finetune` and `pretrain`."""
+        t = self.tuned.get(init)
+        if t is None or not (t.finetune or t.pretrain):
+            return self
+        raw = self.model_dump()
+        raw["finetune"] = deep_merge(raw["finetune"], t.finetune)
+        raw["pretrain"] = deep_merge(raw["pretrain"], t.pretrain)
+        return Params.model_validate(raw)
 
 
 def _read_yaml(path: Path) -> dict:

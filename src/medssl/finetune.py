@@ -2,8 +2,9 @@
 
 The champion init is chosen on validation from the grid's fine-tune cells at 100 % labels (mean over
 seeds of export.select_metric); test metrics play no part. Tuning trials call run_finetune for any init.
-Identical for every init: backbone architecture, head, optimiser, schedule, augmentation, batch size,
-data; only the backbone's starting weights differ.
+Identical for every init: backbone architecture, head, optimiser, schedule, batch size, data and budget;
+the backbone's starting weights differ, and so do the hyperparameters when `medssl tune` has chosen them per
+init (the same search and trial budget for every init; tuned.yaml).
 """
 from __future__ import annotations
 
@@ -83,10 +84,11 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                  on_epoch=None) -> dict:
     """Train the classifier of `init` (default: the champion on validation) on all train images for
     budgets.<b>.finetune_epochs; best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning)."""
-    cfg, epochs, select = p.finetune, p.epochs.finetune_epochs, p.export.select_metric
     candidates = None
     if init is None:
         init, candidates = choose_champion(p, lay)
+    p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
+    cfg, epochs, select = p.finetune, p.epochs.finetune_epochs, p.export.select_metric
     device = pick_device()
     splits, meta = load_prepared(lay)
     classes = meta["classes"]
@@ -97,7 +99,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                                                          "seed": p.seed, "md5": meta["raw_md5"], "model": p.model.model_dump()})
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
-            "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed)}
+            "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
               "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}

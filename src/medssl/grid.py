@@ -65,7 +65,9 @@ def frozen_encoder(p: Params, init: str, meta: dict, device, seed: int, lay: Lay
 
 @one_writer(lambda a: f"grid-{a['init']}")
 def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
-    """All cells of `init`; writes metrics/grid/<init>.json, its fine-tune curves and frozen features."""
+    """All cells of `init`; writes metrics/grid/<init>.json, its fine-tune curves, frozen features and the cells'
+    held-out probabilities. Fine-tune cells use the values tuned for `init` (tuned.yaml), else params.yaml's."""
+    p = p.for_init(init)
     g, b = p.grid, p.epochs.grid
     device = pick_device()
     data, meta = grid_data(p, lay)
@@ -76,12 +78,15 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     jobs = plan(y["pool"], g.fractions, g.imbalance, g.seeds)
     state = Checkpointer(lay.resume(f"grid-{init}"), {"init": init, "grid": g.model_dump(), "budget": b.model_dump(),
                                                       "finetune": p.finetune.model_dump(), "model": p.model.model_dump(),
-                                                      "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric})
-    done = state.load() or {"cells": {}, "curves": []}
+                                                      "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric,
+                                                      "with": "probas"})  # states of earlier code lack them
+    done = state.load() or {"cells": {}, "curves": [], "probas": {}}
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "grid", "init": init, "method": init}
     params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
-              "n_pool": len(y["pool"]), "backbone": p.model.backbone, "image_size": p.data.image_size}
+              "n_pool": len(y["pool"]), "backbone": p.model.backbone, "image_size": p.data.image_size,
+              **tracking.flat_params({"finetune": p.finetune.model_dump()})}
+    tags["tuned"] = str(init in p.tuned)
     with tracking.model_run(p, f"grid-{init}", tags, params, parent) as run:
         t0 = time.time()
         feats = {}  # encoder seed -> split -> (N, D) features on the device
@@ -101,12 +106,12 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                 if key in done["cells"]:
                     continue
                 if protocol == "finetune":
-                    done["cells"][key], rows = _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay,
-                                                              run.info.run_id)
+                    done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
+                                                                                   classes, device, lay, run.info.run_id)
                     done["curves"] += rows
                 else:
-                    done["cells"][key] = probe_cell(init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)],
-                                                    y, scored, g, classes)
+                    done["cells"][key], done["probas"][key] = probe_cell(
+                        init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)], y, scored, g, classes)
                 state.save(done)
         cells = [done["cells"][f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
         seconds = round(time.time() - t0, 1)
@@ -118,6 +123,8 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                 mlflow.log_metric(f"test_balanced_accuracy_{protocol}_f{f:g}", float(np.mean(vals)))
         result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
                   "seconds": seconds, "run_id": run.info.run_id, "cells": cells}
+        save_npz(lay.grid_probas(init), **{f"{s}_y": y[s] for s in scored if s != "val"},
+                 **{f"{s}/{key}": pr for key, probas in done["probas"].items() for s, pr in probas.items()})
         write_json(lay.grid_cells(init), result)
         mlflow.log_artifact(str(lay.grid_cells(init)), "grid")
     write_csv(lay.grid_curves(init), done["curves"])
@@ -133,11 +140,12 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
     with tracking.model_run(p, f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}", tags,
                             {"n_train": len(job.idx), "epochs": b.epochs, "seed": job.seed}, parent):
         cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight})
-        cell, fit = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
-                                  b.epochs, b.max_eval, p.export.select_metric, classes, device)
+        cell, fit, probas = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
+                                          b.epochs, b.max_eval, p.export.select_metric, classes, device)
         tracking.log_curves(fit.curves, {f"test_{k}": v for k, v in cell["test"].items()} | {"best_epoch": fit.best_epoch})
     rows = []
     if job.regime == "fractions":
         rows = [{"fraction": job.fraction, "seed": job.seed, "epoch": r["epoch"], "val_balanced_accuracy": r["val_balanced_accuracy"],
-                 "gap_accuracy": r["gap_accuracy"], "gap_loss": r["gap_loss"]} for r in fit.curves]
-    return cell, rows
+                 "train_loss": r["train_loss"], "val_loss": r["val_loss"], "gap_accuracy": r["gap_accuracy"],
+                 "gap_loss": r["gap_loss"]} for r in fit.curves]
+    return cell, rows, probas

@@ -62,6 +62,10 @@ class Layout:
     def grid_features(self, init: str) -> Path:
         return self.root / f"models/grid/{init}/features.npz"
 
+    def grid_probas(self, init: str) -> Path:
+        """Held-out (test, shift) class probabilities of every cell, for the paired statistics."""
+        return self.root / f"models/grid/{init}/probas.npz"
+
     def grid_curves(self, init: str) -> Path:
         return self.root / f"plots/grid/{init}.csv"
 

@@ -1,4 +1,5 @@
-"""Stage `pretrain@<method>`: a self-supervised encoder trained on unlabelled train images only.
+"""Stage `pretrain@<init>`: a self-supervised encoder trained on unlabelled train images only (from random
+weights, or from ImageNet weights for the imagenet-<method> hybrids), with the values tuned for that init.
 
 The shell around core.train.pretrain: data from the Layout, MLflow logging per epoch (loss, parts,
 diagnostic images), a resumable per-epoch checkpoint, the encoder and its curves on disk.
@@ -9,7 +10,7 @@ import mlflow
 import torch
 
 from medssl import tracking
-from medssl.config import Params
+from medssl.config import HYBRIDS, SSL_INITS, Params, method_of
 from medssl.core.engine import pick_device
 from medssl.core.methods import METHODS
 from medssl.core.rng import generator, seed_of
@@ -18,41 +19,48 @@ from medssl.data.prepare import load_prepared
 from medssl.io import save_torch, write_csv, write_json
 from medssl.guard import one_writer
 from medssl.layout import Layout
+from medssl.models.backbones import build_backbone
 from medssl.resume import Checkpointer
 
 
-@one_writer(lambda a: f"pretrain-{a['method']}")
-def run_pretrain(p: Params, method: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
-    """Train the encoder of `method`; outputs under the Layout (the project for DVC, a trial folder for tuning)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown pretraining method {method!r}; known: {sorted(METHODS)}")
+@one_writer(lambda a: f"pretrain-{a['init']}")
+def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
+    """Train the encoder of SSL init `init` (a method, or imagenet-<method>: the method started from ImageNet
+    weights) with the values tuned for it; outputs under the Layout (the project for DVC, a trial folder for tuning)."""
+    if init not in SSL_INITS:
+        raise ValueError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
+    p, method = p.for_init(init), method_of(init)
     cfg, epochs, bs = getattr(p.pretrain, method), p.epochs.pretrain_epochs, p.pretrain.batch_size
     device = pick_device()
     splits, meta = load_prepared(lay)
     images = torch.from_numpy(splits["train"].images).to(device)  # labels are never read here
     shown = torch.from_numpy(splits["val"].images[:8]).to(device)
     m = METHODS[method](cfg, p.model.backbone, p.data.image_size, meta["mean"], meta["std"], generator(p.seed))
-    ckpt = Checkpointer(lay.resume(f"pretrain-{method}"), {"method": method, "cfg": cfg.model_dump(), "epochs": epochs,
-                                                           "bs": bs, "seed": p.seed, "md5": meta["raw_md5"]})
+    start = "imagenet" if init in HYBRIDS else "random"
+    if start == "imagenet":  # continue from the supervised ImageNet weights (the method's head stays random)
+        m.model.encoder.load_state_dict(build_backbone(p.model.backbone, meta["mean"], meta["std"], imagenet=True)[0].state_dict())
+    ckpt = Checkpointer(lay.resume(f"pretrain-{init}"), {"init": init, "cfg": cfg.model_dump(), "epochs": epochs,
+                                                         "bs": bs, "seed": p.seed, "md5": meta["raw_md5"]})
 
-    tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "pretrain", "method": method, "init": method}
-    params = {"method": method, "epochs": epochs, "batch_size": bs, **cfg.model_dump(), "backbone": p.model.backbone,
-              "image_size": p.data.image_size, "n_unlabelled": len(images), "seed": p.seed}
-    with tracking.model_run(p, f"pretrain-{method}", tags, params, parent) as run:
-        diag_gen = generator(seed_of("diagnostics", method, p.seed), device)
+    tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "pretrain", "method": method, "init": init,
+            "tuned": str(init in p.tuned)}
+    params = {"method": method, "start": start, "epochs": epochs, "batch_size": bs, **cfg.model_dump(),
+              "backbone": p.model.backbone, "image_size": p.data.image_size, "n_unlabelled": len(images), "seed": p.seed}
+    with tracking.model_run(p, f"pretrain-{init}", tags, params, parent) as run:
+        diag_gen = generator(seed_of("diagnostics", init, p.seed), device)
 
         def on_epoch(epoch, row, state):
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             for name, img in m.diagnostics(shown, diag_gen).items():
-                mlflow.log_image(img, artifact_file=f"{method}/{name}_epoch{epoch:03d}.png")
+                mlflow.log_image(img, artifact_file=f"{init}/{name}_epoch{epoch:03d}.png")
             ckpt.save(state)
 
-        res = pretrain(m, images, cfg, bs, epochs, p.finetune.augment, p.seed, device, desc=f"pretrain {method}",
+        res = pretrain(m, images, cfg, bs, epochs, p.finetune.augment, p.seed, device, desc=f"pretrain {init}",
                        on_epoch=on_epoch, resume=ckpt.load())
-        save_torch({"backbone": p.model.backbone, "method": method, "state_dict": res.encoder}, lay.encoder(method))
+        save_torch({"backbone": p.model.backbone, "method": method, "init": init, "state_dict": res.encoder}, lay.encoder(init))
         summary = {**res.curves[-1], "first_loss": res.curves[0]["loss"], "seconds": res.seconds, "run_id": run.info.run_id}
         mlflow.log_metric("seconds", res.seconds)
-    write_csv(lay.pretrain_curves(method), res.curves)
-    write_json(lay.pretrain_metrics(method), summary)
+    write_csv(lay.pretrain_curves(init), res.curves)
+    write_json(lay.pretrain_metrics(init), summary)
     ckpt.clear()
     return summary

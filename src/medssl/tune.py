@@ -1,8 +1,11 @@
-"""Optuna search over VAE and fine-tuning hyperparameters; every trial is a nested MLflow run.
+"""Optuna search, one study per init with the same space and the same trial budget; every trial is a nested MLflow run.
 
-A trial pretrains `tune.init` (the VAE) and fine-tunes from it with the same stage functions
-that dvc.yaml calls, under `tune/<study>/trial_<n>/`. Per-epoch validation values feed the pruner.
-Several workers (processes or machines) share one study through PostgreSQL or a journal file.
+A trial of init `i` pretrains i's method (SSL inits, with that method's own hyperparameters in the space)
+and fine-tunes from it with the same stage functions that dvc.yaml calls, under
+`tune/<study>-<i>/trial_<n>/`; baselines fine-tune only. Per-epoch validation values feed the pruner.
+The best values of each init go to tuned.yaml under `tuned.<init>`; every stage trains an init with its
+own values (Params.for_init). Several workers (processes or machines) share the studies through
+PostgreSQL or a journal file.
 """
 from __future__ import annotations
 
@@ -17,42 +20,50 @@ import optuna
 import yaml
 
 from medssl import tracking
-from medssl.config import ConfigError, Params, set_dotted
+from medssl.config import BASELINE_INITS, ConfigError, Params, method_of, set_dotted
 from medssl.finetune import run_finetune
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
-# Optuna parameter name -> params.yaml key
-SEARCH_SPACE = {
-    "vae_latent_dim": "pretrain.vae.latent_dim",
-    "vae_beta": "pretrain.vae.beta",
-    "vae_lr": "pretrain.vae.lr",
-    "lr": "finetune.lr",
-    "weight_decay": "finetune.weight_decay",
-    "augment_strength": "finetune.augment.strength",
-    "label_smoothing": "finetune.label_smoothing",
-    "frozen_blocks": "finetune.frozen_blocks",
+# The same fine-tune space for every init; an SSL init adds its method's own pretraining hyperparameters.
+# Optuna parameter names are the params.yaml keys they set.
+FINETUNE_SPACE = {
+    "finetune.lr": lambda t, k: t.suggest_float(k, 1e-4, 3e-3, log=True),
+    "finetune.weight_decay": lambda t, k: t.suggest_float(k, 1e-6, 1e-2, log=True),
+    "finetune.augment.strength": lambda t, k: t.suggest_float(k, 0.0, 0.75),
+    "finetune.label_smoothing": lambda t, k: t.suggest_float(k, 0.0, 0.2),
+    "finetune.frozen_blocks": lambda t, k: t.suggest_int(k, 0, 6),
+}
+PRETRAIN_SPACE = {
+    "vae": {"pretrain.vae.latent_dim": lambda t, k: t.suggest_categorical(k, [32, 64, 128, 256]),
+            "pretrain.vae.beta": lambda t, k: t.suggest_float(k, 0.1, 4.0, log=True),
+            "pretrain.vae.lr": lambda t, k: t.suggest_float(k, 1e-4, 3e-3, log=True)},
+    "simclr": {"pretrain.simclr.temperature": lambda t, k: t.suggest_float(k, 0.1, 1.0, log=True),
+               "pretrain.simclr.min_scale": lambda t, k: t.suggest_float(k, 0.08, 0.6),
+               "pretrain.simclr.lr": lambda t, k: t.suggest_float(k, 3e-4, 5e-3, log=True)},
+    "mim": {"pretrain.mim.mask_ratio": lambda t, k: t.suggest_float(k, 0.3, 0.8),
+            "pretrain.mim.lr": lambda t, k: t.suggest_float(k, 1e-4, 3e-3, log=True)},
 }
 
 
-def suggest(trial: optuna.Trial) -> dict:
-    return {
-        "vae_latent_dim": trial.suggest_categorical("vae_latent_dim", [32, 64, 128, 256]),
-        "vae_beta": trial.suggest_float("vae_beta", 0.1, 4.0, log=True),
-        "vae_lr": trial.suggest_float("vae_lr", 1e-4, 3e-3, log=True),
-        "lr": trial.suggest_float("lr", 1e-4, 3e-3, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True),
-        "augment_strength": trial.suggest_float("augment_strength", 0.0, 0.75),
-        "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.2),
-        "frozen_blocks": trial.suggest_int("frozen_blocks", 0, 6),
-    }
+def space(init: str) -> dict:
+    """The search space of `init`: params.yaml key -> suggest(trial, key)."""
+    return {**FINETUNE_SPACE, **({} if init in BASELINE_INITS else PRETRAIN_SPACE[method_of(init)])}
+
+
+def suggest(trial: optuna.Trial, init: str) -> dict:
+    return {key: draw(trial, key) for key, draw in space(init).items()}
 
 
 def with_values(p: Params, values: dict) -> Params:
     raw = p.model_dump()
-    for name, v in values.items():
-        raw = set_dotted(raw, SEARCH_SPACE[name], v)
+    for key, v in values.items():
+        raw = set_dotted(raw, key, v)
     return Params.model_validate(raw)
+
+
+def study_name(p: Params, init: str) -> str:
+    return f"{p.tune.study_name}-{init}"
 
 
 def storage_of(url: str) -> optuna.storages.BaseStorage | str:
@@ -72,27 +83,31 @@ def pruner_of(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
-def load_study(p: Params, storage: str, worker: int = 0) -> optuna.Study:
+def load_study(p: Params, init: str, storage: str, worker: int = 0) -> optuna.Study:
     return optuna.create_study(
-        study_name=p.tune.study_name, storage=storage_of(storage), direction="maximize", load_if_exists=True,
+        study_name=study_name(p, init), storage=storage_of(storage), direction="maximize", load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=p.seed + worker), pruner=pruner_of(p.tune.pruner),
     )
 
 
-def objective_for(p: Params, parent: str, root: Path):
+def objective_for(p: Params, init: str, parent: str, root: Path):
     client = mlflow.MlflowClient()
     select = p.export.select_metric
+    ssl = init not in BASELINE_INITS
 
     def objective(trial: optuna.Trial) -> float:
-        values = suggest(trial)
+        values = suggest(trial, init)
         pt = with_values(p, values)
         trial_root = root / f"trial_{trial.number:04d}"
-        tags = {**tracking.base_tags(p), "stage": "tune-trial", "optuna_study": p.tune.study_name,
-                "optuna_trial": str(trial.number), "init": p.tune.init}
-        with tracking.model_run(p, f"trial-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"}, parent) as run:
+        lay = Layout(trial_root, data_root=Path("."))
+        tags = {**tracking.base_tags(p), "stage": "tune-trial", "optuna_study": study_name(p, init),
+                "optuna_trial": str(trial.number), "init": init}
+        with tracking.model_run(p, f"trial-{init}-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"},
+                                parent) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             try:
-                run_pretrain(pt, p.tune.init, Layout(trial_root, data_root=Path(".")), parent=run.info.run_id)
+                if ssl:
+                    run_pretrain(pt, init, lay, parent=run.info.run_id)
 
                 def on_epoch(epoch: int, value: float) -> None:
                     client.log_metric(run.info.run_id, f"val_{select}", value, step=epoch)
@@ -100,7 +115,7 @@ def objective_for(p: Params, parent: str, root: Path):
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_{select} {value:.4f})")
 
-                summary = run_finetune(pt, p.tune.init, Layout(trial_root, data_root=Path(".")), parent=run.info.run_id, on_epoch=on_epoch)
+                summary = run_finetune(pt, init, lay, parent=run.info.run_id, on_epoch=on_epoch)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna_state", "PRUNED")
                 raise
@@ -119,10 +134,12 @@ def objective_for(p: Params, parent: str, root: Path):
 
 
 def optimize(p: Params, storage: str, n_trials: int, parent: str, worker: int = 0) -> None:
-    """Run n_trials trials of the shared study in this process; failures are recorded, not fatal."""
+    """n_trials trials of every init's study in this process; failures are recorded, not fatal."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = load_study(p, storage, worker)
-    study.optimize(objective_for(p, parent, Path("tune") / p.tune.study_name), n_trials=n_trials, catch=(Exception,))
+    for init in p.tune_inits:
+        study = load_study(p, init, storage, worker)
+        study.optimize(objective_for(p, init, parent, Path("tune") / study_name(p, init)), n_trials=n_trials,
+                       catch=(Exception,))
 
 
 def split_trials(n: int, workers: int) -> list[int]:
@@ -138,14 +155,18 @@ def check_storage(storage: str, workers: int) -> None:
 
 def run_tune(p: Params, params_path: Path, n_trials: int | None = None, storage: str | None = None,
              workers: int = 1, overrides: dict | None = None) -> dict:
-    """One study = one MLflow parent run; `workers` processes share it. Writes the best values to tune.output."""
+    """One study per init in tune.inits, n_trials each, in one MLflow parent run; `workers` processes share
+    them. Writes each init's best values to tune.output under `tuned.<init>` (other inits' entries are kept)."""
     n_trials = n_trials or p.tune.n_trials
     storage = storage or p.tune.storage
     check_storage(storage, workers)
-    load_study(p, storage)  # create it once, before workers race to
-    tags = {**tracking.base_tags(p), "stage": "tune", "optuna_study": p.tune.study_name, "optuna_storage": storage.split("@")[-1]}
-    with tracking.model_run(p, f"tune-{p.tune.study_name}", tags, {"n_trials": n_trials, "workers": workers,
-                                                                    "pruner": p.tune.pruner, "sampler": "TPE"}) as run:
+    for init in p.tune_inits:
+        load_study(p, init, storage)  # create them once, before workers race to
+    tags = {**tracking.base_tags(p), "stage": "tune", "optuna_study": p.tune.study_name,
+            "optuna_storage": storage.split("@")[-1], "tune_inits": ",".join(p.tune_inits)}
+    with tracking.model_run(p, f"tune-{p.tune.study_name}", tags, {"n_trials_per_init": n_trials, "workers": workers,
+                                                                    "pruner": p.tune.pruner, "sampler": "TPE",
+                                                                    "inits": ",".join(p.tune_inits)}) as run:
         shares = split_trials(n_trials, workers)
         procs = []
         for w, share in enumerate(shares[1:], start=1):
@@ -160,25 +181,35 @@ def run_tune(p: Params, params_path: Path, n_trials: int | None = None, storage:
         if any(codes):
             raise RuntimeError(f"tuning workers exited with {codes}")
 
-        study = load_study(p, storage)
-        states = [t.state.name for t in study.trials]
-        counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
-        mlflow.log_metrics({f"trials_{k.lower()}": v for k, v in counts.items()})
-        if not counts["COMPLETE"]:
-            raise RuntimeError(f"study {p.tune.study_name}: no trial completed ({counts})")
-        best = study.best_trial
-        tuned: dict = {}
-        for name, value in best.params.items():
-            tuned = set_dotted(tuned, SEARCH_SPACE[name], value)
         out = params_path.parent / p.tune.output
+        previous = {}
+        if out.is_file():
+            previous = (yaml.safe_load(out.read_text()) or {}).get("tuned") or {}
+        tuned, results = dict(previous), {}
+        for init in p.tune_inits:
+            study = load_study(p, init, storage)
+            states = [t.state.name for t in study.trials]
+            counts = {s: states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")}
+            mlflow.log_metrics({f"{init}/trials_{k.lower()}": v for k, v in counts.items()})
+            if not counts["COMPLETE"]:
+                raise RuntimeError(f"study {study.study_name}: no trial completed ({counts})")
+            best = study.best_trial
+            entry: dict = {}
+            for key, value in best.params.items():
+                entry = set_dotted(entry, key, value)
+            entry["study"] = {"name": study.study_name, "trials": len(study.trials), **{k.lower(): v for k, v in counts.items()},
+                              "best_trial": best.number, f"best_val_{p.export.select_metric}": round(best.value, 6),
+                              "mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
+            tuned[init] = entry
+            results[init] = {"study": study.study_name, "trials": len(study.trials), **counts, "best_value": best.value,
+                             "best_trial": best.number, "best_params": best.params}
+            mlflow.log_metric(f"{init}/best_value", best.value)
+            mlflow.set_tag(f"best_run_id.{init}", best.user_attrs.get("mlflow_run_id", ""))
         tmp = out.with_name(f".{out.name}.tmp")
-        tmp.write_text(f"# Best of study {p.tune.study_name}: trial {best.number}, val {p.export.select_metric} "
-                       f"{best.value:.4f} (MLflow run {best.user_attrs.get('mlflow_run_id')}). Written by medssl tune.\n"
-                       + yaml.safe_dump(tuned, sort_keys=True))
+        tmp.write_text(f"# Best values per init: {n_trials} Optuna trials each (TPE, {p.tune.pruner} pruner), "
+                       f"objective val {p.export.select_metric}. Written by medssl tune (MLflow run {run.info.run_id}).\n"
+                       "# Every stage trains an init with params.yaml merged with its entry here.\n"
+                       + yaml.safe_dump({"tuned": tuned}, sort_keys=True))
         tmp.replace(out)
         mlflow.log_artifact(str(out))
-        mlflow.log_metric("best_value", best.value)
-        mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-        mlflow.set_tags({"best_trial": str(best.number), "best_run_id": best.user_attrs.get("mlflow_run_id", "")})
-        return {"study": p.tune.study_name, "trials": len(study.trials), **counts, "best_value": best.value,
-                "best_trial": best.number, "best_params": best.params, "output": str(out), "run_id": run.info.run_id}
+        return {"studies": results, "n_trials": n_trials, "output": str(out), "run_id": run.info.run_id}

@@ -66,10 +66,16 @@ def make_cell(init: str, protocol: str, job: Job, sc: dict, **extra) -> dict:
             "gap_accuracy": gap["accuracy"], "gap_balanced_accuracy": gap["balanced_accuracy"], **extra}
 
 
+def held_out(probas: dict[str, torch.Tensor], scored: list[str]) -> dict[str, np.ndarray]:
+    """The probabilities the paired statistics resample: test (and shift), (N, C) float32 on the CPU."""
+    return {s: probas[s].float().cpu().numpy() for s in scored if s != "val"}
+
+
 def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor], y: dict[str, np.ndarray],
-               scored: list[str], grid, classes: list[str]) -> dict:
+               scored: list[str], grid, classes: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
     """A frozen-feature cell. feats: split -> (N, D) features on the device, with "pool"; y: split -> labels.
-    grid: the grid section (linear_c, linear_class_weight, knn_k). Scored on its own training rows and `scored`."""
+    grid: the grid section (linear_c, linear_class_weight, knn_k). Scored on its own training rows and `scored`.
+    Returns the cell and its held-out probabilities (held_out)."""
     nc = len(classes)
     sel = torch.as_tensor(job.idx, device=feats["pool"].device)
     tr_x, tr_y = feats["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=sel.device).long()
@@ -81,15 +87,17 @@ def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor
     else:
         raise ValueError(f"unknown frozen-feature protocol {protocol!r}")
     labels = {"train": y["pool"][job.idx], **{s: y[s] for s in scored}}
-    parts = torch.split(proba, [len(labels[s]) for s in labels])
-    return make_cell(init, protocol, job, {s: kept(scores(labels[s], part, classes)) for s, part in zip(labels, parts)})
+    parts = dict(zip(labels, torch.split(proba, [len(labels[s]) for s in labels])))
+    cell = make_cell(init, protocol, job, {s: kept(scores(labels[s], part, classes)) for s, part in parts.items()})
+    return cell, held_out(parts, scored)
 
 
 def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
                   scored: list[str], cfg, epochs: int, max_eval: int | None, select: str, classes: list[str],
-                  device: torch.device, on_epoch=None) -> tuple[dict, FitResult]:
+                  device: torch.device, on_epoch=None) -> tuple[dict, FitResult, dict[str, np.ndarray]]:
     """A fine-tune cell: `model` (a Classifier built for this init and seed) trained on the job's subset, best
-    epoch on validation, then scored on the held-out splits. x: split -> (N, S, S, 3) uint8 on the device."""
+    epoch on validation, then scored on the held-out splits. x: split -> (N, S, S, 3) uint8 on the device.
+    Returns the cell, the fit (curves) and the held-out probabilities."""
     sel = torch.as_tensor(job.idx, device=device)
     tr_x, tr_y = x["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=device).long()
     sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[: max_eval or len(job.idx)], device=device)
@@ -97,6 +105,6 @@ def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torc
                    job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch)
     model.load_state_dict(fit.state)
     # train subset and val were scored at the best epoch inside finetune; only the held-out splits remain
-    sc = {"train": kept(fit.train), "val": kept(fit.val),
-          **{s: kept(scores(y[s], predict_proba(model, x[s]), classes)) for s in scored if s != "val"}}
-    return make_cell(init, "finetune", job, sc, best_epoch=fit.best_epoch), fit
+    probas = {s: predict_proba(model, x[s]) for s in scored if s != "val"}
+    sc = {"train": kept(fit.train), "val": kept(fit.val), **{s: kept(scores(y[s], pr, classes)) for s, pr in probas.items()}}
+    return make_cell(init, "finetune", job, sc, best_epoch=fit.best_epoch), fit, held_out(probas, scored)
