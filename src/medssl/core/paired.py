@@ -1,0 +1,103 @@
+"""Paired comparison of two inits scored on the same test images, as in the grid: the same label subsets per
+seed, so differences pair over seeds; the test images are a sample too, so they are bootstrapped.
+
+    boot = Bootstrap(y_test, n_boot=2000, seed=0)        # one stratified resample set for every comparison
+    a = boot.replicates(probas_a)  # probas_a: (S, N, C), seeds in the same order as for b -> {metric: (S, B)}
+    d = paired_difference(a, boot.replicates(probas_b), "balanced_accuracy", seed=0)
+    # {"diff": mean over seeds on the full test set, "lo", "hi": 95 % percentile interval, "p": two-sided}
+    holm([d1["p"], d2["p"], ...])                        # Holm-adjusted p values of one family
+
+Each bootstrap replicate resamples test images within each class (class counts kept) and seeds with
+replacement (a hierarchical bootstrap: image sampling and training randomness). Pure numpy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+METRICS = ("balanced_accuracy", "auc_macro")
+
+
+def stratified_counts(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, N) resampling counts: within each class, as many draws with replacement as it has images."""
+    rng = np.random.default_rng(seed)
+    w = np.zeros((n_boot, len(y)), np.float32)
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1 / len(idx)), size=n_boot)
+    return w
+
+
+def weighted_balanced_accuracy(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """Balanced accuracy (mean recall over the classes present in y) under each row of weights w (B, N) -> (B,)."""
+    correct = (proba.argmax(1) == y).astype(np.float32)
+    recalls = [(w[:, y == c] @ correct[y == c]) / w[:, y == c].sum(1) for c in np.unique(y)]
+    return np.mean(recalls, 0)
+
+
+def weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """ROC AUC of `score` for the binary labels `positive` under each row of weights w (B, N) -> (B,).
+
+    Rank form: each positive earns the weight of the negatives scored below it, half of those tied with it."""
+    order = np.argsort(score, kind="stable")
+    s, pos, ws = score[order], positive[order], w[:, order]
+    new = np.r_[True, s[1:] != s[:-1]]
+    starts, group = np.flatnonzero(new), np.cumsum(new) - 1
+    neg_w = ws * ~pos
+    neg_group = np.add.reduceat(neg_w, starts, axis=1)        # (B, G) negative weight per tie group
+    credit = np.cumsum(neg_group, 1) - 0.5 * neg_group          # below + half of the ties
+    pos_w = ws[:, pos]
+    return (pos_w * credit[:, group[pos]]).sum(1) / (pos_w.sum(1) * neg_w.sum(1))
+
+
+def weighted_auc_macro(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """One-vs-rest macro AUC over the classes present in y, under each row of w (B, N) -> (B,)."""
+    return np.mean([weighted_auc(w, y == c, proba[:, c]) for c in np.unique(y)], 0)
+
+
+class Bootstrap:
+    """One set of stratified resamples of a test split, shared by every comparison on it (so they pair)."""
+
+    def __init__(self, y: np.ndarray, n_boot: int = 2000, seed: int = 0):
+        self.y = np.asarray(y)
+        self.w = stratified_counts(self.y, n_boot, seed)
+        self.ones = np.ones((1, len(self.y)), np.float32)
+
+    def replicates(self, probas: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """probas (S, N, C) of S seeds -> metric -> (values on the full split (S,), replicates (S, B))."""
+        out = {}
+        for metric, fn in (("balanced_accuracy", weighted_balanced_accuracy), ("auc_macro", weighted_auc_macro)):
+            full = np.array([fn(self.ones, self.y, p)[0] for p in probas])
+            out[metric] = full, np.stack([fn(self.w, self.y, p) for p in probas])
+        return out
+
+
+def paired_difference(a: dict, b: dict, metric: str, seed: int = 0) -> dict:
+    """a - b in `metric`, from Bootstrap.replicates of two inits (same seeds, same order, same Bootstrap).
+
+    diff: mean over seeds of the per-seed difference on the full split. Replicate r: the mean difference over
+    seeds drawn with replacement, each on image resample r. lo, hi: 2.5 and 97.5 percentiles; p: two-sided
+    bootstrap p value of "no difference"."""
+    (fa, ra), (fb, rb) = a[metric], b[metric]
+    if ra.shape != rb.shape:
+        raise ValueError(f"unpaired comparison: {ra.shape} vs {rb.shape} (seeds x resamples)")
+    d = ra - rb                                                      # (S, B)
+    n_seeds, n_boot = d.shape
+    pick = np.random.default_rng(seed).integers(0, n_seeds, (n_boot, n_seeds))
+    reps = d[pick, np.arange(n_boot)[:, None]].mean(1)              # (B,)
+    lo, hi = np.percentile(reps, [2.5, 97.5])
+    tail = min((reps <= 0).sum(), (reps >= 0).sum())
+    return {"diff": float((fa - fb).mean()), "lo": float(lo), "hi": float(hi),
+            "p": float(min(1.0, 2 * (tail + 1) / (n_boot + 1)))}
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm-Bonferroni adjusted p values (step-down; family-wise error rate)."""
+    p = np.asarray(p_values, float)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out

@@ -1,0 +1,85 @@
+"""Paired bootstrap on known cases: weighted metrics agree with scikit-learn, a fixed difference is found,
+equal models get an interval that covers zero, Holm's adjustment matches a hand computation."""
+import numpy as np
+import pytest
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+from medssl.core.paired import Bootstrap, holm, paired_difference, stratified_counts, weighted_auc, weighted_auc_macro, \
+    weighted_balanced_accuracy
+
+RNG = np.random.default_rng(0)
+Y = np.repeat(np.arange(4), [120, 60, 30, 30])  # imbalanced, as the test split
+
+
+def probas_with_accuracy(y: np.ndarray, correct: np.ndarray, rng) -> np.ndarray:
+    """(N, C) probabilities whose argmax is y where `correct`, another class elsewhere; noisy scores."""
+    n, c = len(y), y.max() + 1
+    p = rng.random((n, c))
+    wrong = (y + 1 + rng.integers(0, c - 1, n)) % c
+    target = np.where(correct, y, wrong)
+    p[np.arange(n), target] += 1.5
+    return p / p.sum(1, keepdims=True)
+
+
+def test_stratified_counts_keep_class_sizes():
+    w = stratified_counts(Y, 50, seed=1)
+    for c, n in zip(range(4), [120, 60, 30, 30]):
+        assert (w[:, Y == c].sum(1) == n).all()
+    assert (w == stratified_counts(Y, 50, seed=1)).all() and not (w == stratified_counts(Y, 50, seed=2)).all()
+
+
+def test_weighted_metrics_match_scikit_learn_with_sample_weights():
+    proba = probas_with_accuracy(Y, RNG.random(len(Y)) < 0.7, RNG)
+    tied = proba.copy()
+    tied[:40, 0] = tied[40:80, 0]  # ties in class 0's scores
+    w = stratified_counts(Y, 5, seed=3)
+    for row in w:
+        assert weighted_balanced_accuracy(row[None], Y, proba)[0] == pytest.approx(
+            balanced_accuracy_score(Y, proba.argmax(1), sample_weight=row))
+        for c in range(4):
+            assert weighted_auc(row[None], Y == c, tied[:, c])[0] == pytest.approx(
+                roc_auc_score(Y == c, tied[:, c], sample_weight=row))
+    ones = np.ones((1, len(Y)))
+    assert weighted_auc_macro(ones, Y, proba)[0] == pytest.approx(roc_auc_score(Y, proba, multi_class="ovr", average="macro"))
+
+
+def test_a_fixed_difference_is_found():
+    """Model a is right on every image b is right on, plus 12 % more in every class, in every seed."""
+    boot = Bootstrap(Y, n_boot=1000, seed=0)
+    a, b = [], []
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        u = rng.random(len(Y))
+        b.append(probas_with_accuracy(Y, u < 0.6, rng))
+        a.append(probas_with_accuracy(Y, u < 0.72, rng))
+    d = paired_difference(boot.replicates(np.stack(a)), boot.replicates(np.stack(b)), "balanced_accuracy")
+    assert d["diff"] == pytest.approx(0.12, abs=0.04)
+    assert 0 < d["lo"] < d["diff"] < d["hi"] and d["p"] < 0.01
+    back = paired_difference(boot.replicates(np.stack(b)), boot.replicates(np.stack(a)), "balanced_accuracy")
+    assert back["diff"] == pytest.approx(-d["diff"]) and back["hi"] < 0
+
+
+def test_equal_models_get_an_interval_covering_zero():
+    """Two inits of the same quality (independent errors at the same rate): no difference is claimed."""
+    boot = Bootstrap(Y, n_boot=1000, seed=0)
+    rng = np.random.default_rng(7)
+    a = np.stack([probas_with_accuracy(Y, rng.random(len(Y)) < 0.65, rng) for _ in range(3)])
+    b = np.stack([probas_with_accuracy(Y, rng.random(len(Y)) < 0.65, rng) for _ in range(3)])
+    for metric in ("balanced_accuracy", "auc_macro"):
+        d = paired_difference(boot.replicates(a), boot.replicates(b), metric)
+        assert d["lo"] < 0 < d["hi"] and d["p"] > 0.05, (metric, d)
+    same = paired_difference(boot.replicates(a), boot.replicates(a), "auc_macro")
+    assert same["diff"] == same["lo"] == same["hi"] == 0 and same["p"] == 1
+
+
+def test_unpaired_inputs_are_refused():
+    boot = Bootstrap(Y, n_boot=100, seed=0)
+    a = np.stack([probas_with_accuracy(Y, RNG.random(len(Y)) < 0.6, RNG) for _ in range(3)])
+    with pytest.raises(ValueError, match="unpaired"):
+        paired_difference(boot.replicates(a), boot.replicates(a[:2]), "balanced_accuracy")
+
+
+def test_holm_matches_a_hand_computation():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and len(holm([])) == 0
