@@ -76,6 +76,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
         return f"[{run_id[:8]}]({uri}/#/experiments/{exp}/runs/{run_id})" if web else f"`{run_id}`"
 
     lines = [f"# medssl-pipeline: {p.data.name}, {p.model.backbone}, budget `{p.budget}`", "",
+             "## Verdict", "", results["verdict"], "", "## Champion", "",
              f"Selected on validation `{p.export.select_metric}`; test metrics never feed a choice.", "",
              "| init | val acc | val bal. acc | val AUC | test acc | test bal. acc | test AUC | MLflow run |",
              "|---|---|---|---|---|---|---|---|"]

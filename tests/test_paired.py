@@ -83,3 +83,30 @@ def test_holm_matches_a_hand_computation():
     # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0]) and len(holm([])) == 0
+
+
+def _row(init, fraction, diff, decision, protocol="finetune", ref="imagenet"):
+    return {"split": "test", "protocol": protocol, "regime": "fractions", "fraction": fraction, "init": init,
+            "reference": ref, "metric": "balanced_accuracy", "diff": diff, "lo": diff - 0.03, "hi": diff + 0.03,
+            "p": 0.001, "p_holm": 0.01 if decision != "no difference" else 0.5, "family_size": 6, "decision": decision}
+
+
+def test_verdict_answers_per_label_budget():
+    from medssl.compare import verdict
+
+    rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
+            _row("simclr", 0.1, 0.04, "better"), _row("vae", 0.1, 0.0, "no difference"),
+            _row("simclr", 1.0, -0.05, "worse"), _row("vae", 1.0, -0.08, "worse")]
+    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.01, 0.1, 1.0], "full", 2005, 3, 30)
+    assert "at 1–10 % labels, **SimCLR beats ImageNet** (+0.060 [+0.030, +0.090] at 1 %; +0.040 [+0.010, +0.070] at 10 %)" in text
+    assert "at 100 % labels, **ImageNet leads every self-supervised init** (closest: SimCLR -0.050" in text
+    assert "The VAE never beats ImageNet." in text and "too small to decide" not in text
+
+
+def test_verdict_says_when_the_budget_cannot_decide():
+    from medssl.compare import verdict
+
+    rows = [_row(i, f, 0.01, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
+    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0], "demo", 200, 3, 3)
+    assert text.startswith("**The `demo` budget is too small to decide**") and "200 test images, 3 seeds" in text
+    assert "at 10–100 % labels, no self-supervised init beats ImageNet at this budget" in text

@@ -212,6 +212,10 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
             err.print(f"[bold green]champion {ex['champion']}[/] v{ex['version']} {moved} {ex['reason']}; "
                       f"test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
                       f"parity {ex['parity_max_abs_diff']:.2e}", highlight=False)
+        if Path("reports/verdict.md").is_file():
+            from rich.markup import escape
+
+            err.print(f"\n[bold]Verdict[/]\n{escape(Path('reports/verdict.md').read_text().strip())}\n", highlight=False)
         err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
 
 

@@ -94,15 +94,25 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
               "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
     write_json(lay.test_metrics, {init: test})
 
+    from medssl.grid import load_shift
     from medssl.report import comparison
 
+    champ = {"init": init, "test_balanced_accuracy": test["balanced_accuracy"]}
+    shifted = load_shift(p)
+    if shifted is not None:  # the champion on the second source too (scored only, never selected on)
+        shift = scores(shifted.labels, predict_proba(model, torch.from_numpy(shifted.images).to(device)), classes)
+        champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
+        result["shift"] = shift
+        with tracking.resume_run(summary["run_id"]):
+            mlflow.log_metrics({f"shift_{k}": v for k, v in shift.items()})
     select = p.export.select_metric
-    section, comp = comparison(p, classes, out, lay)
+    verdict, section, comp = comparison(p, classes, out, lay, champ)
     cands = summary.get("candidates_val") or {}
     gap = summary["gap_at_best"]
     md = (
         f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
+        f"## Verdict\n\n{verdict}\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
@@ -116,8 +126,11 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     )
     write_text(out / "report.md", md)
     write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}"))
-    write_json(lay.report_metrics, {"balanced_accuracy": comp, "champion": init})
-    _log_report(p, out)
+    write_text(out / "verdict.md", verdict + "\n")
+    write_json(lay.report_metrics, {**comp, "champion": init,
+                                    **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
+    _log_report(p, out, verdict)
+    result["verdict"] = verdict
     return result
 
 
@@ -130,11 +143,14 @@ def to_html(md: str, title: str) -> str:
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>"
 
 
-def _log_report(p: Params, folder: Path) -> None:
-    """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run."""
+def _log_report(p: Params, folder: Path, verdict: str) -> None:
+    """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run; the verdict
+    becomes that run's description."""
     parent = tracking.parent_run_id()
     if parent:
-        mlflow.MlflowClient().log_artifacts(parent, str(folder), "reports")
+        client = mlflow.MlflowClient()
+        client.log_artifacts(parent, str(folder), "reports")
+        client.set_tag(parent, "mlflow.note.content", verdict)
         return
-    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate"}):
+    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", "mlflow.note.content": verdict}):
         mlflow.log_artifacts(str(folder), "reports")

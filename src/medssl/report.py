@@ -1,6 +1,7 @@
-"""The comparison report: grid cells -> mean ± 95 % CI tables, plots, fusion, a generated summary.
+"""The comparison report: grid cells -> the verdict, paired differences, mean ± 95 % CI tables, plots, fusion,
+overfitting, imbalance and shift sections.
 
-Called by the `evaluate` stage; reads metrics/grid/<init>.json and models/grid/<init>/features.npz.
+Called by the `evaluate` stage; reads metrics/grid/<init>.json and models/grid/<init>/{features,probas}.npz.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from medssl.config import Params  # noqa: E402
 import torch  # noqa: E402
 
+from medssl import compare  # noqa: E402
+from medssl.config import BASELINE_INITS, Params  # noqa: E402
 from medssl.core.cells import Job, encoder_seed, probe_cell  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
 from medssl.layout import Layout  # noqa: E402
@@ -46,13 +48,29 @@ def load_cells(p: Params, lay: Layout) -> tuple[list[dict], dict]:
     return cells, sizes
 
 
-def fusion_cells(p: Params, classes: list[str], lay: Layout) -> list[dict]:
-    """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds."""
+def load_probas(p: Params, lay: Layout) -> tuple[dict, dict]:
+    """(init, protocol, regime, fraction, seed, split) -> (N, C) held-out probabilities of every grid cell; split -> labels."""
+    probas, labels = {}, {}
+    for init in p.inits.all:
+        with np.load(lay.grid_probas(init)) as z:
+            for k in z.files:
+                if k.endswith("_y"):
+                    labels[k[:-2]] = z[k]
+                    continue
+                split, key = k.split("/")
+                protocol, regime, f, s = key.split("_")
+                probas[(init, protocol, regime, float(f[1:]), int(s[1:]), split)] = z[k]
+    return probas, labels
+
+
+def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict], dict]:
+    """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds.
+    Returns the cells and their held-out probabilities, keyed as load_probas."""
     feats = {}
     for init in {i for group in p.grid.fusion for i in group}:
         with np.load(lay.grid_features(init)) as z:
             feats[init] = {k: z[k] for k in z.files}
-    cells = []
+    cells, probas = [], {}
     for group in p.grid.fusion:
         name = "+".join(group)
         first = feats[group[0]]
@@ -65,9 +83,10 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> list[dict]:
                  for s in y}
             for fraction in p.grid.fractions:
                 job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
-                cell = probe_cell(name, "linear", job, x, y, scored, p.grid, classes)
+                cell, held = probe_cell(name, "linear", job, x, y, scored, p.grid, classes)
                 cells.append({**cell, "regime": "fusion"})
-    return cells
+                probas |= {(name, "linear", "fusion", fraction, seed, s): pr for s, pr in held.items()}
+    return cells, probas
 
 
 def aggregate(cells: list[dict], split: str = "test") -> dict:
@@ -106,25 +125,6 @@ def protocol_table(agg: dict, regime: str, protocol: str, inits: list[str], frac
     return head + "\n".join(rows) + "\n"
 
 
-def winners(agg: dict, protocols: list[str], inits: list[str], fractions: list[float]) -> list[str]:
-    """One generated sentence per protocol: which init leads at each label fraction, and by how much."""
-    lines = []
-    for protocol in protocols:
-        parts, ssl_wins = [], 0
-        for f in fractions:
-            ranked = sorted(((agg[("fractions", protocol, i, f)]["balanced_accuracy"], i) for i in inits
-                             if ("fractions", protocol, i, f) in agg), reverse=True)
-            if not ranked:
-                continue
-            (m1, c1), top = ranked[0]
-            tie = len(ranked) > 1 and m1 - c1 <= ranked[1][0][0] + ranked[1][0][1]
-            parts.append(f"{_pct(f)}: **{top}** {m1:.3f}" + (f" (CI overlaps {ranked[1][1]})" if tie else ""))
-            ssl_wins += top not in ("random", "imagenet")
-        lines.append(f"- {PROTOCOL_NAMES[protocol]}: " + "; ".join(parts)
-                     + f". A self-supervised init leads at {ssl_wins} of {len(parts)} label fractions.")
-    return lines
-
-
 def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fractions: list[float], path: Path,
                      metric: str = "balanced_accuracy") -> None:
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 3.8), squeeze=False, sharey=True)
@@ -134,8 +134,7 @@ def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fraction
             if not pts:
                 continue
             f, m, c = map(np.array, zip(*pts))
-            ax.plot(f, m, "o-", label=init)
-            ax.fill_between(f, m - np.nan_to_num(c), m + np.nan_to_num(c), alpha=0.15)
+            ax.errorbar(f, m, yerr=np.nan_to_num(c), fmt="o-", ms=4, capsize=3, label=init)
         ax.set(xscale="log", xlabel="label fraction", title=PROTOCOL_NAMES[protocol])
         ax.set_xticks(fractions, [_pct(f) for f in fractions], fontsize=7)
     axes[0][0].set_ylabel(f"test {metric} (mean ± 95 % CI)")
@@ -145,41 +144,115 @@ def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fraction
     plt.close(fig)
 
 
-def plot_gap_curves(inits: list[str], fractions: list[float], path: Path, lay: Layout) -> None:
-    """Fine-tune train - val accuracy gap per epoch, mean over seeds, one panel per init."""
-    fig, axes = plt.subplots(1, len(inits), figsize=(3.6 * len(inits), 3.2), squeeze=False, sharey=True)
+def read_curves(init: str, lay: Layout, fraction: float = 1.0) -> dict[int, list[dict]]:
+    """seed -> per-epoch rows of the grid's fine-tune cells at `fraction` (plots/grid/<init>.csv)."""
+    file = lay.grid_curves(init)
+    rows = list(csv.DictReader(file.read_text().splitlines())) if file.is_file() else []
+    out = defaultdict(list)
+    for r in rows:
+        if float(r["fraction"]) == fraction:
+            out[int(float(r["seed"]))].append({k: float(v) for k, v in r.items()})
+    return {s: sorted(v, key=lambda r: r["epoch"]) for s, v in out.items()}
+
+
+def overfitting(inits: list[str], lay: Layout) -> dict:
+    """Per init, fine-tune cells at 100 % labels: the train - val gap curve (mean and 95 % CI over seeds per epoch),
+    the epoch where validation loss stops improving (its minimum, per seed) and the gap at that epoch."""
+    out = {}
+    for init in inits:
+        by_seed = read_curves(init, lay)
+        if not by_seed:
+            continue
+        epochs = sorted({int(r["epoch"]) for rows in by_seed.values() for r in rows})
+        curve = {e: ci95([r["gap_accuracy"] for rows in by_seed.values() for r in rows if int(r["epoch"]) == e]) for e in epochs}
+        stop = {s: min(rows, key=lambda r: r["val_loss"]) for s, rows in by_seed.items()}
+        out[init] = {"epochs": epochs, "gap_curve": curve,
+                     "stop_epoch": ci95([r["epoch"] for r in stop.values()]),
+                     "gap_at_stop": ci95([r["gap_accuracy"] for r in stop.values()]),
+                     "gap_loss_at_stop": ci95([r["gap_loss"] for r in stop.values()])}
+    return out
+
+
+def plot_gap_curves(over: dict, path: Path) -> None:
+    """Train - val accuracy gap per epoch (fine-tune, 100 % labels), mean ± 95 % CI over seeds, one panel per init;
+    the dashed line: mean epoch where validation loss stops improving."""
+    inits = list(over)
+    fig, axes = plt.subplots(1, len(inits), figsize=(3.2 * len(inits), 3.2), squeeze=False, sharey=True)
     for ax, init in zip(axes[0], inits):
-        file = lay.grid_curves(init)
-        rows = list(csv.DictReader(file.read_text().splitlines())) if file.is_file() else []
-        for f in fractions:
-            by_epoch = defaultdict(list)
-            for r in rows:
-                if float(r["fraction"]) == f:
-                    by_epoch[int(float(r["epoch"]))].append(float(r["gap_accuracy"]))
-            if by_epoch:
-                ep = sorted(by_epoch)
-                ax.plot(ep, [np.mean(by_epoch[e]) for e in ep], "o-", ms=3, label=_pct(f))
+        o = over[init]
+        m, c = zip(*(o["gap_curve"][e] for e in o["epochs"]))
+        ax.errorbar(o["epochs"], m, yerr=np.nan_to_num(c), fmt="o-", ms=3, capsize=3)
+        ax.axvline(o["stop_epoch"][0], color="tab:red", ls="--", lw=1)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=init, xlabel="epoch")
-    axes[0][0].set_ylabel("gap (train - val accuracy)")
-    axes[0][-1].legend(fontsize=7, title="labels")
+    axes[0][0].set_ylabel("train − val accuracy (mean ± 95 % CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def comparison(p: Params, classes: list[str], out: Path, lay: Layout) -> tuple[str, dict]:
-    """Markdown section + a flat summary for `dvc metrics`; plots and CSVs written under `out`/plots."""
+def tuning_section(p: Params) -> list[str]:
+    """The tuning budget and the values each init trains with."""
+    md = ["### Tuning", ""]
+    if not p.tuned:
+        return md + ["No init was tuned: every init trains with params.yaml's values (`medssl tune` searches each init "
+                     "with the same space and trial budget and writes tuned.yaml).", ""]
+    md += [f"`medssl tune` ran one Optuna study per init with the same search space and trial budget; selection on "
+           f"validation `{p.export.select_metric}`. Inits without an entry train with params.yaml's values.", "",
+           "| init | trials (complete / pruned / failed) | best val | values |", "|---|---|---|---|"]
+    for init in p.inits.all:
+        t = p.tuned.get(init)
+        if t is None:
+            md.append(f"| {init} | not tuned | — | params.yaml |")
+            continue
+        st = t.study
+        values = ", ".join(f"`{k}` {float(v):.3g}" if isinstance(v, float) else f"`{k}` {v}"
+                           for k, v in flat(dict(finetune=t.finetune, pretrain=t.pretrain)).items())
+        best = next((v for k, v in st.items() if k.startswith("best_val_")), None)
+        md.append(f"| {init} | {st.get('trials', '?')} ({st.get('complete', '?')} / {st.get('pruned', '?')} / "
+                  f"{st.get('fail', '?')}) | {'—' if best is None else f'{best:.4f}'} | {values} |")
+    return md + [""]
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: dict | None = None) -> tuple[str, str, dict]:
+    """The verdict, the markdown section and a summary for `dvc metrics`; plots and CSVs written under `out`.
+
+    champion: {"init", "test_balanced_accuracy", "shift_balanced_accuracy"} of the exported classifier, if scored."""
     g = p.grid
     cells, n_pool = load_cells(p, lay)
-    fused = fusion_cells(p, classes, lay) if g.fusion else []
+    fused, fused_probas = fusion_cells(p, classes, lay) if g.fusion else ([], {})
     agg = aggregate(cells + fused)
     inits, fr = p.inits.all, g.fractions
     seeds = sorted({c["seed"] for c in cells})
+    ssl = [i for i in inits if i not in BASELINE_INITS]
+    probas, labels = load_probas(p, lay)
+    rows = compare.comparisons(probas | fused_probas, labels, seeds, p.inits.baselines, ssl,
+                               ["+".join(gr) for gr in g.fusion], p.seed)
+    write_csv(out / "paired_differences.csv", rows)
+    shift = None
+    if "shift" in n_pool and "finetune" in g.protocols:
+        shift_agg = aggregate(cells, "shift")
+        key = lambda i: ("fractions", "finetune", i, 1.0)  # noqa: E731
+        shift = {"name_": g.shift.name, "n": n_pool["shift"],
+                 "test": {i: agg[key(i)]["balanced_accuracy"][0] for i in inits},
+                 "shifted": {i: shift_agg[key(i)]["balanced_accuracy"][0] for i in inits},
+                 "champion": (champion or {}).get("init", ""),
+                 "champion_test": (champion or {}).get("test_balanced_accuracy"),
+                 "champion_shift": (champion or {}).get("shift_balanced_accuracy")}
+    verdict = compare.verdict(rows, g.protocols, p.inits.baselines, ssl, fr, p.budget, n_pool["test"], len(seeds),
+                              p.epochs.grid.epochs, shift)
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
-    if "finetune" in g.protocols:
-        plot_gap_curves(inits, fr, out / "gap_curves.png", lay)
+    over = overfitting(inits, lay) if "finetune" in g.protocols else {}
+    if over:
+        plot_gap_curves(over, out / "gap_curves.png")
     md = [f"## Comparison: {len(inits)} inits × {len(g.protocols)} protocols × {len(fr)} label fractions × "
           f"{len(seeds)} seeds (seeds {seeds})", "",
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
@@ -187,39 +260,72 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout) -> tuple[s
           "on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds). "
           "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
           f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
-          f"{g.linear_class_weight}.", "",
-          "### Summary", "", *winners(agg, g.protocols, inits, fr), ""]
+          f"{g.linear_class_weight}.", ""]
+    md += tuning_section(p)
+    refs = [r for r in compare.REFERENCES if r in p.inits.baselines]
+    if refs:
+        md += ["### Paired differences", "",
+               f"Each init minus {' and minus '.join(refs)}, paired over seeds (the same label subsets) and bootstrapped "
+               f"over test images ({compare.N_BOOT} stratified resamples): difference [95 % interval]; ▲ / ▼ where it is "
+               f"significant after Holm correction (α = {compare.ALPHA}). All rows, with macro AUC and p values: "
+               "[paired_differences.csv](paired_differences.csv); `dvc metrics diff` shows them from "
+               "metrics/report.json.", ""]
+        for protocol in [pr for pr in compare.VERDICT_PROTOCOLS if pr in g.protocols]:
+            md += [f"{PROTOCOL_NAMES[protocol]}, test balanced accuracy:", "",
+                   compare.table(rows, protocol, "fractions", fr, refs[0], "balanced_accuracy")]
+        if g.fusion:
+            md += ["Fusion (linear probe on concatenated embeddings), test balanced accuracy:", "",
+                   compare.table(rows, "linear", "fusion", fr, refs[0], "balanced_accuracy")]
     for protocol in g.protocols:
         md += [f"### {PROTOCOL_NAMES[protocol]}", "", protocol_table(agg, "fractions", protocol, inits, fr)]
     md += ["![balanced accuracy vs label fraction](balanced_accuracy_vs_fraction.png)", "",
            "![macro AUC vs label fraction](auc_vs_fraction.png)", ""]
-    if "finetune" in g.protocols:
-        md += ["### Overfitting gap", "", "Train − val accuracy at the best epoch (fine-tune, mean ± CI):", "",
-               "| init | " + " | ".join(_pct(f) for f in fr) + " |", "|---|" + "---|" * len(fr)]
-        md += [f"| {i} | " + " | ".join(_fmt(agg[("fractions", "finetune", i, f)]["gap_accuracy"]) for f in fr) + " |"
-               for i in inits]
+    if over:
+        md += ["### Overfitting", "",
+               "Fine-tune cells at 100 % labels, per init: the epoch where validation loss stops improving (its "
+               "minimum), the train − val gap there, and the test scores of the same cells (mean ± 95 % CI over seeds). "
+               "The curves: the accuracy gap per epoch, mean ± CI; dashed: the mean stopping epoch.", "",
+               "| init | val loss stops improving (epoch) | accuracy gap there | loss gap there | test bal. acc | test AUC |",
+               "|---|---|---|---|---|---|"]
+        for init, o in over.items():
+            a = agg[("fractions", "finetune", init, 1.0)]
+            e, ec = o["stop_epoch"]
+            md.append(f"| {init} | {e:.1f}{f' ± {ec:.1f}' if np.isfinite(ec) else ''} | {_fmt(o['gap_at_stop'])} | {_fmt(o['gap_loss_at_stop'])} | "
+                      f"{_fmt(a['balanced_accuracy'])} | {_fmt(a['auc_macro'])} |")
         md += ["", "![gap curves](gap_curves.png)", ""]
     md += _imbalance_section(agg, g, inits, classes)
     if "shift" in n_pool:
-        shift = aggregate(cells, "shift")
+        shift_agg = aggregate(cells, "shift")
         md += [f"### Domain shift: trained on {p.data.name}, scored on `{g.shift.name}` ({n_pool['shift']} test images)",
                "", "Balanced accuracy at 100 % labels, in-domain test vs shifted source:", "",
                "| init | " + " | ".join(f"{pr} (test → shift)" for pr in g.protocols) + " |", "|---|" + "---|" * len(g.protocols)]
         md += [f"| {i} | " + " | ".join(f"{_fmt(agg[('fractions', pr, i, 1.0)]['balanced_accuracy'])} → "
-                                       f"{_fmt(shift[('fractions', pr, i, 1.0)]['balanced_accuracy'])}" for pr in g.protocols)
+                                       f"{_fmt(shift_agg[('fractions', pr, i, 1.0)]['balanced_accuracy'])}" for pr in g.protocols)
                + " |" for i in inits] + [""]
+        if champion and champion.get("shift_balanced_accuracy") is not None:
+            md += [f"Champion ({champion['init']}, trained on all labels): test balanced accuracy "
+                   f"{champion['test_balanced_accuracy']:.4f} → `{g.shift.name}` {champion['shift_balanced_accuracy']:.4f}.", ""]
+        if refs:
+            md += [f"Paired differences on `{g.shift.name}` at 100 % labels (balanced accuracy, vs {refs[0]}):", "",
+                   "| init | " + " | ".join(g.protocols) + " |", "|---|" + "---|" * len(g.protocols)]
+            sh = [r for r in rows if r["split"] == "shift" and r["reference"] == refs[0] and r["metric"] == "balanced_accuracy"]
+            for init in dict.fromkeys(r["init"] for r in sh):
+                md.append(f"| {init} | " + " | ".join(next((compare._diff(r) for r in sh if r["init"] == init and r["protocol"] == pr), "—")
+                                                      for pr in g.protocols) + " |")
+            md.append("")
     if fused:
         names = ["+".join(gr) for gr in g.fusion]
         singles = sorted({i for gr in g.fusion for i in gr}, key=inits.index)
         md += ["### Embedding fusion (linear probe on concatenated frozen embeddings)", "",
                protocol_table({(("fractions" if k[0] == "fusion" else k[0]),) + k[1:]: v for k, v in agg.items()},
                               "fractions", "linear", singles + names, fr)]
-    summary = {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
-                                 for f in fr} for init in inits} for protocol in g.protocols}
+    summary = {"balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
+                                                       for f in fr} for init in inits} for protocol in g.protocols},
+               "paired": compare.metrics_json(rows)}
     for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init
         write_csv(lay.report_plots / f"{protocol}.csv",
                   [{"fraction": f, **{i: agg[("fractions", protocol, i, f)]["balanced_accuracy"][0] for i in inits}} for f in fr])
-    return "\n".join(md), summary
+    return verdict, "\n".join(md), summary
 
 
 def _imbalance_section(agg: dict, g, inits: list[str], classes: list[str]) -> list[str]:

@@ -1,0 +1,212 @@
+"""Paired comparisons of every init with the baselines, and the verdict generated from them (stage `evaluate`).
+
+For every protocol x regime x label fraction (and the fusion rows), each init minus ImageNet and minus random
+in balanced accuracy and macro AUC: paired over seeds (same label subsets), bootstrapped over test images
+(core.paired), with a 95 % interval; decisions are Holm-corrected within each family (one reference, one
+metric, one split). The verdict answers "pretrain on our own images, or start from ImageNet?" per label budget.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import groupby
+
+import numpy as np
+from scipy import stats
+
+from medssl.core.paired import METRICS, Bootstrap, holm, paired_difference
+
+ALPHA = 0.05
+N_BOOT = 2000
+REFERENCES = ("imagenet", "random")
+VERDICT_PROTOCOLS = ("finetune", "linear")
+NAMES = {"random": "random init", "imagenet": "ImageNet", "vae": "the VAE", "simclr": "SimCLR", "mim": "MIM",
+         "imagenet-simclr": "ImageNet+SimCLR", "imagenet-mim": "ImageNet+MIM"}
+PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)"}
+
+
+def name(init: str) -> str:
+    return NAMES.get(init, init)
+
+
+def _pct(f: float) -> str:
+    return f"{100 * f:g} %"
+
+
+def comparisons(probas: dict, labels: dict[str, np.ndarray], seeds: list[int], baselines: list[str],
+                others: list[str], fusion: list[str], seed: int) -> list[dict]:
+    """probas: (init, protocol, regime, fraction, seed, split) -> (N, C); labels: split -> (N,).
+
+    Rows: split, protocol, regime, fraction, init, reference, metric, diff, lo, hi, p, p_holm, decision.
+    Test: every group of cells; shift (when present): the 100 % label cells of each protocol."""
+    refs = [r for r in REFERENCES if r in baselines]
+    groups = sorted({k[1:4] for k in probas if k[5] == "test"}, key=lambda g: (g[1] != "fractions", g))
+    rows = []
+    for split, y in labels.items():
+        boot, cache = Bootstrap(y, N_BOOT, seed), {}
+
+        def reps(init, protocol, regime, fraction):
+            key = (init, protocol, regime, fraction)
+            if key not in cache:
+                cache[key] = boot.replicates(np.stack([probas[(*key, s, split)] for s in seeds]))
+            return cache[key]
+
+        for protocol, regime, fraction in groups:
+            if split != "test" and (regime != "fractions" or fraction != 1.0):
+                continue
+            inits = fusion if regime == "fusion" else others
+            for ref in refs:
+                against = ("fractions" if regime == "fusion" else regime)
+                if (ref, protocol, against, fraction, seeds[0], split) not in probas:
+                    continue
+                vs = [i for i in (inits if ref == "imagenet" or regime == "fusion" else ["imagenet", *inits]) if i != ref]
+                for init in vs:
+                    if (init, protocol, regime, fraction, seeds[0], split) not in probas:
+                        continue
+                    for metric in METRICS:
+                        d = paired_difference(reps(init, protocol, regime, fraction), reps(ref, protocol, against, fraction),
+                                              metric, seed)
+                        rows.append({"split": split, "protocol": protocol, "regime": regime, "fraction": fraction,
+                                     "init": init, "reference": ref, "metric": metric, **d})
+    family = defaultdict(list)
+    for r in rows:
+        family[(r["split"], r["reference"], r["metric"])].append(r)
+    for fam in family.values():
+        for r, adj in zip(fam, holm([r["p"] for r in fam])):
+            r["p_holm"] = float(adj)
+            r["family_size"] = len(fam)
+            r["decision"] = ("better" if r["diff"] > 0 else "worse") if adj < ALPHA else "no difference"
+    return rows
+
+
+def metrics_json(rows: list[dict]) -> dict:
+    """Nested for metrics/report.json (dvc metrics diff): split/metric/protocol/regime/fraction/init-vs-ref."""
+    out: dict = {}
+    for r in rows:
+        node = out.setdefault(r["split"], {}).setdefault(r["metric"], {}).setdefault(r["protocol"], {}) \
+            .setdefault(r["regime"], {}).setdefault(_pct(r["fraction"]), {})
+        node[f"{r['init']}-vs-{r['reference']}"] = {k: round(r[k], 4) for k in ("diff", "lo", "hi", "p_holm")}
+    return out
+
+
+def _signed(x: float) -> str:
+    return f"{0.0 if abs(x) < 5e-4 else x:+.3f}"  # no "-0.000"
+
+
+def _diff(r: dict) -> str:
+    return f"{_signed(r['diff'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]"
+
+
+def _span(fractions: list[float]) -> str:
+    return _pct(fractions[0]) if len(fractions) == 1 else f"{100 * fractions[0]:g}–{_pct(fractions[-1])}"
+
+
+def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str], fractions: list[float]) -> tuple[str, bool]:
+    """One paragraph for `protocol`; and whether any difference to `ref` was decided."""
+    at = {f: [r for r in rows if r["fraction"] == f] for f in fractions}
+    at = {f: rs for f, rs in at.items() if rs}
+    if not at:
+        return "", False
+
+    def status(rs):
+        wins = sorted((r for r in rs if r["decision"] == "better"), key=lambda r: -r["diff"])
+        if wins:
+            return ("wins", wins[0]["init"])
+        if all(r["decision"] == "worse" for r in rs):
+            return ("leads", None)
+        return ("open", None)
+
+    parts = []
+    for (kind, leader), fs in groupby(at, key=lambda f: status(at[f])):
+        fs = list(fs)
+        span = f"at {_span(fs)} labels"
+        if kind == "wins":
+            vals = "; ".join(f"{_diff(next(r for r in at[f] if r['init'] == leader))} at {_pct(f)}" for f in fs)
+            also = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "better"} - {leader})
+            parts.append(f"{span}, **{name(leader)} beats {name(ref)}** ({vals})"
+                         + (f"; {', '.join(name(i) for i in also)} also beat{'s' if len(also) == 1 else ''} it" if also else ""))
+        elif kind == "leads":
+            vals = "; ".join(f"{name(r['init'])} {_diff(r)} at {_pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
+            parts.append(f"{span}, **{name(ref)} leads every self-supervised init** (closest: {vals})")
+        else:
+            worse = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "worse"})
+            best = [max(at[f], key=lambda r: r["diff"]) for f in fs]
+            top = max(best, key=lambda r: r["diff"])
+            parts.append(f"{span}, no self-supervised init beats {name(ref)} at this budget (largest difference: "
+                         f"{name(top['init'])} {_diff(top)} at {_pct(top['fraction'])}"
+                         + (f"; {', '.join(name(i) for i in worse)} trail{'s' if len(worse) == 1 else ''} it" if worse else "")
+                         + ")")
+    never = [i for i in ssl if not any(r["init"] == i and r["decision"] == "better" for rs in at.values() for r in rs)]
+    text = "; ".join(parts) + "."
+    if never and len(never) < len(ssl):
+        who = ", ".join(name(i) for i in never)
+        text += f" {who[0].upper()}{who[1:]} never beat{'s' if len(never) == 1 else ''} {name(ref)}."
+    decided = any(r["decision"] != "no difference" for rs in at.values() for r in rs)
+    return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
+
+
+def verdict(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str], fractions: list[float],
+            budget: str, n_test: int, n_seeds: int, epochs: int, shift: dict | None = None) -> str:
+    """A few generated sentences: per label budget, does pretraining on the domain's images beat the baseline?"""
+    ref = next((r for r in REFERENCES if r in baselines), None)
+    if ref is None or not ssl:
+        return ("No verdict: the comparison needs a baseline (imagenet or random in inits.baselines) and at least one "
+                "self-supervised init.")
+    test = [r for r in rows if r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"]
+    lines, decided = [], False
+    for protocol in [p for p in VERDICT_PROTOCOLS if p in protocols]:
+        mine = [r for r in test if r["protocol"] == protocol and r["reference"] == ref and r["init"] in ssl]
+        text, d = _protocol_verdict(mine, protocol, ref, ssl, fractions)
+        if text:
+            lines.append(text)
+            decided |= d
+    m = next((r["family_size"] for r in test if r["reference"] == ref), 0)
+    how = (f"Test balanced accuracy, difference to {name(ref)} with its 95 % interval (paired over {n_seeds} seeds, "
+           f"{N_BOOT} stratified bootstrap resamples of {n_test} test images), decided at α = {ALPHA} after Holm "
+           f"correction over {m} comparisons.")
+    if not decided:
+        lines.insert(0, f"**The `{budget}` budget is too small to decide**: no difference between a self-supervised init "
+                        f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, {epochs} fine-tune epochs "
+                        f"per cell). Run a larger budget (`budget: full`) for an answer.")
+    if ref == "imagenet" and "random" in baselines:
+        vs = [r for r in test if r["init"] == "imagenet" and r["reference"] == "random" and r["protocol"] in protocols]
+        wins = [r for r in vs if r["decision"] == "better"]
+        if vs:
+            lines.append(f"ImageNet beats the random init in {len(wins)} of {len(vs)} protocol × label-fraction cells.")
+    if shift:
+        lines.append(shift_sentence(**shift))
+    return "\n\n".join([*lines, how])
+
+
+def shift_sentence(name_: str, n: int, test: dict[str, float], shifted: dict[str, float], champion: str,
+                   champion_test: float | None, champion_shift: float | None) -> str:
+    """Whether the ranking of the fine-tuned inits (100 % labels, balanced accuracy) holds on a second source."""
+    order_in = sorted(test, key=test.get, reverse=True)
+    order_out = sorted(shifted, key=shifted.get, reverse=True)
+    tau = stats.kendalltau([test[i] for i in order_in], [shifted[i] for i in order_in]).statistic if len(test) > 1 else 1.0
+    holds = order_in[0] == order_out[0]
+    text = (f"Out of domain (`{name_}`, {n} images), the fine-tuned inits at 100 % labels rank "
+            f"{' > '.join(name(i) for i in order_out)} (in-domain: {' > '.join(name(i) for i in order_in)}; "
+            f"Kendall τ = {tau:.2f}): the {'leader holds' if holds else 'leader changes'} out of domain.")
+    if champion_test is not None and champion_shift is not None:
+        text += (f" The champion ({name(champion)}) scores {champion_test:.3f} balanced accuracy in-domain and "
+                 f"{champion_shift:.3f} on `{name_}`.")
+    return text
+
+
+def table(rows: list[dict], protocol: str, regime: str, fractions: list[float], ref: str, metric: str) -> str:
+    """Markdown: one row per init, one column per fraction: difference [interval], marked where Holm decides."""
+    sel = [r for r in rows if r["split"] == "test" and r["protocol"] == protocol and r["regime"] == regime
+           and r["reference"] == ref and r["metric"] == metric]
+    inits = list(dict.fromkeys(r["init"] for r in sel))
+    if not inits:
+        return ""
+    mark = {"better": " ▲", "worse": " ▼", "no difference": ""}
+    head = "| init − " + ref + " | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
+    body = []
+    for init in inits:
+        cells = []
+        for f in fractions:
+            r = next((r for r in sel if r["init"] == init and r["fraction"] == f), None)
+            cells.append("—" if r is None else f"{_diff(r)}{mark[r['decision']]}")
+        body.append(f"| {init} | " + " | ".join(cells) + " |")
+    return head + "\n".join(body) + "\n"
