@@ -1,7 +1,8 @@
-"""End to end on a 512-image subset at 32 px, 1 epoch: `medssl pipeline` (dvc repro inside a parent MLflow
-run) against a real MLflow server with all five inits and the full comparison grid (3 protocols x 6
-fractions x 3 seeds, imbalance, a recoloured second source for domain shift, fusion), then the report,
-the registry, pyfunc, `medssl predict` and DVC's change tracking."""
+"""End to end on a 512-image subset at 32 px, 1 epoch: `medssl tune` (one study per init, 1 trial each), then
+`medssl pipeline` (dvc repro inside a parent MLflow run) against a real MLflow server with all seven inits
+and the full comparison grid (3 protocols x 6 fractions x 3 seeds, imbalance, a recoloured second source for
+domain shift, fusion), then the report and its verdict, the registry, pyfunc, `medssl predict` and DVC's
+change tracking."""
 import csv
 import hashlib
 import shutil
@@ -40,9 +41,14 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
         "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
                   DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
+    tune = sh([str(BIN / "medssl"), "tune", "--n-trials", "1"], work, env)  # fair tuning: every init, same budget
     run = sh([str(BIN / "medssl"), "pipeline"], work, env)
     mlflow.set_tracking_uri(mlflow_server)
-    return {"dir": work, "env": env, "log": run.stderr + run.stdout, "uri": mlflow_server}
+    return {"dir": work, "env": env, "log": run.stderr + run.stdout, "tune_log": tune.stderr, "uri": mlflow_server}
+
+
+INITS = ("random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim")
+SSL = INITS[2:]
 
 
 def shifted_source(folder: Path, npz: Path) -> dict:
@@ -72,7 +78,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    inits = ("random", "imagenet", "vae", "simclr", "mim")
+    inits = INITS
     champion = yaml.safe_load((project["dir"] / "metrics/finetune.json").read_text())["init"]
     assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), f"finetune-{champion}",
                              *(f"grid-{i}" for i in inits), "export"}
@@ -91,7 +97,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     sys.path.insert(0, str(project["dir"] / "src"))
     from medssl.config import load_params
 
-    lr = load_params(project["dir"] / "params.yaml").finetune.lr  # params.yaml + tuned.yaml
+    lr = load_params(project["dir"] / "params.yaml").for_init(champion).finetune.lr  # params.yaml + its tuned values
     assert ft.data.tags["init"] == champion and float(ft.data.params["lr"]) == pytest.approx(lr)
     client = mlflow.MlflowClient()
     gap = client.get_metric_history(ft.info.run_id, "gap_accuracy")
@@ -107,7 +113,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
 
 def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     d = project["dir"]
-    inits, protocols, fractions = ("random", "imagenet", "vae", "simclr", "mim"), ("linear", "finetune", "knn"), \
+    inits, protocols, fractions = INITS, ("linear", "finetune", "knn"), \
         (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
     for init in inits:
         grid = yaml.safe_load((d / f"metrics/grid/{init}.json").read_text())
@@ -132,8 +138,8 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     for protocol in ("Linear probe", "Fine-tune", "k-NN"):
         table = md.split(f"### {protocol}")[1].split("###")[0]
         rows = [r for r in table.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in inits]
-        assert len(rows) == 5 and all(r.count("±") == 2 * len(fractions) for r in rows), table
-    assert "### Summary" in md and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md and "random+mim" in md
+        assert len(rows) == len(INITS) and all(r.count("±") == 2 * len(fractions) for r in rows), table
+    assert md.index("## Verdict") < md.index("## Comparison") and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md and "random+mim" in md
     assert (d / "reports/report.html").read_text().count("<table>") >= 6
     for png in ("balanced_accuracy_vs_fraction.png", "gap_curves.png"):
         assert (d / "reports" / png).stat().st_size > 10_000
@@ -144,13 +150,79 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert "reports/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "reports")}
 
 
+def test_each_init_trains_with_its_own_tuned_values(project):
+    """`medssl tune` ran one study per init with the same budget; every stage of an init used that init's values."""
+    d = project["dir"]
+    tuned = yaml.safe_load((d / "tuned.yaml").read_text())["tuned"]
+    assert set(tuned) == set(INITS) and all(t["study"]["trials"] == 1 for t in tuned.values())
+    runs = runs_of("e2e")
+    tune = [r for r in runs if r.data.tags.get("stage") == "tune"]
+    assert len(tune) == 1 and tune[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune[0].info.run_id]
+    assert sorted(r.data.tags["init"] for r in trials) == sorted(INITS)  # the same trial budget for every init
+    parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"][0]
+    stage = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    for init in INITS:
+        grid = stage[f"grid-{init}"].data
+        assert grid.tags["tuned"] == "True"
+        for key, value in tuned[init]["finetune"].items():
+            logged = grid.params[f"finetune.{key}"] if key != "augment" else grid.params["finetune.augment.strength"]
+            want = value if key != "augment" else value["strength"]
+            assert float(logged) == pytest.approx(want), (init, key)
+        for method, values in tuned[init].get("pretrain", {}).items():
+            pre = stage[f"pretrain-{init}"].data.params
+            assert pre["start"] == ("imagenet" if init.startswith("imagenet-") else "random")
+            for key, value in values.items():
+                assert float(pre[key]) == pytest.approx(value), (init, method, key)
+    assert len({t["finetune"]["lr"] for t in tuned.values()}) == len(INITS)  # each study drew its own values
+    md = (d / "reports/report.md").read_text().split("### Tuning")[1].split("###")[0]
+    assert all(f"| {i} | 1 (1 / 0 / 0) |" in md for i in INITS), md
+
+
+def test_paired_differences_and_verdict(project):
+    """Differences to ImageNet and random in metrics/report.json agree with the grid cells they pair; the verdict
+    is the report's first section, the parent run's description and the pipeline's last words."""
+    d = project["dir"]
+    report = yaml.safe_load((d / "metrics/report.json").read_text())
+    paired = report["paired"]["test"]["balanced_accuracy"]
+    cells = {i: yaml.safe_load((d / f"metrics/grid/{i}.json").read_text())["cells"] for i in INITS}
+
+    def mean_ba(init, protocol, fraction):
+        return {c["seed"]: c["test"]["balanced_accuracy"] for c in cells[init]
+                if c["protocol"] == protocol and c["regime"] == "fractions" and c["fraction"] == fraction}
+
+    for protocol in ("linear", "finetune", "knn"):
+        for fraction, label in ((0.01, "1 %"), (1.0, "100 %")):
+            row = paired[protocol]["fractions"][label]
+            assert set(row) == {*(f"{i}-vs-imagenet" for i in SSL), *(f"{i}-vs-random" for i in INITS[1:])}
+            for init in SSL:
+                a, b = mean_ba(init, protocol, fraction), mean_ba("imagenet", protocol, fraction)
+                r = row[f"{init}-vs-imagenet"]
+                assert r["diff"] == pytest.approx(np.mean([a[s] - b[s] for s in a]), abs=2e-3)
+                assert r["lo"] <= r["diff"] <= r["hi"] and 0 <= r["p_holm"] <= 1
+    assert "imagenet+simclr-vs-imagenet" in paired["linear"]["fusion"]["100 %"]
+    assert "imbalance:10" in paired["finetune"] and "auc_macro" in report["paired"]["test"]
+    assert set(report["paired"]["shift"]["balanced_accuracy"]["finetune"]["fractions"]) == {"100 %"}
+    assert 0 <= report["champion_shift"] <= 1
+    verdict = (d / "reports/verdict.md").read_text().strip()
+    md = (d / "reports/report.md").read_text()
+    assert md.split("## Verdict\n\n")[1].startswith(verdict.split("\n")[0]) and verdict in md
+    assert "**Fine-tune:**" in verdict and "Holm correction" in verdict and "Out of domain (`recoloured`" in verdict
+    parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
+    assert parent.data.tags["mlflow.note.content"] == verdict
+    assert "Verdict" in project["log"] and "Holm correction" in project["log"]
+    ov = md.split("### Overfitting")[1].split("###")[0]
+    assert all(f"| {i} |" in ov for i in INITS) and "![gap curves](gap_curves.png)" in ov
+    assert len(list(csv.DictReader((d / "reports/paired_differences.csv").open()))) > 100
+
+
 def test_registry_round_trip_champion_chosen_on_validation(project):
     d = project["dir"]
     ex = yaml.safe_load((d / "metrics/export.json").read_text())
     ft = yaml.safe_load((d / "metrics/finetune.json").read_text())
     # chosen on the validation scores of the grid's fine-tune cells at 100 % labels, never on test
     vals = {}
-    for i in ("random", "imagenet", "vae", "simclr", "mim"):
+    for i in INITS:
         cells = yaml.safe_load((d / f"metrics/grid/{i}.json").read_text())["cells"]
         vals[i] = np.mean([c["val"]["balanced_accuracy"] for c in cells
                            if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0])
@@ -210,7 +282,7 @@ def test_dvc_tracks_changes(project):
     set_params(d / "params.yaml", **{"finetune.lr": 3e-4})
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
     # stages whose own inputs changed (validate reads every key); evaluate and export follow them in the DAG
-    grids = {"grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in ("vae", "simclr", "mim"))}
+    grids = {"grid@random", "grid@imagenet", *(f"grid_ssl@{m}" for m in SSL)}
     assert changed == {"validate", "fetch", "finetune", *grids}
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
@@ -219,7 +291,7 @@ def test_dvc_tracks_changes(project):
     probes = d / "src/medssl/core/probes.py"
     probes.write_text(probes.read_text() + "\n")
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
-    assert {"prepare", "finetune", "evaluate", "export", *grids, *(f"pretrain@{m}" for m in ("vae", "simclr", "mim"))} <= changed
+    assert {"prepare", "finetune", "evaluate", "export", *grids, *(f"pretrain@{m}" for m in SSL)} <= changed
     sh(["git", "checkout", "src"], d, env)
 
 

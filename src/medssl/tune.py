@@ -21,6 +21,7 @@ import yaml
 
 from medssl import tracking
 from medssl.config import BASELINE_INITS, ConfigError, Params, method_of, set_dotted
+from medssl.core.rng import seed_of
 from medssl.finetune import run_finetune
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
@@ -86,7 +87,8 @@ def pruner_of(name: str) -> optuna.pruners.BasePruner:
 def load_study(p: Params, init: str, storage: str, worker: int = 0) -> optuna.Study:
     return optuna.create_study(
         study_name=study_name(p, init), storage=storage_of(storage), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=p.seed + worker), pruner=pruner_of(p.tune.pruner),
+        sampler=optuna.samplers.TPESampler(seed=seed_of("tune", init, p.seed, worker) % 2**32),  # own draws per init
+        pruner=pruner_of(p.tune.pruner),
     )
 
 
