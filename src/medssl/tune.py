@@ -198,7 +198,9 @@ def run_tune(p: Params, params_path: Path, n_trials: int | None = None, storage:
             best = study.best_trial
             entry: dict = {}
             for key, value in best.params.items():
-                entry = set_dotted(entry, key, value)
+                # 10 significant digits: DVC's YAML round trip (ruamel) alters floats written with 15 or more,
+                # and a value that changes on its way into dvc.lock would leave every stage forever "modified"
+                entry = set_dotted(entry, key, float(f"{value:.10g}") if isinstance(value, float) else value)
             entry["study"] = {"name": study.study_name, "trials": len(study.trials), **{k.lower(): v for k, v in counts.items()},
                               "best_trial": best.number, f"best_val_{p.export.select_metric}": round(best.value, 6),
                               "mlflow_run_id": best.user_attrs.get("mlflow_run_id", "")}
