@@ -60,7 +60,9 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     runs, arts = flow_runs(prefect_stack, "medssl-pipeline")
     assert [x["state_type"] for x in runs] == ["COMPLETED"]
-    assert any(a["key"] == "medssl-results" and "Champion" in (a["data"] or "") for a in arts)
+    results = [a["data"] for a in arts if a["key"] == "medssl-results"]
+    assert len(results) == 1 and results[0].index("## Verdict") < results[0].index("## Champion")  # the answer first
+    assert "difference to ImageNet" in results[0]
     report = [a["data"] for a in arts if a["key"] == "medssl-report"]
     assert len(report) == 1 and "### Linear probe" in report[0] and "| simclr |" in report[0]
 
@@ -68,6 +70,7 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
                if x.data.tags.get("orchestrator") == "prefect"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["mlflow.note.content"] in results[0]  # the verdict is the run's description
     children = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     names = {c.info.run_name for c in children}

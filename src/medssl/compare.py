@@ -186,7 +186,8 @@ def shift_sentence(name_: str, n: int, test: dict[str, float], shifted: dict[str
     holds = order_in[0] == order_out[0]
     text = (f"Out of domain (`{name_}`, {n} images), the fine-tuned inits at 100 % labels rank "
             f"{' > '.join(name(i) for i in order_out)} (in-domain: {' > '.join(name(i) for i in order_in)}; "
-            f"Kendall τ = {tau:.2f}): the {'leader holds' if holds else 'leader changes'} out of domain.")
+            f"Kendall τ = {tau:.2f}): the leader {'holds' if holds else 'changes'} out of domain"
+            f"{', and so does the order' if tau >= 0.6 else ', the order below it changes' if holds else ''}.")
     if champion_test is not None and champion_shift is not None:
         text += (f" The champion ({name(champion)}) scores {champion_test:.3f} balanced accuracy in-domain and "
                  f"{champion_shift:.3f} on `{name_}`.")
