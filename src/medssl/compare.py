@@ -7,7 +7,9 @@ metric, one split). The verdict answers "pretrain on our own images, or start fr
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 
 import numpy as np
@@ -40,33 +42,31 @@ def comparisons(probas: dict, labels: dict[str, np.ndarray], seeds: list[int], b
     Test: every group of cells; shift (when present): the 100 % label cells of each protocol."""
     refs = [r for r in REFERENCES if r in baselines]
     groups = sorted({k[1:4] for k in probas if k[5] == "test"}, key=lambda g: (g[1] != "fractions", g))
+    have = lambda init, protocol, regime, fraction, split: (init, protocol, regime, fraction, seeds[0], split) in probas  # noqa: E731
     rows = []
     for split, y in labels.items():
-        boot, cache = Bootstrap(y, N_BOOT, seed), {}
-
-        def reps(init, protocol, regime, fraction):
-            key = (init, protocol, regime, fraction)
-            if key not in cache:
-                cache[key] = boot.replicates(np.stack([probas[(*key, s, split)] for s in seeds]))
-            return cache[key]
-
+        pairs = []  # (split, protocol, regime, fraction, init, reference, the reference's regime)
         for protocol, regime, fraction in groups:
             if split != "test" and (regime != "fractions" or fraction != 1.0):
                 continue
-            inits = fusion if regime == "fusion" else others
+            against = "fractions" if regime == "fusion" else regime  # fusion rows against the single encoders
             for ref in refs:
-                against = ("fractions" if regime == "fusion" else regime)
-                if (ref, protocol, against, fraction, seeds[0], split) not in probas:
+                if not have(ref, protocol, against, fraction, split):
                     continue
-                vs = [i for i in (inits if ref == "imagenet" or regime == "fusion" else ["imagenet", *inits]) if i != ref]
-                for init in vs:
-                    if (init, protocol, regime, fraction, seeds[0], split) not in probas:
-                        continue
-                    for metric in METRICS:
-                        d = paired_difference(reps(init, protocol, regime, fraction), reps(ref, protocol, against, fraction),
-                                              metric, seed)
-                        rows.append({"split": split, "protocol": protocol, "regime": regime, "fraction": fraction,
-                                     "init": init, "reference": ref, "metric": metric, **d})
+                inits = fusion if regime == "fusion" else others if ref == "imagenet" else ["imagenet", *others]
+                pairs += [(protocol, regime, fraction, init, ref, against) for init in inits
+                          if init != ref and have(init, protocol, regime, fraction, split)]
+        needed = sorted({(i, pr, rg, f) for pr, rg, f, i, _, _ in pairs} | {(r, pr, ag, f) for pr, _, f, _, r, ag in pairs})
+        boot = Bootstrap(y, N_BOOT, seed)
+        with ThreadPoolExecutor(os.cpu_count()) as pool:  # numpy releases the GIL in the heavy loops
+            reps = dict(zip(needed, pool.map(lambda k: boot.replicates(np.stack([probas[(*k, s, split)] for s in seeds])),
+                                             needed)))
+        for protocol, regime, fraction, init, ref, against in pairs:
+            for metric in METRICS:
+                d = paired_difference(reps[(init, protocol, regime, fraction)], reps[(ref, protocol, against, fraction)],
+                                      metric, seed)
+                rows.append({"split": split, "protocol": protocol, "regime": regime, "fraction": fraction,
+                             "init": init, "reference": ref, "metric": metric, **d})
     family = defaultdict(list)
     for r in rows:
         family[(r["split"], r["reference"], r["metric"])].append(r)

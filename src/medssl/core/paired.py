@@ -39,16 +39,17 @@ def weighted_balanced_accuracy(w: np.ndarray, y: np.ndarray, proba: np.ndarray) 
 def weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.ndarray:
     """ROC AUC of `score` for the binary labels `positive` under each row of weights w (B, N) -> (B,).
 
-    Rank form: each positive earns the weight of the negatives scored below it, half of those tied with it."""
-    order = np.argsort(score, kind="stable")
-    s, pos, ws = score[order], positive[order], w[:, order]
-    new = np.r_[True, s[1:] != s[:-1]]
-    starts, group = np.flatnonzero(new), np.cumsum(new) - 1
-    neg_w = ws * ~pos
-    neg_group = np.add.reduceat(neg_w, starts, axis=1)        # (B, G) negative weight per tie group
-    credit = np.cumsum(neg_group, 1) - 0.5 * neg_group          # below + half of the ties
-    pos_w = ws[:, pos]
-    return (pos_w * credit[:, group[pos]]).sum(1) / (pos_w.sum(1) * neg_w.sum(1))
+    Rank form: each positive earns the weight of the negatives scored below it, and half of those tied with it
+    (cumulative negative weight in score order, read where each positive would be inserted)."""
+    neg = np.flatnonzero(~positive)
+    neg = neg[np.argsort(score[neg], kind="stable")]
+    cum = np.zeros((len(w), len(neg) + 1), np.float32)  # exact: weights are resampling counts (< 2**24)
+    np.cumsum(w[:, neg], axis=1, out=cum[:, 1:])
+    s_pos, s_neg = score[positive], score[neg]
+    left, right = np.searchsorted(s_neg, s_pos, "left"), np.searchsorted(s_neg, s_pos, "right")
+    credit = cum[:, left] + 0.5 * (cum[:, right] - cum[:, left])
+    w_pos = w[:, positive]
+    return (w_pos * credit).sum(1, dtype=np.float64) / (w_pos.sum(1, dtype=np.float64) * cum[:, -1])
 
 
 def weighted_auc_macro(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
