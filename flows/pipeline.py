@@ -18,7 +18,7 @@ from medssl import tracking
 from medssl.config import Params, load_params, run_overrides
 from medssl.data.prepare import run_prepare
 from medssl.data.sources import run_fetch
-from medssl.evaluate import run_evaluate
+from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
 from medssl.grid import run_grid
@@ -128,7 +128,7 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)
             create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")
-            report = (LAY.reports / "report.md").read_text()  # the comparison report (images stay in MLflow)
+            report = inline_images((LAY.reports / "report.md").read_text(), LAY.reports)  # self-contained
             create_markdown_artifact(report, key="medssl-report",
                                      description="init x protocol x label fraction x seed comparison, mean ± 95 % CI")
             mlflow.log_text(md, "prefect/results.md")

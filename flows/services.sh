@@ -47,11 +47,24 @@ case ${1:-} in
     prefect work-pool inspect "$POOL" >/dev/null 2>&1 || prefect work-pool create "$POOL" --type process >/dev/null
     prefect --no-prompt deploy --all
     start worker prefect worker start --pool "$POOL" --type process
-    echo "Prefect UI: http://127.0.0.1:$PORT  (export PREFECT_API_URL=$PREFECT_API_URL)"
+    # leave the prefect CLI pointed at this server in any shell: a profile `medssl`, made active (the one it
+    # replaces is restored by `down`)
+    profiles=${PREFECT_HOME:-$HOME/.prefect}/profiles.toml
+    previous=$(sed -n 's/^active = "\(.*\)"$/\1/p' "$profiles" 2>/dev/null || true)
+    [[ -f $RUN_DIR/previous-profile || ${previous:-ephemeral} == medssl ]] || echo "${previous:-ephemeral}" >"$RUN_DIR/previous-profile"
+    prefect profile create medssl >/dev/null 2>&1 || true
+    prefect --profile medssl config set PREFECT_API_URL="$PREFECT_API_URL" >/dev/null
+    prefect profile use medssl >/dev/null
+    echo "Prefect UI: http://127.0.0.1:$PORT  (prefect CLI profile 'medssl' -> $PREFECT_API_URL)"
     ;;
   down)
     stop worker INT
     stop server TERM
+    if [[ -f $RUN_DIR/previous-profile ]]; then
+      prefect profile use "$(cat "$RUN_DIR/previous-profile")" >/dev/null 2>&1 || true
+      echo "prefect CLI profile back to '$(cat "$RUN_DIR/previous-profile")'"
+      rm -f "$RUN_DIR/previous-profile"
+    fi
     ;;
   *) echo "usage: $0 up|down" >&2; exit 2 ;;
 esac

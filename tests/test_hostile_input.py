@@ -162,3 +162,14 @@ def test_predict_outside_the_project_creates_no_store(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "no MLflow store here" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
+    """The same user error: one line by default, the traceback with --debug (and still exit code 1, not 2)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "medssl.cli"]
+    args = ["predict", "models:/derm-classifier@champion", "missing.png"]
+    plain = subprocess.run(cmd + args, cwd=tmp_path, capture_output=True, text=True, env=env)
+    debug = subprocess.run(cmd + ["--debug", *args], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and len(plain.stderr.strip().splitlines()) <= 3, plain.stderr
+    assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr

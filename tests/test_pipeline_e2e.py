@@ -93,13 +93,22 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     for r in children.values():
         assert r.info.status == "FINISHED"
         assert r.data.tags["data_md5"] == md5 and r.data.tags["seed"] == "42" and len(r.data.tags["git_commit"]) >= 40
+    client = mlflow.MlflowClient()
+    for name, splits in (("pretrain-vae", {"train"}), ("grid-imagenet", {"train", "val", "test"}),
+                         (f"finetune-{champion}", {"train", "val", "test"})):  # evaluate adds test to the champion's
+        inputs = client.get_run(children[name].info.run_id).inputs.dataset_inputs
+        assert {i.dataset.name for i in inputs} == {f"dermamnist-{s}" for s in splits}, name
+        assert {i.dataset.digest for i in inputs} == {md5}  # MLflow's lineage and DVC agree on the data version
+    table = [a.path for a in client.list_artifacts(children["grid-imagenet"].info.run_id, "grid")]
+    assert "grid/cells.json" in table  # the cells as an MLflow table
+    grid_metrics = client.get_run(children["grid-imagenet"].info.run_id).data.metrics
+    assert "system/cpu_utilization_percentage" in grid_metrics and "system/system_memory_usage_megabytes" in grid_metrics
     ft = children[f"finetune-{champion}"]
     sys.path.insert(0, str(project["dir"] / "src"))
     from medssl.config import load_params
 
     lr = load_params(project["dir"] / "params.yaml").for_init(champion).finetune.lr  # params.yaml + its tuned values
     assert ft.data.tags["init"] == champion and float(ft.data.params["lr"]) == pytest.approx(lr)
-    client = mlflow.MlflowClient()
     gap = client.get_metric_history(ft.info.run_id, "gap_accuracy")
     tr = client.get_metric_history(ft.info.run_id, "train_accuracy")
     va = client.get_metric_history(ft.info.run_id, "val_accuracy")
@@ -140,7 +149,9 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
         rows = [r for r in table.splitlines() if r.startswith("| ") and r.split("|")[1].strip() in inits]
         assert len(rows) == len(INITS) and all(r.count("±") == 2 * len(fractions) for r in rows), table
     assert md.index("## Verdict") < md.index("## Comparison") and "Domain shift" in md and "Class imbalance" in md and "imagenet+simclr" in md and "random+mim" in md
-    assert (d / "reports/report.html").read_text().count("<table>") >= 6
+    html = (d / "reports/report.html").read_text()
+    assert html.count("<table>") >= 6 and html.count('src="data:image/png;base64,') >= 4  # self-contained
+    assert 'src="' not in html.replace('src="data:image/png;base64,', "")  # no image linked by path
     for png in ("balanced_accuracy_vs_fraction.png", "gap_curves.png"):
         assert (d / "reports" / png).stat().st_size > 10_000
     shown = sh(["dvc", "metrics", "show", "--json"], d, project["env"]).stdout
@@ -234,6 +245,8 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
     assert mv.tags["init"] == ex["champion"] and "test_accuracy" in mv.tags and "val_balanced_accuracy" in mv.tags
     assert mv.tags["source_run_id"] == ft["run_id"]
     assert mv.tags["promoted"] == "true" and "first model" in mv.tags["promotion_reason"] and "Promoted" in mv.description
+    assert len(mv.tags) <= 20 and "| macro AUC |" in mv.description and "medssl predict" in mv.description
+    assert "medssl serve" in client.get_registered_model("derm-e2e").description
 
     model = mlflow.pyfunc.load_model("models:/derm-e2e@champion")
     with np.load(d / "data/raw/dermamnist.npz") as z:

@@ -1,4 +1,5 @@
 """`prefect deployment run` through a real Prefect server and process worker (flows/services.sh)."""
+import json
 import os
 import subprocess
 
@@ -21,9 +22,15 @@ def prefect_stack(tmp_path_factory, mlflow_server, dermamnist):
     up = subprocess.run(["flows/services.sh", "up"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     pids = {n: int((work / f".run/prefect/{n}.pid").read_text()) for n in ("server", "worker")}
+    # a new shell without PREFECT_API_URL reaches the same server through the profile prefect-up made active
+    shell = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
+    ls = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "medssl-pipeline/dermamnist", "--output", "json"],
+                        cwd=work, env=shell, capture_output=True, text=True, timeout=120)
+    assert ls.returncode == 0 and json.loads(ls.stdout)["name"] == "dermamnist", ls.stdout + ls.stderr
     yield {"dir": work, "env": env, "pids": pids}
     down = subprocess.run(["flows/services.sh", "down"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
+    assert 'active = "ephemeral"' in (home / "profiles.toml").read_text()  # the profile it replaced
     for name, pid in pids.items():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # prefect-down leaves no process of ours running
@@ -65,6 +72,7 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     assert "difference to ImageNet" in results[0]
     report = [a["data"] for a in arts if a["key"] == "medssl-report"]
     assert len(report) == 1 and "### Linear probe" in report[0] and "| simclr |" in report[0]
+    assert "](data:image/png;base64," in report[0] and ".png)" not in report[0]  # images travel with the artifact
 
     mlflow.set_tracking_uri(mlflow_server)
     parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")

@@ -22,10 +22,15 @@ err = Console(stderr=True)
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="configuration file")
 
 
+DEBUG = {"on": False}
+
+
 @app.callback()
-def _process_hygiene():
+def _process_hygiene(debug: bool = typer.Option(False, "--debug", help="show the traceback of a user error too")):
     """medssl: self-supervised vs ImageNet initialisation for small medical image data sets."""
     from medssl import guard
+
+    DEBUG["on"] = debug
 
     guard.terminate_as_interrupt()
     guard.follow_pipeline()
@@ -40,6 +45,8 @@ def _clear_errors(fn):
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
                 TrackingUnavailable, Busy, FileNotFoundError, ValueError) as e:
+            if DEBUG["on"]:
+                raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as e:
@@ -182,7 +189,8 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
         mlflow.log_params(tracking.flat_params(p.model_dump()))
         mlflow.log_artifact(str(params))
         env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, guard.PIPELINE_PID_ENV: guard.process_id()}
-        rc = _run_tree(["dvc", "repro", *(["--force"] if force else [])], env)
+        repro = ["dvc", "repro", *(["--force"] if force else [])]
+        rc = _run_tree(repro, env, _stage_plan(repro, env))
         if rc != 0:
             tracking.end_stale_runs(exp)  # a stage killed outright leaves its run RUNNING
             tags = mlflow.get_run(run.info.run_id).data.tags
@@ -219,17 +227,41 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
         err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
 
 
-def _run_tree(cmd: list[str], env: dict) -> int:
+def _stage_plan(repro: list[str], env: dict) -> list[str]:
+    """The stages `repro` will run, in order (DVC's dry run; empty if it cannot tell)."""
+    import re
+
+    r = subprocess.run([*repro, "--dry"], env=env, capture_output=True, text=True)
+    return re.findall(r"^Running stage '([^']+)'", r.stdout, re.M) if r.returncode == 0 else []
+
+
+def _run_tree(cmd: list[str], env: dict, plan: list[str] | None = None) -> int:
     """Run `cmd` in its own process group; on SIGINT/SIGTERM end the whole group (SIGTERM, then SIGKILL after
-    30 s) and return the signal as a negative exit. The child also gets SIGTERM if this process dies."""
+    30 s) and return the signal as a negative exit. The child also gets SIGTERM if this process dies.
+    plan: the stages it will run; DVC's "Running stage 'x':" lines then say which of them it is (k/N)."""
     import ctypes
+    import re
     import signal
+    import threading
 
     def die_with_parent():
         with contextlib.suppress(Exception):
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
+                            stdout=subprocess.PIPE if plan else None, text=True, bufsize=1)
+
+    def relay():  # DVC's output (and the stages' stdout) with the stage count added
+        for line in proc.stdout:
+            m = re.match(r"Running stage '([^']+)':", line)
+            if m and m.group(1) in plan:
+                line = f"Running stage '{m.group(1)}' ({plan.index(m.group(1)) + 1}/{len(plan)}):\n"
+            sys.stdout.write(line)
+            sys.stdout.flush()
+
+    reader = threading.Thread(target=relay, daemon=True) if plan else None
+    if reader:
+        reader.start()
     got: list[int] = []
 
     def forward(signum, frame):
@@ -246,6 +278,8 @@ def _run_tree(cmd: list[str], env: dict) -> int:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
         _end_group(proc.pid)  # stragglers: e.g. a stage whose `sh -c` wrapper died before it
+        if reader:
+            reader.join(timeout=5)
         return -got[0] if got else rc
     finally:
         for s, h in old.items():

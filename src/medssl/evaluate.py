@@ -87,6 +87,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     plot_confusion(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)", out / "confusion.png")
     plot_curves(curves, init, out / "curves.png")
     with tracking.resume_run(summary["run_id"]):
+        tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path))
         mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
         mlflow.log_artifact(str(out / "curves.png"), "plots")
@@ -125,7 +126,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         "![curves](curves.png)\n![confusion](confusion.png)\n\n"
     )
     write_text(out / "report.md", md)
-    write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}"))
+    write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}", out))
     write_text(out / "verdict.md", verdict + "\n")
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
@@ -134,10 +135,27 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     return result
 
 
-def to_html(md: str, title: str) -> str:
+def _data_uri(png: Path) -> str | None:
+    import base64
+
+    return f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if png.is_file() else None
+
+
+def inline_images(md: str, folder: Path) -> str:
+    """The markdown with its local PNGs embedded (`![x](a.png)` -> data URI): it renders wherever it is shown
+    (the Prefect artifact has no files beside it)."""
+    import re
+
+    return re.sub(r"!\[([^\]]*)\]\(([^):/]+\.png)\)",
+                  lambda m: f"![{m.group(1)}]({_data_uri(folder / m.group(2)) or m.group(2)})", md)
+
+
+def to_html(md: str, title: str, folder: Path) -> str:
+    """One self-contained page: the report's PNGs are embedded (data URIs), so it renders the same opened from
+    disk, in MLflow's artifact viewer or anywhere it is copied."""
     import markdown
 
-    body = markdown.markdown(md, extensions=["tables"])
+    body = markdown.markdown(inline_images(md, folder), extensions=["tables"])
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>"

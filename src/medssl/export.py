@@ -157,16 +157,19 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         )
         mv = mlflow.register_model(info.model_uri, p.export.registered_model)
         client = mlflow.MlflowClient()
-        client.update_model_version(p.export.registered_model, mv.version, description=(
-            f"{champion} init, {ckpt['backbone']}, data md5 {data_md5}. "
-            f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}."))
+        name = p.export.registered_model
+        client.update_registered_model(name, description=registry_description(p, classes, (h, w)))
+        client.update_model_version(name, mv.version, description=version_description(
+            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w), classes, val, test, check, promote, reason))
+        # tags: what one filters or sorts versions on; the full record is the description and the runs
         version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
                         **({"compared_with_version": str(held_by.version),
                             f"champion_val_{metric}": f"{held[metric]:.4f}"} if held else {}),
                         f"onnx_val_{metric}": f"{onnx_val[metric]:.4f}",
                         "init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
-                        **{f"val_{k}": f"{v:.4f}" for k, v in val.items()}, **{f"test_{k}": f"{v:.4f}" for k, v in test.items()},
+                        f"val_{metric}": f"{val[metric]:.4f}",
+                        **{f"test_{k}": f"{test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro")},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         for k, v in version_tags.items():
             client.set_model_version_tag(p.export.registered_model, mv.version, k, v)
@@ -184,3 +187,33 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}
     write_json(EXPORT_METRICS, result)
     return result
+
+
+KEYS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc_macro", "macro AUC"),
+        ("kappa", "Cohen's κ"), ("f1_macro", "macro F1"))
+
+
+def registry_description(p: Params, classes: list[str], size: tuple[int, int]) -> str:
+    name, alias = p.export.registered_model, p.export.alias
+    return (f"{p.data.name} classifier ({len(classes)} classes: {', '.join(classes)}) trained by medssl: the init "
+            f"(random, ImageNet, or self-supervised on the domain's own images) that scored best on validation "
+            f"`{p.export.select_metric}`, fine-tuned on all labels, exported to ONNX with preprocessing inside. "
+            f"`@{alias}` points at the best version so far (it moves only to a strictly better one). "
+            f"Input: uint8 RGB images (N, {size[0]}, {size[1]}, 3); output: class probabilities (N, {len(classes)}).\n\n"
+            f"Use: `mlflow.pyfunc.load_model('models:/{name}@{alias}').predict(images)`, "
+            f"`medssl predict models:/{name}@{alias} <images or folders>`, or `medssl serve models:/{name}@{alias}` "
+            f"(REST: POST {{\"inputs\": [...]}} to /invocations).")
+
+
+def version_description(p: Params, init: str, backbone: str, data_md5: str, version, size, classes, val: dict, test: dict,
+                        check: dict, promote: bool, reason: str) -> str:
+    name = p.export.registered_model
+    rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in KEYS)
+    return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
+            f"`data.path`) at {p.data.image_size} px; chosen on validation `{p.export.select_metric}`, test only scored.\n\n"
+            f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
+            f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "
+            f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}.\n\n"
+            f"Input uint8 (N, {size[0]}, {size[1]}, 3) RGB; output probabilities (N, {len(classes)}) in the order "
+            f"{', '.join(classes)}. Load: `mlflow.pyfunc.load_model('models:/{name}/{version}')`; batch: "
+            f"`medssl predict models:/{name}/{version} <images>`.")

@@ -103,7 +103,8 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
               "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
-    with tracking.model_run(p, f"finetune-{init}", tags, params, parent) as run:
+    with tracking.model_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
+        tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path))
         def logged(epoch, row, state):
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
             ckpt.save(state)

@@ -15,16 +15,17 @@ Resumable: finished cells are kept in a state file, and a rerun with the same se
 from __future__ import annotations
 
 import time
+import warnings
 
 import mlflow
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medssl import tracking
 from medssl.config import Params
 from medssl.core.cells import encoder_seed, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features, pick_device, prepare_model
+from medssl.core.progress import Progress
 from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
 from medssl.data.sources import Split
 from medssl.finetune import build_classifier
@@ -87,7 +88,9 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
               "n_pool": len(y["pool"]), "backbone": p.model.backbone, "image_size": p.data.image_size,
               **tracking.flat_params({"finetune": p.finetune.model_dump()})}
     tags["tuned"] = str(init in p.tuned)
-    with tracking.model_run(p, f"grid-{init}", tags, params, parent) as run:
+    with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
+        tracking.log_datasets(p, meta, {("train" if s == "pool" else s): len(v) for s, v in y.items() if s != "shift"},
+                              lay.raw(p.data.path))
         t0 = time.time()
         feats = {}  # encoder seed -> split -> (N, D) features on the device
         for es in sorted({encoder_seed(init, seed, p.seed) for seed in g.seeds}):
@@ -100,22 +103,29 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                  **{f"{s}_y": v for s, v in y.items()},
                  **{f"subset_{j.key}": j.idx for j in jobs})
         mlflow.log_artifact(str(lay.grid_features(init)), "grid")
-        for job in tqdm(jobs, desc=f"grid {init}", disable=None):
-            for protocol in g.protocols:
-                key = f"{protocol}_{job.key}"
-                if key in done["cells"]:
-                    continue
-                if protocol == "finetune":
-                    done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
-                                                                                   classes, device, lay, run.info.run_id)
-                    done["curves"] += rows
-                else:
-                    done["cells"][key], done["probas"][key] = probe_cell(
-                        init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)], y, scored, g, classes)
-                state.save(done)
+        todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in done["cells"]]
+        bar = Progress(f"grid {init}", len(jobs) * len(g.protocols), len(jobs) * len(g.protocols) - len(todo), unit="cell")
+        for _, (job, protocol) in zip(bar, todo):  # the bar first: it reports a cell when the next is asked for
+            key = f"{protocol}_{job.key}"
+            bar.set(key)
+            if protocol == "finetune":
+                done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
+                                                                               classes, device, lay, run.info.run_id)
+                done["curves"] += rows
+            else:
+                done["cells"][key], done["probas"][key] = probe_cell(
+                    init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)], y, scored, g, classes)
+            state.save(done)
+        bar.bar.close()
         cells = [done["cells"][f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
         seconds = round(time.time() - t0, 1)
         mlflow.log_metric("seconds", seconds)
+        keys = ("accuracy", "balanced_accuracy", "auc_macro")  # the cells as one table (MLflow's evaluation view)
+        with warnings.catch_warnings():  # pandas' deprecation notice from inside mlflow.log_table
+            warnings.simplefilter("ignore", DeprecationWarning)
+            mlflow.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
+                             | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
+                             | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, artifact_file="grid/cells.json")
         main = [c for c in cells if c["regime"] == "fractions"]
         for protocol in g.protocols:
             for f in g.fractions:

@@ -322,9 +322,15 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
     summary = {"balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
                "paired": compare.metrics_json(rows)}
-    for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init
-        write_csv(lay.report_plots / f"{protocol}.csv",
-                  [{"fraction": f, **{i: agg[("fractions", protocol, i, f)]["balanced_accuracy"][0] for i in inits}} for f in fr])
+    for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init (+ its CI)
+        rows_csv = []
+        for f in fr:
+            row = {"fraction": f}
+            for i in inits:
+                m, c = agg[("fractions", protocol, i, f)]["balanced_accuracy"]
+                row |= {i: m, f"{i}_lo": m - c, f"{i}_hi": m + c}
+            rows_csv.append(row)
+        write_csv(lay.report_plots / f"{protocol}.csv", rows_csv)
     return verdict, "\n".join(md), summary
 
 

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -75,23 +78,33 @@ def experiment_id(p: Params) -> str:
     return mlflow.create_experiment(p.mlflow.experiment, artifact_location=location)
 
 
+PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")  # rewritten by the pipeline itself
+
+
 def git_commit() -> str:
+    """HEAD's sha, with `-dirty` when a tracked file differs from it; the files the pipeline rewrites itself
+    (dvc.lock, metrics/, plots/, reports/) do not count, or every run after the first would be dirty."""
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){o}" for o in PIPELINE_OUTPUTS)],
+                               capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def base_tags(p: Params, data_md5: str | None = None) -> dict[str, str]:
+    commit = git_commit()
     tags = {
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "dataset": p.data.name,
         "backbone": p.model.backbone,
         "seed": str(p.seed),
         "budget": p.budget,
     }
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")  # MLflow's own source tag (UI, search)
     if data_md5:
         tags["data_md5"] = data_md5
     return tags
@@ -133,10 +146,13 @@ def end_status(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None):
+def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None,
+              system_metrics: bool = False):
     """A run for one trained model, nested under `parent` or the pipeline run when there is one.
 
-    An exception inside marks the run FAILED (KILLED when a trial is pruned) and propagates.
+    system_metrics: sample CPU, memory (and GPU where pynvml finds one) every 5 s into the run (stage runs; the
+    seconds-long nested runs of grid cells would catch no sample). An exception inside marks the run FAILED
+    (KILLED when a trial is pruned) and propagates.
     """
     from medssl.guard import process_id
 
@@ -148,8 +164,13 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
         _swept.add(exp)
         end_stale_runs(exp)
     with _env_run_hidden():
+        if system_metrics:
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
+            mlflow.set_system_metrics_sampling_interval(5)
         run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, nested=True,
-                               tags={**tags, PROCESS_TAG: process_id()})
+                               tags={**tags, PROCESS_TAG: process_id()}, log_system_metrics=system_metrics)
+        if system_metrics:  # a stage's run: where to watch it, before the long work starts
+            print(f"{name}: MLflow run {run_link(exp, run.info.run_id)}", file=sys.stderr, flush=True)
         try:
             if params:
                 mlflow.log_params(flat_params(params))
@@ -164,6 +185,32 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")
+
+
+def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> None:
+    """The splits the active run read (split -> images used), as MLflow dataset inputs (the UI's Datasets column
+    and lineage): name `<data.name>-<split>`, digest = the raw file's md5, the value DVC records for data.path;
+    source: that file."""
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types.schema import Schema, TensorSpec
+
+    size = p.data.image_size
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "image"),
+                     TensorSpec(np.dtype(np.int64), (-1,), "label")])
+    with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(Path(raw).resolve()))
+    for split, n in splits.items():
+        ds = MetaDataset(source, name=f"{p.data.name}-{split}", digest=meta["raw_md5"], schema=schema)
+        mlflow.log_input(ds, context=split, tags={"n": str(n), "image_size": str(size)})
+
+
+def run_link(exp: str, run_id: str) -> str:
+    """The run's page in the MLflow UI when the store is a server, else its id and store."""
+    uri = tracking_uri()
+    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}" if uri.startswith("http") else f"{run_id} ({uri})"
 
 
 def mark_failed_stage(parent: str, stage: str, reason: str, status: str = "FAILED") -> None:

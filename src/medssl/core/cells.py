@@ -102,7 +102,7 @@ def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torc
     tr_x, tr_y = x["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=device).long()
     sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[: max_eval or len(job.idx)], device=device)
     fit = finetune(model, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], tr_y[sub]), cfg, epochs, select, classes,
-                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch)
+                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch, quiet=True)  # the grid reports per cell
     model.load_state_dict(fit.state)
     # train subset and val were scored at the best epoch inside finetune; only the held-out splits remain
     probas = {s: predict_proba(model, x[s]) for s in scored if s != "val"}

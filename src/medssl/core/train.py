@@ -13,9 +13,9 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import trange
 
 from medssl.core.engine import augment, predict_proba, prepare_model, train_epoch, warmup_cosine
+from medssl.core.progress import Progress
 from medssl.core.rng import generator
 from medssl.metrics import classification_metrics, overfitting_gap
 
@@ -61,13 +61,14 @@ class FitResult:
 
 def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, epochs: int, select: str,
              classes: list[str], seed: int, device: torch.device, desc: str = "finetune",
-             on_epoch: OnEpoch | None = None, resume: dict | None = None) -> FitResult:
+             on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False) -> FitResult:
     """Train a Classifier (built by the caller, on CPU) and keep its best epoch on validation.
 
     train, sub: (images (N, S, S, 3) uint8 on device, labels (N,) int64 on device); `sub` is a train subset
     scored in eval mode like validation, so the train - val gap compares like with like. val: (images, labels
     numpy). cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing, warmup_epochs, augment).
-    Every draw (order, augmentation, dropout) comes from one generator on `device` seeded with `seed`."""
+    Every draw (order, augmentation, dropout) comes from one generator on `device` seeded with `seed`.
+    Progress: a bar on a terminal, else a line per epoch on stderr (quiet: none, e.g. for the grid's short cells)."""
     t0 = time.time()
     (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = train, val, sub
     gen = generator(seed, device)
@@ -92,7 +93,8 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
     best, curves = (resume or {}).get("best"), list((resume or {}).get("curves", []))
     ref = (resume or {}).get("ref_loss")
     start = _restore(resume, model, opt, sched, gen)
-    for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None, leave=False):
+    bar = Progress(desc, epochs, start, items=len(tr_y), quiet=quiet, leave=False)
+    for epoch in bar:
         fit = train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
         ref = fit["first_step_loss"] if ref is None else ref
         proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
@@ -100,6 +102,7 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
         row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
                "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE_KEYS)}
         curves.append(row)
+        bar.set(f"val {select} {va[select]:.3f}")
         if best is None or va[select] > best["val"][select]:
             # copy the tensors: a reference to the live state_dict would keep changing
             best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(model.state_dict()),
@@ -107,6 +110,7 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
         if on_epoch is not None:
             on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves,
                                                                          "ref_loss": ref}))
+    bar.bar.close()
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
                      round(time.time() - t0, 1))
@@ -133,14 +137,17 @@ def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, au
     curves = list((resume or {}).get("curves", []))
     ref = (resume or {}).get("ref_loss")
     start = _restore(resume, model, opt, sched, gen)
-    for epoch in trange(start + 1, epochs + 1, desc=desc, disable=None):
+    bar = Progress(desc, epochs, start, items=len(images))
+    for epoch in bar:
         row = train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen), len(images), bs, opt,
                           sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
         first = row.pop("first_step_loss")
         ref = first if ref is None else ref
         row = {"epoch": epoch, **row}
         curves.append(row)
+        bar.set(f"loss {row['loss']:.4g}")
         if on_epoch is not None:
             model.eval()
             on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
+    bar.bar.close()
     return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))
