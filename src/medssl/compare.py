@@ -92,7 +92,7 @@ def _signed(x: float) -> str:
     return f"{0.0 if abs(x) < 5e-4 else x:+.3f}"  # no "-0.000"
 
 
-def _diff(r: dict) -> str:
+def diff_text(r: dict) -> str:
     return f"{_signed(r['diff'])} [{_signed(r['lo'])}, {_signed(r['hi'])}]"
 
 
@@ -120,19 +120,19 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
         fs = list(fs)
         span = f"at {_span(fs)} labels"
         if kind == "wins":
-            vals = "; ".join(f"{_diff(next(r for r in at[f] if r['init'] == leader))} at {_pct(f)}" for f in fs)
+            vals = "; ".join(f"{diff_text(next(r for r in at[f] if r['init'] == leader))} at {_pct(f)}" for f in fs)
             also = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "better"} - {leader})
             parts.append(f"{span}, **{name(leader)} beats {name(ref)}** ({vals})"
                          + (f"; {', '.join(name(i) for i in also)} also beat{'s' if len(also) == 1 else ''} it" if also else ""))
         elif kind == "leads":
-            vals = "; ".join(f"{name(r['init'])} {_diff(r)} at {_pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
+            vals = "; ".join(f"{name(r['init'])} {diff_text(r)} at {_pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
             parts.append(f"{span}, **{name(ref)} leads every self-supervised init** (closest: {vals})")
         else:
             worse = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "worse"})
             best = [max(at[f], key=lambda r: r["diff"]) for f in fs]
             top = max(best, key=lambda r: r["diff"])
             parts.append(f"{span}, no self-supervised init beats {name(ref)} at this budget (largest difference: "
-                         f"{name(top['init'])} {_diff(top)} at {_pct(top['fraction'])}"
+                         f"{name(top['init'])} {diff_text(top)} at {_pct(top['fraction'])}"
                          + (f"; {', '.join(name(i) for i in worse)} trail{'s' if len(worse) == 1 else ''} it" if worse else "")
                          + ")")
     never = [i for i in ssl if not any(r["init"] == i and r["decision"] == "better" for rs in at.values() for r in rs)]
@@ -208,6 +208,6 @@ def table(rows: list[dict], protocol: str, regime: str, fractions: list[float], 
         cells = []
         for f in fractions:
             r = next((r for r in sel if r["init"] == init and r["fraction"] == f), None)
-            cells.append("—" if r is None else f"{_diff(r)}{mark[r['decision']]}")
+            cells.append("—" if r is None else f"{diff_text(r)}{mark[r['decision']]}")
         body.append(f"| {init} | " + " | ".join(cells) + " |")
     return head + "\n".join(body) + "\n"

@@ -322,6 +322,14 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1} (the inverse of set_dotted)."""
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def set_dotted(d: dict, dotted: str, value) -> dict:
     """{"a": {"b": 1}}, "a.b", 2 -> {"a": {"b": 2}} (a new dict; missing levels are created)."""
     head, _, rest = dotted.partition(".")

@@ -116,7 +116,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                 done["cells"][key], done["probas"][key] = probe_cell(
                     init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)], y, scored, g, classes)
             state.save(done)
-        bar.bar.close()
+        bar.close()
         cells = [done["cells"][f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
         seconds = round(time.time() - t0, 1)
         mlflow.log_metric("seconds", seconds)

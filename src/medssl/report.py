@@ -19,7 +19,7 @@ from scipy import stats  # noqa: E402
 import torch  # noqa: E402
 
 from medssl import compare  # noqa: E402
-from medssl.config import BASELINE_INITS, Params  # noqa: E402
+from medssl.config import BASELINE_INITS, Params, flatten  # noqa: E402
 from medssl.core.cells import Job, encoder_seed, probe_cell  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
 from medssl.layout import Layout  # noqa: E402
@@ -144,7 +144,7 @@ def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fraction
     plt.close(fig)
 
 
-def read_curves(init: str, lay: Layout, fraction: float = 1.0) -> dict[int, list[dict]]:
+def grid_curves(init: str, lay: Layout, fraction: float = 1.0) -> dict[int, list[dict]]:
     """seed -> per-epoch rows of the grid's fine-tune cells at `fraction` (plots/grid/<init>.csv)."""
     file = lay.grid_curves(init)
     rows = list(csv.DictReader(file.read_text().splitlines())) if file.is_file() else []
@@ -160,7 +160,7 @@ def overfitting(inits: list[str], lay: Layout) -> dict:
     the epoch where validation loss stops improving (its minimum, per seed) and the gap at that epoch."""
     out = {}
     for init in inits:
-        by_seed = read_curves(init, lay)
+        by_seed = grid_curves(init, lay)
         if not by_seed:
             continue
         epochs = sorted({int(r["epoch"]) for rows in by_seed.values() for r in rows})
@@ -207,18 +207,11 @@ def tuning_section(p: Params) -> list[str]:
             continue
         st = t.study
         values = ", ".join(f"`{k}` {float(v):.3g}" if isinstance(v, float) else f"`{k}` {v}"
-                           for k, v in flat(dict(finetune=t.finetune, pretrain=t.pretrain)).items())
+                           for k, v in flatten(dict(finetune=t.finetune, pretrain=t.pretrain)).items())
         best = next((v for k, v in st.items() if k.startswith("best_val_")), None)
         md.append(f"| {init} | {st.get('trials', '?')} ({st.get('complete', '?')} / {st.get('pruned', '?')} / "
                   f"{st.get('fail', '?')}) | {'—' if best is None else f'{best:.4f}'} | {values} |")
     return md + [""]
-
-
-def flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: dict | None = None) -> tuple[str, str, dict]:
@@ -310,7 +303,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                    "| init | " + " | ".join(g.protocols) + " |", "|---|" + "---|" * len(g.protocols)]
             sh = [r for r in rows if r["split"] == "shift" and r["reference"] == refs[0] and r["metric"] == "balanced_accuracy"]
             for init in dict.fromkeys(r["init"] for r in sh):
-                md.append(f"| {init} | " + " | ".join(next((compare._diff(r) for r in sh if r["init"] == init and r["protocol"] == pr), "—")
+                md.append(f"| {init} | " + " | ".join(next((compare.diff_text(r) for r in sh if r["init"] == init and r["protocol"] == pr), "—")
                                                       for pr in g.protocols) + " |")
             md.append("")
     if fused:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from medssl.config import Params
+from medssl.config import Params, flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
@@ -111,14 +111,7 @@ def base_tags(p: Params, data_md5: str | None = None) -> dict[str, str]:
 
 
 def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flat_params(v, key + "."))
-        else:
-            out[key] = str(v)
-    return out
+    return {k: str(v) for k, v in flatten(d, prefix).items()}
 
 
 def log_curves(curves: list[dict], final: dict | None = None) -> None:

@@ -33,6 +33,9 @@ class Progress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
         self.bar.close()
 
     def set(self, note: str) -> None:

@@ -110,7 +110,7 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
         if on_epoch is not None:
             on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves,
                                                                          "ref_loss": ref}))
-    bar.bar.close()
+    bar.close()
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
                      round(time.time() - t0, 1))
@@ -149,5 +149,5 @@ def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, au
         if on_epoch is not None:
             model.eval()
             on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
-    bar.bar.close()
+    bar.close()
     return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))
