@@ -6,12 +6,17 @@ retried on failure (`retries`), and a failing task fails the flow run with its M
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
+
+import numpy as np
 
 import mlflow
 import torch
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medssl import tracking
@@ -22,6 +27,7 @@ from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
 from medssl.grid import run_grid
+from medssl.io import read_json
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
@@ -65,6 +71,38 @@ def evaluate_task(p: Params) -> dict:
 @task(name="export")
 def export_task(p: Params) -> dict:
     return run_export(p, LAY)
+
+
+def grid_table(p: Params, inits: list[str]) -> list[dict]:
+    """The report's table as far as the grids have finished: mean test balanced accuracy over seeds, per init and
+    protocol (rows) and label fraction (columns)."""
+    rows = []
+    for init in inits:
+        cells = [c for c in read_json(LAY.grid_cells(init))["cells"] if c["regime"] == "fractions"]
+        for protocol in p.grid.protocols:
+            rows.append({"init": init, "protocol": protocol, **{
+                f"{100 * f:g} %": round(float(np.mean([c["test"]["balanced_accuracy"] for c in cells
+                                                       if c["protocol"] == protocol and c["fraction"] == f])), 4)
+                for f in p.grid.fractions}})
+    return rows
+
+
+def follow(p: Params, stages: dict[str, PrefectFuture]) -> None:
+    """While the stages run: a progress artifact (share of stages ended), a table of stages (state, minutes from
+    the start) and the report's table as the grids finish; each a new version of its key as a stage ends."""
+    t0, names = time.time(), {id(f): n for n, f in stages.items()}
+    bar = create_progress_artifact(0.0, key="medssl-progress", description=f"{len(stages)} stages")
+    rows = {n: {"stage": n, "state": "running or waiting", "minutes": ""} for n in stages}
+    grids_done = []
+    for k, fut in enumerate(as_completed(list(stages.values())), 1):
+        name, state = names[id(fut)], fut.state
+        rows[name] |= {"state": state.name, "minutes": round((time.time() - t0) / 60, 2)}
+        update_progress_artifact(bar, 100.0 * k / len(stages), description=f"{k}/{len(stages)} stages ended: {name}")
+        create_table_artifact(list(rows.values()), key="medssl-stages", description="medssl-pipeline stages (live)")
+        if name.startswith("grid-") and state.is_completed():
+            grids_done.append(name.removeprefix("grid-"))
+            create_table_artifact(grid_table(p, [i for i in p.inits.all if i in grids_done]), key="medssl-grid",
+                                  description="test balanced accuracy, mean over seeds, as the grids finish (live)")
 
 
 def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> str:
@@ -113,8 +151,9 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
     p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}
     exp = tracking.experiment_id(p)
-    with mlflow.start_run(experiment_id=exp, run_name="prefect-pipeline",
-                          tags={**tracking.base_tags(p), "stage": "pipeline", "orchestrator": "prefect"}) as parent:
+    with mlflow.start_run(experiment_id=exp, run_name=tracking.unique_name("prefect-pipeline"),
+                          tags={**tracking.base_tags(p), "stage": "pipeline", "orchestrator": "prefect",
+                                tracking.RUN_TAG: "prefect-pipeline"}) as parent:
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
         try:
             mlflow.log_params(tracking.flat_params(p.model_dump()))
@@ -124,7 +163,12 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             grids = [grid_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)]) for i in p.inits.all]
             finetuned = finetune_task.with_options(**opts).submit(p, wait_for=grids)
             evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=[finetuned])
-            export = export_task.with_options(**opts).submit(p, wait_for=[evaluated]).result()
+            exported = export_task.with_options(**opts).submit(p, wait_for=[evaluated])
+            stages = {"fetch": fetched, "prepare": prepared, **{f"pretrain-{m}": f for m, f in pretrained.items()},
+                      **{f"grid-{i}": f for i, f in zip(p.inits.all, grids)}, "finetune": finetuned,
+                      "evaluate": evaluated, "export": exported}
+            follow(p, stages)
+            export = exported.result()
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)
             create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")

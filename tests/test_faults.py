@@ -47,7 +47,7 @@ def wait_for(pred, timeout=300, what="condition"):
 def runs(name=None, status=None):
     exp = mlflow.get_experiment_by_name("faults")
     out = mlflow.search_runs([exp.experiment_id], output_format="list", order_by=["attributes.start_time ASC"])
-    return [r for r in out if (name is None or r.info.run_name == name) and (status is None or r.info.status == status)]
+    return [r for r in out if (name is None or r.data.tags.get("medssl.run") == name) and (status is None or r.info.status == status)]
 
 
 def processes_in(d: Path, pids: bool = False) -> list:

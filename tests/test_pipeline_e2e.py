@@ -4,10 +4,12 @@ and the full comparison grid (3 protocols x 6 fractions x 3 seeds, imbalance, a 
 domain shift, fusion), then the report and its verdict, the registry, pyfunc, `medssl predict` and DVC's
 change tracking."""
 import csv
+import json
 import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -77,7 +79,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     parents = [r for r in runs if r.data.tags.get("stage") == "pipeline"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     parent = parents[0]
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags.get("medssl.run"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     inits = INITS
     champion = yaml.safe_load((project["dir"] / "metrics/finetune.json").read_text())["init"]
     assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), f"finetune-{champion}",
@@ -109,13 +111,28 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
 
     lr = load_params(project["dir"] / "params.yaml").for_init(champion).finetune.lr  # params.yaml + its tuned values
     assert ft.data.tags["init"] == champion and float(ft.data.params["lr"]) == pytest.approx(lr)
-    gap = client.get_metric_history(ft.info.run_id, "gap_accuracy")
-    tr = client.get_metric_history(ft.info.run_id, "train_accuracy")
-    va = client.get_metric_history(ft.info.run_id, "val_accuracy")
+    gap = client.get_metric_history(ft.info.run_id, "gap/accuracy")  # metric keys grouped by prefix
+    tr = client.get_metric_history(ft.info.run_id, "train/accuracy")
+    va = client.get_metric_history(ft.info.run_id, "val/accuracy")
     assert [m.step for m in gap] == [1] and gap[0].value == pytest.approx(tr[0].value - va[0].value)
-    assert "test_auc_macro" in ft.data.metrics and "test_kappa" in ft.data.metrics
-    arts = {a.path for a in client.list_artifacts(ft.info.run_id, "plots")}
-    assert {"plots/confusion.png", "plots/curves.png"} <= arts
+    ft_metrics = client.get_run(ft.info.run_id).data.metrics
+    assert "test/auc_macro" in ft_metrics and "test/kappa" in ft_metrics
+    assert {k.split("/")[0] for k in ft_metrics} <= {"train", "val", "gap", "test", "system"}, sorted(ft_metrics)
+    assert not any("recall" in k for k in ft_metrics)  # single values live in tables, not one-point charts
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=ft.info.run_id,
+                                                                   artifact_path="summary/test.json")).read_text())
+    names = [row[0] for row in summary["data"]]
+    assert any(n.startswith("recall_") for n in names) and "balanced_accuracy" in names
+    arts = {a.path for a in client.list_artifacts(ft.info.run_id)} | {a.path for a in client.list_artifacts(ft.info.run_id, "plots")}
+    assert {"plots/confusion.png", "curves.png"} <= arts  # train and val curves overlaid in one figure
+    cell = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-imagenet"].info.run_id
+                and r.data.tags.get("protocol") == "finetune")
+    assert "curves.png" in {a.path for a in client.list_artifacts(cell.info.run_id)}
+    models = client.search_logged_models([ft.info.experiment_id], filter_string=f"source_run_id = '{ft.info.run_id}'")
+    assert len(models) == 1 and models[0].name == f"classifier-{champion}"  # the checkpoint, linked to its run
+    every = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
+    run_names = [r.info.run_name for r in every]
+    assert len(set(run_names)) == len(run_names), [n for n in run_names if run_names.count(n) > 1]  # unique names
     vae_imgs = {a.path for a in client.list_artifacts(children["pretrain-vae"].info.run_id, "vae")}
     assert "vae/reconstructions_epoch001.png" in vae_imgs and "vae/samples_epoch001.png" in vae_imgs
 
@@ -154,11 +171,53 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert 'src="' not in html.replace('src="data:image/png;base64,', "")  # no image linked by path
     for png in ("balanced_accuracy_vs_fraction.png", "gap_curves.png"):
         assert (d / "reports" / png).stat().st_size > 10_000
-    shown = sh(["dvc", "metrics", "show", "--json"], d, project["env"]).stdout
-    assert '"linear"' in shown and '"simclr"' in shown  # metrics/report.json, for `dvc metrics diff`
+    shown = json.loads(sh(["dvc", "metrics", "show", "--json"], d, project["env"]).stdout)[""]["data"]
+    assert set(shown) == {"metrics/headline.json", "metrics/export.json"}, set(shown)  # readable by default
+    head = shown["metrics/headline.json"]["data"]
+    assert head["champion"] in INITS and 0 < head["test"]["balanced_accuracy"] <= 1
+    assert len(head["vs_imagenet_finetune"]) == 2 * 5  # each SSL init vs ImageNet at 1 % and 100 % labels
+    full = sh(["dvc", "metrics", "show", "metrics/report.json", "--json"], d, project["env"]).stdout
+    assert '"linear"' in full and '"simclr-vs-imagenet"' in full  # the full table, for `dvc metrics diff --targets`
     client = mlflow.MlflowClient()
     parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
     assert "reports/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "reports")}
+
+
+def test_report_and_plots_render_in_a_browser(project, tmp_path):
+    """Headless Chromium with no network: the report from disk and in MLflow's artifact viewer (a real server)
+    shows every image; `medssl plots` renders every DVC plot offline, and names a missing input loudly."""
+    from browser import IMAGES, Chromium
+
+    d, env = project["dir"], project["env"]
+    knn = d / "plots/report/knn.csv"
+    knn.rename(tmp_path / "knn.csv")
+    r = sh([str(BIN / "medssl"), "plots"], d, env, check=False)
+    (tmp_path / "knn.csv").rename(knn)
+    assert r.returncode == 2 and "plots/report/knn.csv" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    sh([str(BIN / "medssl"), "plots"], d, env)
+    page = (d / "dvc_plots/index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "<script src=" not in page
+    embeds = page.count("vegaEmbed('#")
+    assert embeds >= 4 + len(INITS) + 5  # dvc.yaml's plots: report, grid and pretraining curves
+
+    parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
+    chromium = Chromium(tmp_path / "profile")
+    try:
+        n, broken = chromium.open((d / "reports/report.html").as_uri()).wait(IMAGES)
+        assert n >= 4 and broken == 0, (n, broken)
+        ui = chromium.open(f"{project['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+                           "/artifacts/reports/report.html")
+        ui.wait("document.querySelector('iframe.mlflow-html-iframe') !== null")  # MLflow's sandboxed HTML viewer
+        deadline = time.time() + 30
+        while not ui.frames() and time.time() < deadline:
+            time.sleep(0.5)
+        assert ui.wait(IMAGES, context=ui.context(ui.frames()[0]["id"])) == [n, 0]
+        plots = chromium.open((d / "dvc_plots/index.html").as_uri())
+        drawn = "document.querySelectorAll('.vega-embed svg, .vega-embed canvas').length"
+        assert plots.wait(f"{drawn} >= {embeds} && {drawn}") == embeds  # every plot drawn without a CDN
+        assert plots.wait(IMAGES)[1] == 0  # the PNG plots (reports/*.png) too
+    finally:
+        chromium.close()
 
 
 def test_each_init_trains_with_its_own_tuned_values(project):
@@ -172,7 +231,7 @@ def test_each_init_trains_with_its_own_tuned_values(project):
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune[0].info.run_id]
     assert sorted(r.data.tags["init"] for r in trials) == sorted(INITS)  # the same trial budget for every init
     parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"][0]
-    stage = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    stage = {r.data.tags.get("medssl.run"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     for init in INITS:
         grid = stage[f"grid-{init}"].data
         assert grid.tags["tuned"] == "True"
@@ -320,7 +379,7 @@ def test_failed_parity_registers_nothing_and_marks_run_failed(project, tmp_path)
     assert r.returncode == 2 and "not registered" in r.stderr
     assert len(client.search_model_versions("name='derm-e2e'")) == before
     assert hashlib.md5((d / "models/champion.onnx").read_bytes()).hexdigest() == onnx_before
-    last_export = [x for x in runs_of("e2e") if x.info.run_name == "export"][-1]
+    last_export = [x for x in runs_of("e2e") if x.data.tags.get("medssl.run") == "export"][-1]
     assert last_export.info.status == "FAILED"
 
 
@@ -371,7 +430,7 @@ def test_constant_predictor_is_never_registered(project, tmp_path):
     r = export(copy, env, check=False)
     assert r.returncode == 2 and "no better than a constant majority-class predictor" in r.stderr, r.stderr[-2000:]
     assert len(client.search_model_versions("name='derm-e2e'")) == before
-    assert [x for x in runs_of("e2e") if x.info.run_name == "export"][-1].info.status == "FAILED"
+    assert [x for x in runs_of("e2e") if x.data.tags.get("medssl.run") == "export"][-1].info.status == "FAILED"
 
 
 def test_rest_server_scores_uint8_and_refuses_the_rest(project, tmp_path):

@@ -73,6 +73,15 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     report = [a["data"] for a in arts if a["key"] == "medssl-report"]
     assert len(report) == 1 and "### Linear probe" in report[0] and "| simclr |" in report[0]
     assert "](data:image/png;base64," in report[0] and ".png)" not in report[0]  # images travel with the artifact
+    progress = [a for a in arts if a["key"] == "medssl-progress"]  # updated in place as stages end
+    assert len(progress) == 1 and progress[0]["type"] == "progress" and float(progress[0]["data"]) == 100.0
+    stages = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"] for a in arts if a["key"] == "medssl-stages"]
+    n_stages = 2 + 1 + 3 + 3  # fetch, prepare, pretrain-simclr, three grids, finetune, evaluate, export
+    assert len(stages) == n_stages  # a new version each time a stage ended, while the flow ran
+    assert sorted(sum(r["state"] == "Completed" for r in t) for t in stages) == list(range(1, n_stages + 1))
+    grid = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"] for a in arts if a["key"] == "medssl-grid"]
+    assert sorted(len(t) for t in grid) == [3, 6, 9]  # init x protocol rows, growing as each grid finished
+    assert all(0 <= r["100 %"] <= 1 and "10 %" in r for r in max(grid, key=len))
 
     mlflow.set_tracking_uri(mlflow_server)
     parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
@@ -81,7 +90,7 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     assert parents[0].data.tags["mlflow.note.content"] in results[0]  # the verdict is the run's description
     children = mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
-    names = {c.info.run_name for c in children}
+    names = {c.data.tags.get("medssl.run") for c in children}
     finetuned = {n for n in names if n.startswith("finetune-")}  # the champion only, chosen on validation
     assert len(finetuned) == 1 and finetuned <= {"finetune-random", "finetune-imagenet", "finetune-simclr"}
     assert names - finetuned == {"pretrain-simclr", "grid-random", "grid-imagenet", "grid-simclr", "export"}

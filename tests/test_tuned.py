@@ -65,7 +65,7 @@ def test_each_stage_trains_with_the_values_of_its_init(params_dir, tmp_path, mon
         run_grid(p, init, lay)
     run_finetune(p, "vae", lay)
     run_finetune(p, "random", lay)
-    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["tuned"], output_format="list")
+    runs = {r.data.tags.get("medssl.run"): r for r in mlflow.search_runs(experiment_names=["tuned"], output_format="list")
             if "mlflow.parentRunId" not in r.data.tags}
     pv = runs["pretrain-vae"].data.params
     assert float(pv["beta"]) == 0.3 and float(pv["lr"]) == 7e-4

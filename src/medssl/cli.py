@@ -13,8 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medssl.errors import (Busy, ConfigError, DataError, Diverged, ImageReadError, ParityError, PromotionError,
-                           TrackingUnavailable, WeightsUnavailable)
+from medssl.errors import (Busy, ConfigError, DataError, Diverged, ImageReadError, ParityError, PlotsError,
+                           PromotionError, TrackingUnavailable, WeightsUnavailable)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -44,7 +44,7 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
-                TrackingUnavailable, Busy, FileNotFoundError, ValueError) as e:
+                TrackingUnavailable, Busy, PlotsError, FileNotFoundError, ValueError) as e:
             if DEBUG["on"]:
                 raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -165,6 +165,16 @@ def export(params: Path = PARAMS, force: bool = typer.Option(False, "--force", h
 
 @app.command()
 @_clear_errors
+def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.html")):
+    """`dvc plots show` that renders offline (Vega inlined) and fails naming any missing plot input."""
+    from medssl.dvcplots import show
+
+    page = show(out)
+    err.print(f"plots: {page.resolve()} (offline; `dvc plots show` now uses the same template)", highlight=False)
+
+
+@app.command()
+@_clear_errors
 def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)")):
     """Run `dvc repro` inside one parent MLflow run; every stage nests its runs under it.
 
@@ -181,9 +191,9 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
     p = _params(params)
     exp = tracking.experiment_id(p)  # checks the tracking server first
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
-    start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": "pipeline"}
+    start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": tracking.unique_name("pipeline")}
     with guard.exclusive(Layout().lock("pipeline"), "medssl pipeline in this project"), \
-            mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline",
+            mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline", tracking.RUN_TAG: "pipeline",
                                             tracking.PROCESS_TAG: guard.process_id()}) as run:
         tracking.end_stale_runs(exp)
         mlflow.log_params(tracking.flat_params(p.model_dump()))
@@ -215,7 +225,7 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
         if Path("metrics/export.json").is_file():
             ex = read_json("metrics/export.json")
             mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"]), "promoted": str(ex["promoted"])})
-            mlflow.log_metrics({k: v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
+            mlflow.log_metrics({tracking.metric_key(k): v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
             moved = "now" if ex["promoted"] else "not promoted; alias stays on the current champion:"
             err.print(f"[bold green]champion {ex['champion']}[/] v{ex['version']} {moved} {ex['reason']}; "
                       f"test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "

@@ -38,3 +38,7 @@ class Busy(RuntimeError):
 
 class PromotionError(RuntimeError):
     """A trained model fails a check that keeps it out of the registry."""
+
+
+class PlotsError(RuntimeError):
+    """A plot's input is missing or DVC could not render it."""

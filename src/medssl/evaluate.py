@@ -5,24 +5,19 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import matplotlib
+import mlflow
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from medssl import tracking  # noqa: E402
-from medssl.config import Params  # noqa: E402
-from medssl.core.engine import pick_device, predict_proba  # noqa: E402
-from medssl.core.train import scores  # noqa: E402
-from medssl.data.prepare import load_prepared  # noqa: E402
-from medssl.finetune import load_classifier  # noqa: E402
-from medssl.io import read_json, write_json, write_text  # noqa: E402
+from medssl import figures, tracking
+from medssl.config import Params
+from medssl.core.engine import pick_device, predict_proba
+from medssl.core.train import scores
+from medssl.data.prepare import load_prepared
+from medssl.finetune import load_classifier
+from medssl.io import read_json, write_json, write_text
 from medssl.guard import one_writer
-from medssl.layout import Layout  # noqa: E402
-from medssl.metrics import confusion  # noqa: E402
+from medssl.layout import Layout
+from medssl.metrics import confusion
 
 TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
@@ -30,38 +25,6 @@ TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 def read_curves(path: Path) -> list[dict]:
     with open(path) as f:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def plot_confusion(cm: np.ndarray, classes: list[str], title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(5, 4.5))
-    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    for i in range(len(classes)):
-        for j in range(len(classes)):
-            ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=8, color="white" if norm[i, j] > 0.5 else "black")
-    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_curves(curves: list[dict], init: str, path: Path) -> None:
-    ep = [c["epoch"] for c in curves]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key in zip(axes[:2], ("loss", "balanced_accuracy")):
-        ax.plot(ep, [c[f"train_{key}"] for c in curves], "o-", label="train (eval mode)")
-        ax.plot(ep, [c[f"val_{key}"] for c in curves], "o-", label="val")
-        ax.set(xlabel="epoch", title=f"{init}: {key}")
-        ax.legend()
-    for key in ("gap_loss", "gap_accuracy", "gap_balanced_accuracy"):
-        axes[2].plot(ep, [c[key] for c in curves], "o-", label=key)
-    axes[2].axhline(0, color="grey", lw=0.8)
-    axes[2].set(xlabel="epoch", title=f"{init}: train - val gap")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _table(rows: dict[str, dict], keys=TABLE_KEYS) -> str:
@@ -84,13 +47,13 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     test = scores(te_y, proba, classes)
     summary = read_json(lay.finetune_metrics)
     init, curves = summary["init"], read_curves(lay.finetune_curves)
-    plot_confusion(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)", out / "confusion.png")
-    plot_curves(curves, init, out / "curves.png")
+    figures.save(figures.confusion_figure(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)"),
+                 out / "confusion.png", dpi=110)
+    figures.save(figures.curves_figure(curves, init), out / "curves.png")
     with tracking.resume_run(summary["run_id"]):
         tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path))
-        mlflow.log_metrics({f"test_{k}": v for k, v in test.items()})
+        tracking.log_scores("test", test)
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
-        mlflow.log_artifact(str(out / "curves.png"), "plots")
     result = {"init": init, "test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
               "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
     write_json(lay.test_metrics, {init: test})
@@ -105,7 +68,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
         result["shift"] = shift
         with tracking.resume_run(summary["run_id"]):
-            mlflow.log_metrics({f"shift_{k}": v for k, v in shift.items()})
+            tracking.log_scores("shift", shift)
     select = p.export.select_metric
     verdict, section, comp = comparison(p, classes, out, lay, champ)
     cands = summary.get("candidates_val") or {}
@@ -130,6 +93,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     write_text(out / "verdict.md", verdict + "\n")
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
+    write_json(lay.headline_metrics, headline(p, init, test, summary["val"], comp))
     _log_report(p, out, verdict)
     result["verdict"] = verdict
     return result
@@ -159,6 +123,27 @@ def to_html(md: str, title: str, folder: Path) -> str:
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>"
+
+
+def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
+    """What `dvc metrics show` shows by default: the champion's scores, and each SSL init's paired difference to
+    ImageNet in test balanced accuracy (fine-tune protocol when the grid has it) at the fewest and most labels.
+    The full table is metrics/report.json (`dvc metrics show metrics/report.json`)."""
+    from medssl.compare import _pct
+
+    g = p.grid
+    protocol = "finetune" if "finetune" in g.protocols else g.protocols[0]
+    node = comp.get("paired", {}).get("test", {}).get("balanced_accuracy", {}).get(protocol, {}).get("fractions", {})
+    vs = {}
+    for f in dict.fromkeys((min(g.fractions), max(g.fractions))):
+        for init_ in p.inits.ssl:
+            d = node.get(_pct(f), {}).get(f"{init_}-vs-imagenet")
+            if d is not None:
+                vs[f"{init_} {_pct(f)}"] = d["diff"]
+    keys = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "ece")
+    return {"champion": init, "test": {k: round(test[k], 4) for k in keys},
+            "val": {"balanced_accuracy": round(val["balanced_accuracy"], 4)},
+            **({f"vs_imagenet_{protocol}": vs} if vs else {})}
 
 
 def _log_report(p: Params, folder: Path, verdict: str) -> None:

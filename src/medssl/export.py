@@ -122,7 +122,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         try:
             export_onnx(export_model, val_raw[:2], tmp)
             check = parity(export_model, tmp, val_raw)
-            mlflow.log_metrics(check)
+            mlflow.log_metrics({tracking.metric_key(k): v for k, v in check.items()})
             if check["parity_max_abs_diff"] > p.export.parity_tolerance:
                 raise ParityError(
                     f"ONNX Runtime differs from PyTorch by {check['parity_max_abs_diff']:.3g} "
@@ -131,7 +131,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             onnx_val = onnx_scores(tmp, val_all, val_labels, classes)
             floor = constant_scores(val_labels, classes)
             metric = p.export.select_metric
-            mlflow.log_metrics({"onnx_val_" + k: onnx_val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")})
+            mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")})
             if not onnx_val[metric] > floor[metric]:
                 raise PromotionError(
                     f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "

@@ -8,9 +8,12 @@ init (the same search and trial budget for every init; tuned.yaml).
 """
 from __future__ import annotations
 
-import mlflow
+from pathlib import Path
+
 import numpy as np
 import torch
+
+import medssl
 
 from medssl import tracking
 from medssl.config import Params
@@ -81,9 +84,10 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
 
 @one_writer(lambda a: "finetune")
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
-                 on_epoch=None) -> dict:
+                 on_epoch=None, log_model: bool = True) -> dict:
     """Train the classifier of `init` (default: the champion on validation) on all train images for
-    budgets.<b>.finetune_epochs; best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning)."""
+    budgets.<b>.finetune_epochs; best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
+    log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
     candidates = None
     if init is None:
         init, candidates = choose_champion(p, lay)
@@ -106,7 +110,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     with tracking.model_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path))
         def logged(epoch, row, state):
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            tracking.log_epoch(row)
             ckpt.save(state)
             if on_epoch is not None:
                 on_epoch(epoch, row[f"val_{select}"] if f"val_{select}" in row else None)
@@ -121,13 +125,34 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
         summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "val": fit.val,
                    "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
                    "candidates_val": candidates}
-        mlflow.log_metrics({"best_epoch": fit.best_epoch, "seconds": fit.seconds,
-                            **{f"best_val_{k}": v for k, v in fit.val.items()}})
-        mlflow.log_artifact(str(lay.classifier), artifact_path="checkpoint")
+        tracking.log_summary({"best_epoch": fit.best_epoch, "seconds": fit.seconds, **{f"best_val_{k}": v for k, v in fit.val.items()},
+                              **{f"at_best_{k}": v for k, v in fit.gap.items()}})
+        tracking.log_curves_figure(fit.curves, f"finetune-{init}")
+        if log_model:
+            summary["logged_model_id"] = log_checkpoint(lay, f"classifier-{init}")
     write_csv(lay.finetune_curves, fit.curves)
     write_json(lay.finetune_metrics, summary)
     ckpt.clear()
     return summary
+
+
+def log_checkpoint(lay: Layout, name: str) -> str:
+    """The trained checkpoint as an MLflow logged model of the active run (flavor pytorch; raw uint8 images
+    (N, h, w, 3) in, probabilities out, as the ONNX export), the .pt file inside it. Returns the model id."""
+    import mlflow.pytorch
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    from medssl.models.classifier import ExportModel
+
+    model, ckpt = load_classifier(lay, torch.device("cpu"))
+    wrapped = ExportModel(model, ckpt["image_size"]).eval()
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),  # any h, w
+                               Schema([TensorSpec(np.dtype(np.float32), (-1, ckpt["num_classes"]))]))
+    info = mlflow.pytorch.log_model(wrapped, name=name, signature=signature, serialization_format="pickle",
+                                    extra_files=[str(lay.classifier)], code_paths=[str(Path(medssl.__file__).parent)],
+                                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"])
+    return info.model_id
 
 
 def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict]:

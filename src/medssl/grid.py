@@ -15,7 +15,6 @@ Resumable: finished cells are kept in a state file, and a rerun with the same se
 from __future__ import annotations
 
 import time
-import warnings
 
 import mlflow
 import numpy as np
@@ -119,18 +118,15 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
         bar.close()
         cells = [done["cells"][f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
         seconds = round(time.time() - t0, 1)
-        mlflow.log_metric("seconds", seconds)
         keys = ("accuracy", "balanced_accuracy", "auc_macro")  # the cells as one table (MLflow's evaluation view)
-        with warnings.catch_warnings():  # pandas' deprecation notice from inside mlflow.log_table
-            warnings.simplefilter("ignore", DeprecationWarning)
-            mlflow.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
-                             | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
-                             | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, artifact_file="grid/cells.json")
+        tracking.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
+                           | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
+                           | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, "grid/cells.json")
         main = [c for c in cells if c["regime"] == "fractions"]
-        for protocol in g.protocols:
-            for f in g.fractions:
-                vals = [c["test"]["balanced_accuracy"] for c in main if c["protocol"] == protocol and c["fraction"] == f]
-                mlflow.log_metric(f"test_balanced_accuracy_{protocol}_f{f:g}", float(np.mean(vals)))
+        means = {f"test_balanced_accuracy_{protocol}_f{f:g}": float(np.mean(
+            [c["test"]["balanced_accuracy"] for c in main if c["protocol"] == protocol and c["fraction"] == f]))
+            for protocol in g.protocols for f in g.fractions}
+        tracking.log_summary({"seconds": seconds, **means})
         result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
                   "seconds": seconds, "run_id": run.info.run_id, "cells": cells}
         save_npz(lay.grid_probas(init), **{f"{s}_y": y[s] for s in scored if s != "val"},
@@ -147,12 +143,16 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
     b = p.epochs.grid
     tags = {**tracking.base_tags(p), "stage": "grid", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
-    with tracking.model_run(p, f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}", tags,
-                            {"n_train": len(job.idx), "epochs": b.epochs, "seed": job.seed}, parent):
+    name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
+    with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "seed": job.seed}, parent):
         cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight})
         cell, fit, probas = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
                                           b.epochs, b.max_eval, p.export.select_metric, classes, device)
-        tracking.log_curves(fit.curves, {f"test_{k}": v for k, v in cell["test"].items()} | {"best_epoch": fit.best_epoch})
+        tracking.log_curves(fit.curves)
+        for split in scored:
+            tracking.log_scores(split, cell[split])
+        tracking.log_summary({"best_epoch": fit.best_epoch})
+        tracking.log_curves_figure(fit.curves, name)
     rows = []
     if job.regime == "fractions":
         rows = [{"fraction": job.fraction, "seed": job.seed, "epoch": r["epoch"], "val_balanced_accuracy": r["val_balanced_accuracy"],

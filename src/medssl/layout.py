@@ -96,6 +96,10 @@ class Layout:
         return self.root / "metrics/report.json"
 
     @property
+    def headline_metrics(self) -> Path:
+        return self.root / "metrics/headline.json"
+
+    @property
     def report_plots(self) -> Path:
         return self.root / "plots/report"
 

@@ -15,6 +15,7 @@ from medssl.config import Params, flatten
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
+RUN_TAG = "medssl.run"  # a run's stable name (`finetune-imagenet`); its run name adds when it started
 PROCESS_TAG = "medssl.process"  # guard.process_id() of the process that owns a RUNNING run
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # A server that goes away mid-run: a few quick retries, not MLflow's default of minutes of back-off.
@@ -114,16 +115,72 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
     return {k: str(v) for k, v in flatten(d, prefix).items()}
 
 
-def log_curves(curves: list[dict], final: dict | None = None) -> None:
-    """Per-epoch rows ({"epoch": e, name: value, ...}) and final values into the active run, in one request."""
+GROUPS = ("train", "val", "gap", "test", "shift", "onnx", "parity")  # MLflow's UI makes a chart section per prefix
+HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece", "loss")
+
+
+def metric_key(name: str, group: str | None = None) -> str:
+    """`val_balanced_accuracy` -> `val/balanced_accuracy`; other names go under `group` when one is given
+    (a pretraining loss -> `pretrain/loss`)."""
+    head, sep, rest = name.partition("_")
+    if sep and head in GROUPS:
+        return f"{head}/{rest}"
+    return f"{group}/{name}" if group else name
+
+
+def log_epoch(row: dict, group: str | None = None) -> None:
+    """One per-epoch row ({"epoch": e, name: value, ...}) into the active run, keys grouped by prefix."""
+    mlflow.log_metrics({metric_key(k, group): float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
+def log_curves(curves: list[dict], group: str | None = None) -> None:
+    """Every per-epoch row of a finished fit into the active run, in one request."""
     import time
 
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(k, float(v), now, int(row["epoch"])) for row in curves for k, v in row.items() if k != "epoch"]
-    metrics += [Metric(k, float(v), now, 0) for k, v in (final or {}).items()]
+    metrics = [Metric(metric_key(k, group), float(v), now, int(row["epoch"])) for row in curves
+               for k, v in row.items() if k != "epoch"]
     mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
+def log_scores(split: str, scores: dict) -> None:
+    """A split's scores: the headline ones as `<split>/<name>` metrics (searchable, one chart section), all of them
+    (per-class recalls included) in the run's table `summary/<split>.json`, not as dozens of one-point charts."""
+    mlflow.log_metrics({f"{split}/{k}": float(v) for k, v in scores.items() if k in HEADLINE})
+    log_summary(scores, f"summary/{split}.json")
+
+
+def log_summary(values: dict, artifact: str = "summary/run.json") -> None:
+    """Single values of a run (best epoch, seconds, best-epoch scores, ...) as an MLflow table (name, value)."""
+    log_table({"name": list(values), "value": [float(v) for v in values.values()]}, artifact)
+
+
+def log_table(columns: dict[str, list], artifact: str) -> None:
+    """Columns as an MLflow table (the run's artifacts, and the UI's evaluation view)."""
+    with warnings.catch_warnings():  # pandas' deprecation notice from inside mlflow.log_table
+        warnings.simplefilter("ignore", DeprecationWarning)
+        mlflow.log_table(columns, artifact_file=artifact)
+
+
+def log_curves_figure(curves: list[dict], title: str, metric: str = "balanced_accuracy") -> None:
+    """The run's curves as one figure, train and val overlaid (`curves.png` in its artifacts)."""
+    import matplotlib.pyplot as plt
+
+    from medssl.figures import curves_figure
+
+    fig = curves_figure(curves, title, metric)
+    mlflow.log_figure(fig, "curves.png")
+    plt.close(fig)
+
+
+def unique_name(name: str) -> str:
+    """`finetune-imagenet` -> `finetune-imagenet-1123-091204`: run names that tell runs apart in tables and chart
+    legends (the stable name is the tag `medssl.run`)."""
+    import time
+
+    return f"{name}-{time.strftime('%m%d-%H%M%S')}"
 
 
 def parent_run_id() -> str | None:
@@ -160,8 +217,9 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
         if system_metrics:
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
             mlflow.set_system_metrics_sampling_interval(5)
-        run = mlflow.start_run(run_name=name, experiment_id=exp, parent_run_id=parent, nested=True,
-                               tags={**tags, PROCESS_TAG: process_id()}, log_system_metrics=system_metrics)
+        run = mlflow.start_run(run_name=unique_name(name), experiment_id=exp, parent_run_id=parent, nested=True,
+                               tags={**tags, RUN_TAG: name, PROCESS_TAG: process_id()},
+                               log_system_metrics=system_metrics)
         if system_metrics:  # a stage's run: where to watch it, before the long work starts
             print(f"{name}: MLflow run {run_link(exp, run.info.run_id)}", file=sys.stderr, flush=True)
         try:
@@ -226,7 +284,7 @@ def end_stale_runs(exp: str) -> list[str]:
         owner = run.data.tags.get(PROCESS_TAG)
         if owner is None or alive(owner) is not False:
             continue
-        name = run.data.tags.get("mlflow.runName", run.info.run_id)
+        name = run.data.tags.get(RUN_TAG, run.data.tags.get("mlflow.runName", run.info.run_id))
         reason = f"process {owner} ended without closing the run (found and ended KILLED by a later run)"
         client.set_tag(run.info.run_id, "killed_reason", reason)
         parent = run.data.tags.get("mlflow.parentRunId")

@@ -112,12 +112,12 @@ def objective_for(p: Params, init: str, parent: str, root: Path):
                     run_pretrain(pt, init, lay, parent=run.info.run_id)
 
                 def on_epoch(epoch: int, value: float) -> None:
-                    client.log_metric(run.info.run_id, f"val_{select}", value, step=epoch)
+                    client.log_metric(run.info.run_id, f"val/{select}", value, step=epoch)
                     trial.report(value, epoch)
                     if trial.should_prune():
                         raise optuna.TrialPruned(f"pruned at epoch {epoch} (val_{select} {value:.4f})")
 
-                summary = run_finetune(pt, init, lay, parent=run.info.run_id, on_epoch=on_epoch)
+                summary = run_finetune(pt, init, lay, parent=run.info.run_id, on_epoch=on_epoch, log_model=False)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna_state", "PRUNED")
                 raise

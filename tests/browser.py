@@ -1,0 +1,111 @@
+"""Headless Chromium (Debian's `chromium`) driven over the DevTools protocol: open a page, evaluate JavaScript in it
+or in its frames. Host names other than 127.0.0.1 do not resolve, so a page that needs the network shows it."""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from websockets.sync.client import connect
+
+NO_NETWORK = "MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"
+
+
+class Chromium:
+    def __init__(self, profile: Path):
+        exe = shutil.which("chromium") or shutil.which("chromium-browser")
+        if exe is None:
+            raise RuntimeError("Debian's chromium is not installed (.ci/run installs it: apt-get install chromium)")
+        self.proc = subprocess.Popen(
+            [exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+             f"--host-resolver-rules={NO_NETWORK}", "--remote-debugging-port=0", f"--user-data-dir={profile}",
+             "--disable-features=IsolateSandboxedIframes", "--disable-site-isolation-trials",  # frames in the page's tree
+             "--window-size=1400,1000", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        for line in self.proc.stderr:
+            m = re.search(r"DevTools listening on ws://127\.0\.0\.1:(\d+)/", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+            if time.time() > deadline:
+                break
+        else:
+            raise RuntimeError(f"chromium exited ({self.proc.poll()}) before its DevTools endpoint was up")
+        self._ids = itertools.count(1)
+
+    def open(self, url: str) -> "Page":
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            target = json.load(r)
+        page = Page(connect(target["webSocketDebuggerUrl"], max_size=None, open_timeout=30), self._ids)
+        page.call("Page.navigate", url=url)  # the whole URL, fragment (MLflow's UI routes) included
+        return page
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Page:
+    def __init__(self, ws, ids):
+        self.ws, self.ids = ws, ids
+
+    def call(self, method: str, **params) -> dict:
+        i = next(self.ids)
+        self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == i:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg["result"]
+
+    def eval(self, expr: str, context: int | None = None):
+        r = self.call("Runtime.evaluate", expression=expr, returnByValue=True, awaitPromise=True,
+                      **({"contextId": context} if context else {}))
+        if "exceptionDetails" in r:
+            raise RuntimeError(f"{expr}: {r['exceptionDetails']}")
+        return r["result"].get("value")
+
+    def frames(self) -> list[dict]:
+        """Every frame under the page's main frame (id, url)."""
+        out, todo = [], [self.call("Page.getFrameTree")["frameTree"]]
+        while todo:
+            node = todo.pop()
+            out.append(node["frame"])
+            todo += node.get("childFrames", [])
+        return out[1:]
+
+    def context(self, frame_id: str) -> int:
+        """An execution context in a frame (also a sandboxed one), for eval(context=...)."""
+        return self.call("Page.createIsolatedWorld", frameId=frame_id, worldName="medssl-test")["executionContextId"]
+
+    def wait(self, expr: str, timeout: float = 60, context: int | None = None):
+        """Poll `expr` until it is truthy; its last value."""
+        deadline, value = time.time() + timeout, None
+        while time.time() < deadline:
+            try:
+                value = self.eval(expr, context)
+            except RuntimeError:
+                value = None
+            if value:
+                return value
+            time.sleep(0.5)
+        raise TimeoutError(f"{expr!r} not true within {timeout}s (last {value!r})")
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+# Every <img> finished loading with pixels: (number of images, number broken).
+IMAGES = ("(() => { const im = Array.from(document.images); if (!im.length || im.some(i => !i.complete)) return null;"
+          " return [im.length, im.filter(i => i.naturalWidth === 0).length]; })()")
