@@ -1,10 +1,15 @@
 """Prefect flow `medssl-pipeline`: the dvc.yaml stages as tasks, calling the same functions.
 
-Pretraining methods run concurrently, and so do fine-tunes whose inputs are ready; each task is
-retried on failure (`retries`), and a failing task fails the flow run with its MLflow run FAILED.
+Pretraining methods run concurrently. The grid runs as a subflow `medssl-grid` of independent shards (one per
+init x grid seed) on the task runner params.yaml `scale` names: threads in this process (default), a Dask
+cluster at `scale.dask_address`, or a local Dask cluster (one worker per GPU with dask-cuda on a multi-GPU
+machine). Shards get their inputs by content hash (medssl.cas) and return their cells as plain data; the
+grid-<init> tasks here write the same files `medssl grid <init>` writes. Each task is retried on failure
+(`retries`), and a failing task fails the flow run with its MLflow run FAILED.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -26,8 +31,8 @@ from medssl.data.sources import run_fetch
 from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
-from medssl.grid import run_grid
-from medssl.io import read_json
+from medssl.grid import Shard, grid_data, grid_tags, save_grid_data, write_grid
+from medssl.scale import grid_shard_task, task_runner
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
@@ -58,9 +63,49 @@ def finetune_task(p: Params) -> dict:
     return run_finetune(p, None, LAY)
 
 
+@flow(name="medssl-grid", log_prints=True)
+def grid_flow(p: Params, refs: dict, grid_runs: dict[str, str], retries: int = 1) -> dict[str, list[Shard]]:
+    """Every shard (init x grid seed) on this flow's task runner; init -> its shards, as they finish: a progress
+    artifact and the report's table over the shards done so far."""
+    futures = {(init, seed): grid_shard_task.with_options(retries=retries, retry_delay_seconds=5).submit(
+                   p, init, seed, refs[init], grid_runs[init])
+               for init in p.inits.all for seed in p.grid.seeds}
+    names = {id(f): k for k, f in futures.items()}
+    bar = create_progress_artifact(0.0, key="medssl-shards", description=f"{len(futures)} grid shards")
+    done: dict[str, list[Shard]] = {}
+    for k, fut in enumerate(as_completed(list(futures.values())), 1):
+        init, seed = names[id(fut)]
+        done.setdefault(init, []).append(fut.result())
+        update_progress_artifact(bar, 100.0 * k / len(futures), description=f"{k}/{len(futures)}: {init} seed {seed}")
+        create_table_artifact(grid_table(p, done), key="medssl-grid",
+                              description="test balanced accuracy, mean over the seeds finished (live)")
+    return done
+
+
 @task(name="grid", task_run_name="grid-{init}")
-def grid_task(p: Params, init: str) -> dict:
-    return {k: v for k, v in run_grid(p, init, LAY).items() if k != "cells"}
+def grid_task(p: Params, init: str, shards: list[Shard], run_id: str, seconds: float) -> dict:
+    """An init's shards -> the files `medssl grid <init>` writes; its MLflow grid run FINISHED."""
+    data, meta = grid_data(p.for_init(init), LAY)
+    with tracking.resume_run(run_id):
+        result = write_grid(p.for_init(init), init, LAY, data, meta, shards, seconds, run_id)
+    return {k: v for k, v in result.items() if k != "cells"}
+
+
+def grid_inputs(p: Params, parent_id: str) -> tuple[dict[str, dict], dict, int]:
+    """init -> what its shards read (and the prepared meta, the pool's size), by content: the grid's data, the prepared meta, the SSL encoder. On a Dask
+    runner with a tracking server, the files are logged to the parent run too, so workers without this file
+    system fetch them from MLflow."""
+    from medssl import cas
+
+    data, meta = grid_data(p, LAY)
+    path = LAY.root / ".medssl/grid-inputs/data.npz"
+    save_grid_data(data, path)
+    ship = p.scale.runner == "dask" and tracking.tracking_uri().startswith("http")
+    share = (lambda r: cas.publish(r, parent_id)) if ship else (lambda r: r)
+    common = {"data": share(cas.ref(path)), "meta": share(cas.ref(LAY.meta))}
+    refs = {init: {**common, **({"encoder": share(cas.ref(LAY.encoder(init)))} if init in p.inits.ssl else {})}
+            for init in p.inits.all}
+    return refs, meta, len(data["pool"].labels)
 
 
 @task(name="evaluate")
@@ -73,36 +118,45 @@ def export_task(p: Params) -> dict:
     return run_export(p, LAY)
 
 
-def grid_table(p: Params, inits: list[str]) -> list[dict]:
-    """The report's table as far as the grids have finished: mean test balanced accuracy over seeds, per init and
-    protocol (rows) and label fraction (columns)."""
+def grid_table(p: Params, shards: dict[str, list[Shard]]) -> list[dict]:
+    """The report's table over the shards finished so far: mean test balanced accuracy over their seeds, per init
+    and protocol (rows) and label fraction (columns)."""
     rows = []
-    for init in inits:
-        cells = [c for c in read_json(LAY.grid_cells(init))["cells"] if c["regime"] == "fractions"]
+    for init in (i for i in p.inits.all if i in shards):
+        cells = [c for s in shards[init] for c in s["cells"].values() if c["regime"] == "fractions"]
         for protocol in p.grid.protocols:
-            rows.append({"init": init, "protocol": protocol, **{
+            rows.append({"init": init, "protocol": protocol, "seeds": len(shards[init]), **{
                 f"{100 * f:g} %": round(float(np.mean([c["test"]["balanced_accuracy"] for c in cells
                                                        if c["protocol"] == protocol and c["fraction"] == f])), 4)
                 for f in p.grid.fractions}})
     return rows
 
 
-def follow(p: Params, stages: dict[str, PrefectFuture]) -> None:
-    """While the stages run: a progress artifact (share of stages ended), a table of stages (state, minutes from
-    the start) and the report's table as the grids finish; each a new version of its key as a stage ends."""
-    t0, names = time.time(), {id(f): n for n, f in stages.items()}
-    bar = create_progress_artifact(0.0, key="medssl-progress", description=f"{len(stages)} stages")
-    rows = {n: {"stage": n, "state": "running or waiting", "minutes": ""} for n in stages}
-    grids_done = []
-    for k, fut in enumerate(as_completed(list(stages.values())), 1):
-        name, state = names[id(fut)], fut.state
-        rows[name] |= {"state": state.name, "minutes": round((time.time() - t0) / 60, 2)}
-        update_progress_artifact(bar, 100.0 * k / len(stages), description=f"{k}/{len(stages)} stages ended: {name}")
-        create_table_artifact(list(rows.values()), key="medssl-stages", description="medssl-pipeline stages (live)")
-        if name.startswith("grid-") and state.is_completed():
-            grids_done.append(name.removeprefix("grid-"))
-            create_table_artifact(grid_table(p, [i for i in p.inits.all if i in grids_done]), key="medssl-grid",
-                                  description="test balanced accuracy, mean over seeds, as the grids finish (live)")
+class Board:
+    """Live artifacts of a flow run: medssl-progress (share of stages ended) and medssl-stages (each stage's
+    state and minutes since the start), a new version as each stage ends."""
+
+    def __init__(self, names: list[str]):
+        self.t0, self.n, self.k = time.time(), len(names), 0
+        self.bar = create_progress_artifact(0.0, key="medssl-progress", description=f"{self.n} stages")
+        self.rows = {n: {"stage": n, "state": "running or waiting", "minutes": ""} for n in names}
+
+    def ended(self, name: str, state: str) -> None:
+        self.k += 1
+        self.rows[name] |= {"state": state, "minutes": round((time.time() - self.t0) / 60, 2)}
+        update_progress_artifact(self.bar, 100.0 * self.k / self.n, description=f"{self.k}/{self.n} stages ended: {name}")
+        create_table_artifact(list(self.rows.values()), key="medssl-stages", description="medssl-pipeline stages (live)")
+
+    def follow(self, stages: dict[str, PrefectFuture]) -> None:
+        """Wait for `stages`, reporting each as it ends (a failure is raised later, where its result is read)."""
+        names = {id(f): n for n, f in stages.items()}
+        for fut in as_completed(list(stages.values())):
+            try:  # the future's own state object can still read Running here; its result cannot
+                fut.result()
+                state = "Completed"
+            except BaseException as e:  # noqa: BLE001
+                state = f"Failed ({type(e).__name__})"
+            self.ended(names[id(fut)], state)
 
 
 def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> str:
@@ -139,8 +193,10 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
              epochs: int | None = None, pretrain_epochs: int | None = None, seed: int | None = None,
              budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
              grid_epochs: int | None = None, grid_max_train: int | None = None, fractions: list[float] | None = None,
-             retries: int = 1, params_path: str = "params.yaml") -> dict:
-    """Run prepare -> pretrain -> grid -> fine-tune (champion) -> evaluate (report) -> export with params.yaml plus these overrides."""
+             retries: int = 1, params_path: str = "params.yaml", runner: str | None = None,
+             dask_address: str | None = None) -> dict:
+    """Run prepare -> pretrain -> grid -> fine-tune (champion) -> evaluate (report) -> export with params.yaml plus
+    these overrides; runner (threads | dask) and dask_address override params.yaml `scale` for the grid's shards."""
     logger = get_run_logger()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
@@ -148,6 +204,7 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
     over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
                          image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,
                          grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions)
+    over |= {k: v for k, v in {"scale.runner": runner, "scale.dask_address": dask_address}.items() if v is not None}
     p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}
     exp = tracking.experiment_id(p)
@@ -160,14 +217,32 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             fetched = fetch_task.with_options(**opts).submit(p, data_path)
             prepared = prepare_task.with_options(**opts).submit(p, wait_for=[fetched])
             pretrained = {m: pretrain_task.with_options(**opts).submit(p, m, wait_for=[prepared]) for m in p.inits.ssl}
-            grids = [grid_task.with_options(**opts).submit(p, i, wait_for=[pretrained.get(i, prepared)]) for i in p.inits.all]
-            finetuned = finetune_task.with_options(**opts).submit(p, wait_for=grids)
+            board = Board(["fetch", "prepare", *(f"pretrain-{m}" for m in pretrained), "grid shards",
+                           *(f"grid-{i}" for i in p.inits.all), "finetune", "evaluate", "export"])
+            board.follow({"fetch": fetched, "prepare": prepared, **{f"pretrain-{m}": f for m, f in pretrained.items()}})
+            for f in (prepared, *pretrained.values()):
+                f.result()  # a failed stage fails the flow here
+            refs, meta, n = grid_inputs(p, parent.info.run_id)
+            runs = {i: tracking.open_run(p, f"grid-{i}", *grid_tags(p.for_init(i), i, meta, n), parent.info.run_id)
+                    for i in p.inits.all}
+            t0 = time.time()
+            try:
+                shards = grid_flow.with_options(task_runner=task_runner(p))(p, refs, runs, retries)
+            except BaseException as e:
+                board.ended("grid shards", f"Failed ({type(e).__name__})")
+                for run_id in runs.values():
+                    tracking.close_run(run_id, "FAILED", f"grid shards failed: {type(e).__name__}: {e}")
+                raise
+            board.ended("grid shards", "Completed")
+            seconds = round(time.time() - t0, 1)
+            for init, its in shards.items():  # a lost worker's attempt: its runs end KILLED, its cells are not kept
+                tracking.end_superseded(exp, [(f"{init}-s{s['seed']}", s["attempt"]) for s in its])
+            grids = {i: grid_task.with_options(**opts).submit(p, i, shards[i], runs[i], seconds) for i in p.inits.all}
+            finetuned = finetune_task.with_options(**opts).submit(p, wait_for=list(grids.values()))
             evaluated = evaluate_task.with_options(**opts).submit(p, wait_for=[finetuned])
             exported = export_task.with_options(**opts).submit(p, wait_for=[evaluated])
-            stages = {"fetch": fetched, "prepare": prepared, **{f"pretrain-{m}": f for m, f in pretrained.items()},
-                      **{f"grid-{i}": f for i, f in zip(p.inits.all, grids)}, "finetune": finetuned,
-                      "evaluate": evaluated, "export": exported}
-            follow(p, stages)
+            board.follow({**{f"grid-{i}": f for i, f in grids.items()}, "finetune": finetuned, "evaluate": evaluated,
+                          "export": exported})
             export = exported.result()
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)

@@ -117,7 +117,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert [m.step for m in gap] == [1] and gap[0].value == pytest.approx(tr[0].value - va[0].value)
     ft_metrics = client.get_run(ft.info.run_id).data.metrics
     assert "test/auc_macro" in ft_metrics and "test/kappa" in ft_metrics
-    assert {k.split("/")[0] for k in ft_metrics} <= {"train", "val", "gap", "test", "system"}, sorted(ft_metrics)
+    assert {k.split("/")[0] for k in ft_metrics} <= {"train", "val", "gap", "test", "shift", "system"}, sorted(ft_metrics)
     assert not any("recall" in k for k in ft_metrics)  # single values live in tables, not one-point charts
     summary = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=ft.info.run_id,
                                                                    artifact_path="summary/test.json")).read_text())

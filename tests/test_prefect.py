@@ -76,12 +76,15 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     progress = [a for a in arts if a["key"] == "medssl-progress"]  # updated in place as stages end
     assert len(progress) == 1 and progress[0]["type"] == "progress" and float(progress[0]["data"]) == 100.0
     stages = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"] for a in arts if a["key"] == "medssl-stages"]
-    n_stages = 2 + 1 + 3 + 3  # fetch, prepare, pretrain-simclr, three grids, finetune, evaluate, export
+    n_stages = 2 + 1 + 1 + 3 + 3  # fetch, prepare, pretrain-simclr, grid shards, three grids, finetune, evaluate, export
     assert len(stages) == n_stages  # a new version each time a stage ended, while the flow ran
     assert sorted(sum(r["state"] == "Completed" for r in t) for t in stages) == list(range(1, n_stages + 1))
+    shards = [a for a in arts if a["key"] == "medssl-shards"]
+    assert len(shards) == 1 and float(shards[0]["data"]) == 100.0
     grid = [json.loads(a["data"]) if isinstance(a["data"], str) else a["data"] for a in arts if a["key"] == "medssl-grid"]
-    assert sorted(len(t) for t in grid) == [3, 6, 9]  # init x protocol rows, growing as each grid finished
-    assert all(0 <= r["100 %"] <= 1 and "10 %" in r for r in max(grid, key=len))
+    assert len(grid) == 3 * 3  # a version per shard (init x seed) as it finished
+    full = max(grid, key=len)
+    assert len(full) == 3 * 3 and all(r["seeds"] == 3 and 0 <= r["100 %"] <= 1 and "10 %" in r for r in full)
 
     mlflow.set_tracking_uri(mlflow_server)
     parents = [x for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
@@ -99,6 +102,136 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     mv = mlflow.MlflowClient().get_model_version_by_alias("derm-prefect", "champion")
     export_run = mlflow.get_run(mv.tags["export_run_id"])
     assert export_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # produced by this flow run
+
+
+SMALL_RUN = ("epochs=1", "pretrain_epochs=1", "max_train=512", "max_eval=256", "grid_epochs=1", "grid_max_train=128",
+             "fractions=[0.1, 1.0]")
+THREADS_CELLS = {}  # init -> the cells of the threads runner's run above
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(prefect_stack, mlflow_server, tmp_path_factory):
+    """A real distributed.LocalCluster: 2 worker processes (nannies restart a killed one) on 127.0.0.1. Workers
+    report to the stack's Prefect server and the MLflow server, and keep their own content cache."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    saved = dict(os.environ)
+    os.environ.update(MLFLOW_TRACKING_URI=mlflow_server, PREFECT_API_URL=prefect_stack["env"]["PREFECT_API_URL"],
+                      MEDSSL_CACHE=str(tmp_path_factory.mktemp("dask-cache")), MLFLOW_DISABLE_TELEMETRY="true")
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                           dashboard_address=None, silence_logs=logging.ERROR)
+    client = Client(cluster)
+    try:
+        yield cluster, client
+    finally:
+        client.close()
+        cluster.close()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def grid_cells(stack, inits):
+    return {i: json.loads((stack["dir"] / f"metrics/grid/{i}.json").read_text())["cells"] for i in inits}
+
+
+def shard_runs(mlflow_server):
+    mlflow.set_tracking_uri(mlflow_server)
+    return [r for r in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
+            if "medssl.shard" in r.data.tags]
+
+
+def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stack, mlflow_server, dask_cluster, tmp_path):
+    """The same small grid through the threads runner (the first test), a 2-worker Dask cluster and one process
+    cell after cell: the same cells, byte for byte in their scores."""
+    import shutil
+    import time
+
+    import torch
+
+    from medssl.config import load_params, run_overrides
+    from medssl.grid import run_grid
+    from medssl.layout import Layout
+
+    cluster, client = dask_cluster
+    inits = ["random", "imagenet", "simclr"]
+    threads = grid_cells(prefect_stack, inits)
+    before = {x.info.run_id for x in shard_runs(mlflow_server)}
+    t0 = time.time()
+    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", *SMALL_RUN, f"inits={json.dumps(inits)}",
+                       "runner=dask", f"dask_address={cluster.scheduler_address}")
+    took = time.time() - t0
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    dask = grid_cells(prefect_stack, inits)
+    workers = set(client.run(os.getpid).values())
+    ran = {int(x.data.tags["medssl.process"].rsplit(":", 2)[1]) for x in shard_runs(mlflow_server)
+           if x.info.run_id not in before}
+    assert ran and ran <= workers, (ran, workers)  # the fine-tune cells ran in the Dask worker processes
+    # one process, one cell after another (medssl grid), on a copy of the same prepared data and encoder
+    d = prefect_stack["dir"]
+    lay = Layout(tmp_path / "seq")
+    shutil.copytree(d / "data/prepared", lay.prepared.parent)
+    shutil.copytree(d / "models/pretrain/simclr", lay.encoder("simclr").parent)
+    over = run_overrides(load_params(d / "params.yaml"), epochs=1, pretrain_epochs=1, max_train=512, max_eval=256,
+                         grid_epochs=1, grid_max_train=128, fractions=[0.1, 1.0], inits=inits)
+    p = load_params(d / "params.yaml", over)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
+        sequential = {i: run_grid(p, i, lay)["cells"] for i in ("random", "simclr")}
+    finally:
+        torch.set_num_threads(threads_before)
+    for i in inits:
+        assert len(dask[i]) == 3 * 3 * 2 and dask[i] == threads[i], i  # 3 seeds x 3 protocols x 2 fractions
+    for i, cells in sequential.items():
+        assert cells == dask[i], i
+    print(f"\nDask pipeline (2 workers, {len(inits)} inits x 3 seeds = 9 shards): {took:.1f} s")
+    THREADS_CELLS.update(threads)
+
+
+def test_lost_dask_worker_reruns_its_shard_once(prefect_stack, mlflow_server, dask_cluster):
+    """A worker killed mid-shard: the flow completes, the shard reran elsewhere, every cell is there once with
+    the same scores, and the lost attempt's MLflow runs are KILLED, none RUNNING."""
+    import signal
+    import time
+
+    cluster, client = dask_cluster
+    inits = ["random", "imagenet"]
+    workers = set(client.run(os.getpid).values())
+    before = {x.info.run_id for x in shard_runs(mlflow_server)}
+    cmd = [str(BIN / "prefect"), "deployment", "run", "medssl-pipeline/dermamnist", "--watch", "--watch-timeout", "900"]
+    for a in (*SMALL_RUN, f"inits={json.dumps(inits)}", "runner=dask", f"dask_address={cluster.scheduler_address}"):
+        cmd += ["--param", a]
+    proc = subprocess.Popen(cmd, cwd=prefect_stack["dir"], env=prefect_stack["env"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    victim, deadline = None, time.time() + 600
+    while victim is None and time.time() < deadline and proc.poll() is None:
+        for x in shard_runs(mlflow_server):
+            if x.info.run_id not in before and x.info.status == "RUNNING":
+                pid = int(x.data.tags["medssl.process"].rsplit(":", 2)[1])
+                if pid in workers:
+                    victim = (pid, x.data.tags["medssl.shard"], x.data.tags["medssl.attempt"])
+                    os.kill(pid, signal.SIGKILL)
+                    break
+        time.sleep(0.2)
+    out, _ = proc.communicate(timeout=1000)
+    assert victim is not None, "no shard was seen running on a Dask worker"
+    assert proc.returncode == 0 and "Completed" in out, out[-4000:]
+    cells = grid_cells(prefect_stack, inits)
+    for i in inits:
+        keys = [(c["protocol"], c["regime"], c["fraction"], c["seed"]) for c in cells[i]]
+        assert len(keys) == len(set(keys)) == 18  # every cell exactly once
+        assert cells[i] == THREADS_CELLS[i], i  # and the same as without the loss
+    runs = [x for x in shard_runs(mlflow_server) if x.info.run_id not in before]
+    lost = [x for x in runs if x.data.tags["medssl.attempt"] == victim[2]]
+    assert lost and {x.info.status for x in lost} == {"KILLED"}, [(x.info.status, x.data.tags) for x in lost]
+    assert not [x for x in runs if x.info.status == "RUNNING"]
+    kept = {x.data.tags["medssl.attempt"] for x in runs if x.data.tags["medssl.shard"] == victim[1]
+            and x.info.status == "FINISHED"}
+    assert len(kept) == 1 and victim[2] not in kept  # the shard's cells come from one attempt, on a live worker
+    print(f"\nkilled Dask worker pid {victim[0]} during shard {victim[1]}; rerun as attempt {kept.pop()[:8]}")
 
 
 def test_failing_task_fails_flow_and_mlflow_run(prefect_stack, mlflow_server):
