@@ -157,6 +157,13 @@ class Finetune(_Strict):
     train_eval_size: int = Field(default=1000, ge=16)
 
 
+class Scale(_Strict):
+    """How the Prefect flow runs the grid's shards (one per init x grid seed)."""
+    runner: Literal["threads", "dask"] = "threads"
+    dask_address: str | None = None      # tcp://host:8786: an existing scheduler; null: a local cluster
+    dask_workers: int = Field(default=2, ge=1)  # local cluster: worker processes (multi-GPU: one per GPU instead)
+
+
 class Shift(_Strict):
     images: str                                 # second source for domain shift: HAM10000/ISIC-layout folder
     csv: str                                    # image_id, dx[, lesion_id]; split by lesion, its test split is scored
@@ -240,6 +247,7 @@ class Params(_Strict):
     export: Export = Export()
     tune: Tune = Tune()
     mlflow: Mlflow = Mlflow()
+    scale: Scale = Scale()
     tuned: dict[str, TunedInit] = {}       # init -> tuned values (tuned.yaml, written by `medssl tune`)
 
     @model_validator(mode="after")

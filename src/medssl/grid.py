@@ -45,6 +45,17 @@ def load_shift(p: Params) -> Split | None:
     return Split(resize_u8(test.images, p.data.image_size), test.labels)
 
 
+def save_grid_data(data: dict[str, Split], path) -> None:
+    """The grid's splits (pool, val, test, shift) as one npz a shard on another machine reads by content hash."""
+    save_npz(path, **{f"{s}_images": v.images for s, v in data.items()}, **{f"{s}_labels": v.labels for s, v in data.items()})
+
+
+def load_grid_data(path) -> dict[str, Split]:
+    with np.load(path) as z:
+        splits = [k.removesuffix("_images") for k in z.files if k.endswith("_images")]
+        return {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in splits}
+
+
 def grid_data(p: Params, lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
     """Labelled pool (train, capped by the budget) and the val/test subsets every cell is scored on."""
     splits, meta = load_prepared(lay)
@@ -63,77 +74,134 @@ def frozen_encoder(p: Params, init: str, meta: dict, device, seed: int, lay: Lay
     return prepare_model(build_classifier(p, init, meta, seed, lay).backbone, device)
 
 
+class Shard(dict):
+    """One grid seed's results: features (`<split>_x_s<encoder seed>` -> (N, D) float32), cells (key -> cell),
+    curves (per-epoch rows of its fine-tune cells), probas (key -> split -> (N, C)). Plain data, so it travels
+    back from a worker; merged by write_grid."""
+
+
+def grid_setup(p: Params, data: dict[str, Split], device) -> tuple[dict, dict, list[str], list]:
+    """Device tensors (x), labels (y), the scored splits and every job of the grid."""
+    x = {s: torch.from_numpy(v.images).to(device) for s, v in data.items()}
+    y = {s: v.labels.astype(np.int64) for s, v in data.items()}
+    scored = [s for s in data if s != "pool"]  # val, test (, shift)
+    return x, y, scored, plan(y["pool"], p.grid.fractions, p.grid.imbalance, p.grid.seeds)
+
+
+def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dict, lay: Layout, device,
+              parent: str | None, done: dict | None = None, on_cell=None) -> Shard:
+    """Every cell of grid seed `seed` (all protocols, regimes, fractions), nested MLflow runs under `parent`.
+
+    `p` holds the values of `init` (Params.for_init). Randomness comes from the cell's own seeds, so a shard gives
+    the same cells wherever and in whatever order it runs. done: cells already finished (resume), extended in place;
+    on_cell(done) after each cell. lay: where the encoder of an SSL init is (Layout.encoder)."""
+    g = p.grid
+    x, y, scored, jobs = grid_setup(p, data, device)
+    jobs = [j for j in jobs if j.seed == seed]
+    classes = meta["classes"]
+    done = done if done is not None else {"cells": {}, "curves": [], "probas": {}}
+    es = encoder_seed(init, seed, p.seed)
+    enc = frozen_encoder(p, init, meta, device, es, lay)
+    feats = {s: extract_features(enc, x[s]) for s in x}
+    del enc
+    todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in done["cells"]]
+    total = len(jobs) * len(g.protocols)
+    bar = Progress(f"grid {init} seed {seed}", total, total - len(todo), unit="cell")
+    for _, (job, protocol) in zip(bar, todo):  # the bar first: it reports a cell when the next is asked for
+        key = f"{protocol}_{job.key}"
+        bar.set(key)
+        if protocol == "finetune":
+            done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
+                                                                           classes, device, lay, parent)
+            done["curves"] += rows
+        else:
+            done["cells"][key], done["probas"][key] = probe_cell(init, protocol, job, feats, y, scored, g, classes)
+        if on_cell is not None:
+            on_cell(done)
+    bar.close()
+    keys = [f"{pr}_{j.key}" for j in jobs for pr in g.protocols]
+    return Shard(seed=seed, features={f"{s}_x_s{es}": f.cpu().numpy() for s, f in feats.items()},
+                 cells={k: done["cells"][k] for k in keys}, probas={k: done["probas"][k] for k in keys},
+                 curves=[r for r in done["curves"] if r["seed"] == seed])
+
+
+def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict]:
+    """Tags and params of an init's grid run (the parent of its fine-tune cells' runs)."""
+    g, b = p.grid, p.epochs.grid
+    tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "grid", "init": init, "method": init,
+            "tuned": str(init in p.tuned)}
+    params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
+              "n_pool": n_pool, "backbone": p.model.backbone, "image_size": p.data.image_size,
+              **tracking.flat_params({"finetune": p.finetune.model_dump()})}
+    return tags, params
+
+
+def write_grid(p: Params, init: str, lay: Layout, data: dict[str, Split], meta: dict, shards: list[Shard],
+               seconds: float, run_id: str) -> dict:
+    """The shards of `init` (one per grid seed) -> metrics/grid/<init>.json, the features, the held-out
+    probabilities and the curves, as `dvc repro` writes them; logged to the active MLflow run `run_id`.
+    Every cell exactly once: a seed missing or given twice is an error."""
+    g = p.grid
+    seeds = sorted(s["seed"] for s in shards)
+    if seeds != sorted(g.seeds):
+        raise ValueError(f"grid {init}: shards for seeds {seeds}, expected each of {sorted(g.seeds)} once")
+    shards = sorted(shards, key=lambda s: g.seeds.index(s["seed"]))
+    y = {s: v.labels.astype(np.int64) for s, v in data.items()}
+    scored = [s for s in data if s != "pool"]
+    jobs = plan(y["pool"], g.fractions, g.imbalance, g.seeds)
+    tracking.log_datasets(p, meta, {("train" if s == "pool" else s): len(v) for s, v in y.items() if s != "shift"},
+                          lay.raw(p.data.path))
+    features = {}
+    for s in shards:
+        features.update(s["features"])  # an encoder shared by seeds (every init but random) is the same array
+    # features for fusion, labels, and every cell's training subset (recorded: pool positions);
+    # float32 as probed: a randomly initialised MobileNetV2 in eval mode emits features of ~1e-10
+    save_npz(lay.grid_features(init), **dict(sorted(features.items())), **{f"{s}_y": v for s, v in y.items()},
+             **{f"subset_{j.key}": j.idx for j in jobs})
+    mlflow.log_artifact(str(lay.grid_features(init)), "grid")
+    by_key = {k: c for s in shards for k, c in s["cells"].items()}
+    probas = {k: pr for s in shards for k, pr in s["probas"].items()}
+    cells = [by_key[f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
+    keys = ("accuracy", "balanced_accuracy", "auc_macro")  # the cells as one table (MLflow's evaluation view)
+    tracking.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
+                       | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
+                       | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, "grid/cells.json")
+    main = [c for c in cells if c["regime"] == "fractions"]
+    means = {f"test_balanced_accuracy_{protocol}_f{f:g}": float(np.mean(
+        [c["test"]["balanced_accuracy"] for c in main if c["protocol"] == protocol and c["fraction"] == f]))
+        for protocol in g.protocols for f in g.fractions}
+    tracking.log_summary({"seconds": seconds, **means})
+    result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
+              "seconds": seconds, "run_id": run_id, "cells": cells}
+    save_npz(lay.grid_probas(init), **{f"{s}_y": y[s] for s in scored if s != "val"},
+             **{f"{s}/{key}": pr for key in (f"{pr}_{j.key}" for j in jobs for pr in g.protocols)
+                for s, pr in probas[key].items()})
+    write_json(lay.grid_cells(init), result)
+    mlflow.log_artifact(str(lay.grid_cells(init)), "grid")
+    write_csv(lay.grid_curves(init), [r for s in shards for r in s["curves"]])
+    return result
+
+
 @one_writer(lambda a: f"grid-{a['init']}")
 def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
-    """All cells of `init`; writes metrics/grid/<init>.json, its fine-tune curves, frozen features and the cells'
-    held-out probabilities. Fine-tune cells use the values tuned for `init` (tuned.yaml), else params.yaml's."""
+    """All cells of `init`, one grid seed (shard) after another; writes metrics/grid/<init>.json, its fine-tune
+    curves, frozen features and the cells' held-out probabilities. Fine-tune cells use the values tuned for
+    `init` (tuned.yaml), else params.yaml's. Resumable cell by cell."""
     p = p.for_init(init)
     g, b = p.grid, p.epochs.grid
     device = pick_device()
     data, meta = grid_data(p, lay)
-    classes = meta["classes"]
-    x = {s: torch.from_numpy(v.images).to(device) for s, v in data.items()}
-    y = {s: v.labels.astype(np.int64) for s, v in data.items()}
-    scored = [s for s in data if s != "pool"]  # val, test (, shift)
-    jobs = plan(y["pool"], g.fractions, g.imbalance, g.seeds)
     state = Checkpointer(lay.resume(f"grid-{init}"), {"init": init, "grid": g.model_dump(), "budget": b.model_dump(),
                                                       "finetune": p.finetune.model_dump(), "model": p.model.model_dump(),
                                                       "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric,
                                                       "with": "probas"})  # states of earlier code lack them
     done = state.load() or {"cells": {}, "curves": [], "probas": {}}
-
-    tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "grid", "init": init, "method": init}
-    params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
-              "n_pool": len(y["pool"]), "backbone": p.model.backbone, "image_size": p.data.image_size,
-              **tracking.flat_params({"finetune": p.finetune.model_dump()})}
-    tags["tuned"] = str(init in p.tuned)
+    tags, params = grid_tags(p, init, meta, len(data["pool"].labels))
     with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
-        tracking.log_datasets(p, meta, {("train" if s == "pool" else s): len(v) for s, v in y.items() if s != "shift"},
-                              lay.raw(p.data.path))
         t0 = time.time()
-        feats = {}  # encoder seed -> split -> (N, D) features on the device
-        for es in sorted({encoder_seed(init, seed, p.seed) for seed in g.seeds}):
-            enc = frozen_encoder(p, init, meta, device, es, lay)
-            feats[es] = {s: extract_features(enc, x[s]) for s in x}
-        # features for fusion, labels, and every cell's training subset (recorded: pool positions);
-        # float32 as probed: a randomly initialised MobileNetV2 in eval mode emits features of ~1e-10
-        save_npz(lay.grid_features(init),
-                 **{f"{s}_x_s{es}": f.cpu().numpy() for es, fs in feats.items() for s, f in fs.items()},
-                 **{f"{s}_y": v for s, v in y.items()},
-                 **{f"subset_{j.key}": j.idx for j in jobs})
-        mlflow.log_artifact(str(lay.grid_features(init)), "grid")
-        todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in done["cells"]]
-        bar = Progress(f"grid {init}", len(jobs) * len(g.protocols), len(jobs) * len(g.protocols) - len(todo), unit="cell")
-        for _, (job, protocol) in zip(bar, todo):  # the bar first: it reports a cell when the next is asked for
-            key = f"{protocol}_{job.key}"
-            bar.set(key)
-            if protocol == "finetune":
-                done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
-                                                                               classes, device, lay, run.info.run_id)
-                done["curves"] += rows
-            else:
-                done["cells"][key], done["probas"][key] = probe_cell(
-                    init, protocol, job, feats[encoder_seed(init, job.seed, p.seed)], y, scored, g, classes)
-            state.save(done)
-        bar.close()
-        cells = [done["cells"][f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
-        seconds = round(time.time() - t0, 1)
-        keys = ("accuracy", "balanced_accuracy", "auc_macro")  # the cells as one table (MLflow's evaluation view)
-        tracking.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
-                           | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
-                           | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, "grid/cells.json")
-        main = [c for c in cells if c["regime"] == "fractions"]
-        means = {f"test_balanced_accuracy_{protocol}_f{f:g}": float(np.mean(
-            [c["test"]["balanced_accuracy"] for c in main if c["protocol"] == protocol and c["fraction"] == f]))
-            for protocol in g.protocols for f in g.fractions}
-        tracking.log_summary({"seconds": seconds, **means})
-        result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
-                  "seconds": seconds, "run_id": run.info.run_id, "cells": cells}
-        save_npz(lay.grid_probas(init), **{f"{s}_y": y[s] for s in scored if s != "val"},
-                 **{f"{s}/{key}": pr for key, probas in done["probas"].items() for s, pr in probas.items()})
-        write_json(lay.grid_cells(init), result)
-        mlflow.log_artifact(str(lay.grid_cells(init)), "grid")
-    write_csv(lay.grid_curves(init), done["curves"])
+        shards = [run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, state.save)
+                  for seed in g.seeds]
+        result = write_grid(p, init, lay, data, meta, shards, round(time.time() - t0, 1), run.info.run_id)
     state.clear()
     return result
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import subprocess
@@ -16,6 +17,8 @@ from medssl.config import Params, flatten
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
 RUN_TAG = "medssl.run"  # a run's stable name (`finetune-imagenet`); its run name adds when it started
+SHARD_TAG = "medssl.shard"  # a grid shard (<init>-s<seed>) on a task runner's worker, and its attempt:
+ATTEMPT_TAG = "medssl.attempt"  # a retried or rescheduled shard's earlier attempts end KILLED (end_superseded)
 PROCESS_TAG = "medssl.process"  # guard.process_id() of the process that owns a RUNNING run
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # A server that goes away mid-run: a few quick retries, not MLflow's default of minutes of back-off.
@@ -23,6 +26,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 _checked: set[str] = set()
+_extra_tags: contextvars.ContextVar[dict] = contextvars.ContextVar("medssl_extra_tags", default={})
 _swept: set[str] = set()
 
 
@@ -218,7 +222,7 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
             mlflow.set_system_metrics_sampling_interval(5)
         run = mlflow.start_run(run_name=unique_name(name), experiment_id=exp, parent_run_id=parent, nested=True,
-                               tags={**tags, RUN_TAG: name, PROCESS_TAG: process_id()},
+                               tags={**tags, **_extra_tags.get(), RUN_TAG: name, PROCESS_TAG: process_id()},
                                log_system_metrics=system_metrics)
         if system_metrics:  # a stage's run: where to watch it, before the long work starts
             print(f"{name}: MLflow run {run_link(exp, run.info.run_id)}", file=sys.stderr, flush=True)
@@ -236,6 +240,51 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")
+
+
+@contextlib.contextmanager
+def extra_tags(tags: dict[str, str]):
+    """Tags every run model_run starts in this context (thread, task) gets too."""
+    token = _extra_tags.set({**_extra_tags.get(), **tags})
+    try:
+        yield
+    finally:
+        _extra_tags.reset(token)
+
+
+def open_run(p: Params, name: str, tags: dict, params: dict, parent: str | None) -> str:
+    """A run created now and filled later, possibly by other processes (a grid run whose cells run on workers);
+    resume_run() adds to it, close_run() ends it. Returns its id."""
+    exp = experiment_id(p)
+    parent = parent or parent_run_id()
+    if parent:
+        exp = mlflow.get_run(parent).info.experiment_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(exp, run_name=unique_name(name), tags={
+        **tags, RUN_TAG: name, **({"mlflow.parentRunId": parent} if parent else {})})
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat_params(params).items()])
+    return run.info.run_id
+
+
+def close_run(run_id: str, status: str, reason: str | None = None) -> None:
+    client = mlflow.MlflowClient()
+    if reason:
+        client.set_tag(run_id, "error", reason[:2000])
+    client.set_terminated(run_id, status)
+
+
+def end_superseded(exp: str, kept: list[tuple[str, str]]) -> list[str]:
+    """kept: (shard, attempt) whose cells were kept. Every run of another attempt of those shards (a worker lost
+    mid-shard, a retry) ends KILLED with `killed_reason`, so no cell is counted twice. Returns the names ended."""
+    client, ended = mlflow.MlflowClient(), []
+    for shard, attempt in kept:
+        for run in client.search_runs([exp], f"tags.`{SHARD_TAG}` = '{shard}' and tags.`{ATTEMPT_TAG}` != '{attempt}'",
+                                      max_results=1000):
+            client.set_tag(run.info.run_id, "killed_reason", f"attempt superseded: shard {shard} was rerun as {attempt}")
+            if run.info.status != "KILLED":
+                client.set_terminated(run.info.run_id, "KILLED")
+            ended.append(run.data.tags.get(RUN_TAG, run.info.run_id))
+    return ended
 
 
 def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> None:

@@ -1,0 +1,62 @@
+"""The grid's shards on a Prefect task runner (importable, so Dask workers can unpickle the task).
+
+A shard is one grid seed of one init (`grid.run_shard`). It reads its inputs by content hash (medssl.cas),
+returns its cells as plain data and tags its MLflow runs with its attempt, so that the runs of an attempt lost
+with its worker end KILLED (tracking.end_superseded) while the attempt that finished is kept, once.
+"""
+from __future__ import annotations
+
+import json
+import os
+from uuid import uuid4
+
+import torch
+from prefect import task
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from medssl import cas, tracking
+from medssl.config import Params
+from medssl.core.engine import pick_device
+from medssl.grid import Shard, load_grid_data, run_shard
+from medssl.layout import Layout
+
+# Threads in the flow's process: on a GPU 4 at once keep it busy; on a CPU one per core (one torch thread each).
+THREADS = 4 if torch.cuda.is_available() else max(1, len(os.sched_getaffinity(0)))
+
+
+@task(name="grid-shard", task_run_name="grid-{init}-seed{seed}")
+def grid_shard_task(p: Params, init: str, seed: int, refs: dict, grid_run: str) -> Shard:
+    """One grid seed of `init` on whichever worker the runner picks: inputs by content hash, cells back as plain
+    data, fine-tune cells' MLflow runs nested under the init's grid run `grid_run`."""
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # CPU: one torch thread per shard, so every runner computes alike
+    data = load_grid_data(cas.get(refs["data"]))
+    meta = json.loads(cas.get(refs["meta"]).read_text())
+    lay = Layout(cas.cache_dir().parent / "work" / (refs["encoder"].digest if "encoder" in refs else "none"))
+    if "encoder" in refs:  # build_classifier reads Layout.encoder(init): the content-addressed file, linked there
+        dst = lay.encoder(init)
+        if not dst.is_file():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+            tmp.unlink(missing_ok=True)
+            os.symlink(cas.get(refs["encoder"]).resolve(), tmp)
+            tmp.replace(dst)
+    attempt = uuid4().hex
+    with tracking.extra_tags({tracking.SHARD_TAG: f"{init}-s{seed}", tracking.ATTEMPT_TAG: attempt}):
+        shard = run_shard(p.for_init(init), init, seed, data, meta, lay, pick_device(), grid_run)
+    shard["attempt"] = attempt
+    return shard
+
+
+def task_runner(p: Params) -> TaskRunner:
+    """The grid subflow's runner, from params.yaml `scale`."""
+    s = p.scale
+    if s.runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=THREADS)
+    from prefect_dask import DaskTaskRunner
+
+    if s.dask_address:
+        return DaskTaskRunner(address=s.dask_address)
+    if torch.cuda.device_count() > 1:  # one worker process per GPU (CUDA_VISIBLE_DEVICES set per worker)
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster")
+    return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": True})
