@@ -9,12 +9,10 @@ grid-<init> tasks here write the same files `medssl grid <init>` writes. Each ta
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 import mlflow
 import torch
@@ -32,7 +30,7 @@ from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import run_export
 from medssl.finetune import run_finetune
 from medssl.grid import Shard, grid_data, grid_tags, save_grid_data, write_grid
-from medssl.scale import grid_shard_task, task_runner
+from medssl.scale import grid_flow, task_runner
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
@@ -61,25 +59,6 @@ def pretrain_task(p: Params, method: str) -> dict:
 @task(name="finetune")
 def finetune_task(p: Params) -> dict:
     return run_finetune(p, None, LAY)
-
-
-@flow(name="medssl-grid", log_prints=True)
-def grid_flow(p: Params, refs: dict, grid_runs: dict[str, str], retries: int = 1) -> dict[str, list[Shard]]:
-    """Every shard (init x grid seed) on this flow's task runner; init -> its shards, as they finish: a progress
-    artifact and the report's table over the shards done so far."""
-    futures = {(init, seed): grid_shard_task.with_options(retries=retries, retry_delay_seconds=5).submit(
-                   p, init, seed, refs[init], grid_runs[init])
-               for init in p.inits.all for seed in p.grid.seeds}
-    names = {id(f): k for k, f in futures.items()}
-    bar = create_progress_artifact(0.0, key="medssl-shards", description=f"{len(futures)} grid shards")
-    done: dict[str, list[Shard]] = {}
-    for k, fut in enumerate(as_completed(list(futures.values())), 1):
-        init, seed = names[id(fut)]
-        done.setdefault(init, []).append(fut.result())
-        update_progress_artifact(bar, 100.0 * k / len(futures), description=f"{k}/{len(futures)}: {init} seed {seed}")
-        create_table_artifact(grid_table(p, done), key="medssl-grid",
-                              description="test balanced accuracy, mean over the seeds finished (live)")
-    return done
 
 
 @task(name="grid", task_run_name="grid-{init}")
@@ -116,20 +95,6 @@ def evaluate_task(p: Params) -> dict:
 @task(name="export")
 def export_task(p: Params) -> dict:
     return run_export(p, LAY)
-
-
-def grid_table(p: Params, shards: dict[str, list[Shard]]) -> list[dict]:
-    """The report's table over the shards finished so far: mean test balanced accuracy over their seeds, per init
-    and protocol (rows) and label fraction (columns)."""
-    rows = []
-    for init in (i for i in p.inits.all if i in shards):
-        cells = [c for s in shards[init] for c in s["cells"].values() if c["regime"] == "fractions"]
-        for protocol in p.grid.protocols:
-            rows.append({"init": init, "protocol": protocol, "seeds": len(shards[init]), **{
-                f"{100 * f:g} %": round(float(np.mean([c["test"]["balanced_accuracy"] for c in cells
-                                                       if c["protocol"] == protocol and c["fraction"] == f])), 4)
-                for f in p.grid.fractions}})
-    return rows
 
 
 class Board:

@@ -1,4 +1,5 @@
-"""The grid's shards on a Prefect task runner (importable, so Dask workers can unpickle the task).
+"""The grid's shards on a Prefect task runner: the subflow medssl-grid and its shard task, importable so that
+Dask workers can unpickle them (a flow loaded from flows/pipeline.py is not).
 
 A shard is one grid seed of one init (`grid.run_shard`). It reads its inputs by content hash (medssl.cas),
 returns its cells as plain data and tags its MLflow runs with its attempt, so that the runs of an attempt lost
@@ -10,8 +11,11 @@ import json
 import os
 from uuid import uuid4
 
+import numpy as np
 import torch
-from prefect import task
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from medssl import cas, tracking
@@ -60,3 +64,36 @@ def task_runner(p: Params) -> TaskRunner:
     if torch.cuda.device_count() > 1:  # one worker process per GPU (CUDA_VISIBLE_DEVICES set per worker)
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster")
     return DaskTaskRunner(cluster_kwargs={"n_workers": s.dask_workers, "threads_per_worker": 1, "processes": True})
+
+
+def grid_table(p: Params, shards: dict[str, list[Shard]]) -> list[dict]:
+    """The report's table over the shards finished so far: mean test balanced accuracy over their seeds, per init
+    and protocol (rows) and label fraction (columns)."""
+    rows = []
+    for init in (i for i in p.inits.all if i in shards):
+        cells = [c for s in shards[init] for c in s["cells"].values() if c["regime"] == "fractions"]
+        for protocol in p.grid.protocols:
+            rows.append({"init": init, "protocol": protocol, "seeds": len(shards[init]), **{
+                f"{100 * f:g} %": round(float(np.mean([c["test"]["balanced_accuracy"] for c in cells
+                                                       if c["protocol"] == protocol and c["fraction"] == f])), 4)
+                for f in p.grid.fractions}})
+    return rows
+
+
+@flow(name="medssl-grid", log_prints=True)
+def grid_flow(p: Params, refs: dict, grid_runs: dict[str, str], retries: int = 1) -> dict[str, list[Shard]]:
+    """Every shard (init x grid seed) on this flow's task runner; init -> its shards, as they finish: a progress
+    artifact and the report's table over the shards done so far."""
+    futures = {(init, seed): grid_shard_task.with_options(retries=retries, retry_delay_seconds=5).submit(
+                   p, init, seed, refs[init], grid_runs[init])
+               for init in p.inits.all for seed in p.grid.seeds}
+    names = {id(f): k for k, f in futures.items()}
+    bar = create_progress_artifact(0.0, key="medssl-shards", description=f"{len(futures)} grid shards")
+    done: dict[str, list[Shard]] = {}
+    for k, fut in enumerate(as_completed(list(futures.values())), 1):
+        init, seed = names[id(fut)]
+        done.setdefault(init, []).append(fut.result())
+        update_progress_artifact(bar, 100.0 * k / len(futures), description=f"{k}/{len(futures)}: {init} seed {seed}")
+        create_table_artifact(grid_table(p, done), key="medssl-grid",
+                              description="test balanced accuracy, mean over the seeds finished (live)")
+    return done
