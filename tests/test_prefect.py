@@ -184,7 +184,7 @@ def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stac
     finally:
         torch.set_num_threads(threads_before)
     for i in inits:
-        assert len(dask[i]) == 3 * 3 * 2 and dask[i] == threads[i], i  # 3 seeds x 3 protocols x 2 fractions
+        assert len(dask[i]) == 3 * 3 * (2 + 2) and dask[i] == threads[i], i  # seeds x protocols x (2 fractions + 2 imbalance)
     for i, cells in sequential.items():
         assert cells == dask[i], i
     print(f"\nDask pipeline (2 workers, {len(inits)} inits x 3 seeds = 9 shards): {took:.1f} s")
@@ -222,7 +222,7 @@ def test_lost_dask_worker_reruns_its_shard_once(prefect_stack, mlflow_server, da
     cells = grid_cells(prefect_stack, inits)
     for i in inits:
         keys = [(c["protocol"], c["regime"], c["fraction"], c["seed"]) for c in cells[i]]
-        assert len(keys) == len(set(keys)) == 18  # every cell exactly once
+        assert len(keys) == len(set(keys)) == 3 * 3 * (2 + 2)  # every cell exactly once
         assert cells[i] == THREADS_CELLS[i], i  # and the same as without the loss
     runs = [x for x in shard_runs(mlflow_server) if x.info.run_id not in before]
     lost = [x for x in runs if x.data.tags["medssl.attempt"] == victim[2]]
