@@ -243,7 +243,7 @@ def test_failing_task_fails_flow_and_mlflow_run(prefect_stack, mlflow_server):
     mlflow.set_tracking_uri(mlflow_server)
     statuses = sorted(x.info.status for x in mlflow.search_runs(experiment_names=["prefect-e2e"], output_format="list")
                       if x.data.tags.get("orchestrator") == "prefect")
-    assert statuses == ["FAILED", "FINISHED"]
+    assert statuses.count("FAILED") == 1 and set(statuses) == {"FAILED", "FINISHED"}  # this one failed, the others not
 
 
 def test_tune_deployment_agrees_with_study_and_best_file(prefect_stack, mlflow_server):
