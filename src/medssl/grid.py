@@ -14,7 +14,11 @@ Resumable: finished cells are kept in a state file, and a rerun with the same se
 """
 from __future__ import annotations
 
+import os
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 import mlflow
 import numpy as np
@@ -89,40 +93,47 @@ def grid_setup(p: Params, data: dict[str, Split], device) -> tuple[dict, dict, l
 
 
 def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dict, lay: Layout, device,
-              parent: str | None, done: dict | None = None, on_cell=None) -> Shard:
+              parent: str | None, done: dict | None = None, on_cell=None, stop: threading.Event | None = None) -> Shard:
     """Every cell of grid seed `seed` (all protocols, regimes, fractions), nested MLflow runs under `parent`.
 
     `p` holds the values of `init` (Params.for_init). Randomness comes from the cell's own seeds, so a shard gives
-    the same cells wherever and in whatever order it runs. done: cells already finished (resume), extended in place;
-    on_cell(done) after each cell. lay: where the encoder of an SSL init is (Layout.encoder)."""
+    the same cells wherever and in whatever order it runs. done: cells already finished (resume; read only);
+    on_cell(key, cell, curve_rows, probas) after each new cell; stop: set by the caller to end the shard before its
+    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder)."""
     g = p.grid
     x, y, scored, jobs = grid_setup(p, data, device)
     jobs = [j for j in jobs if j.seed == seed]
     classes = meta["classes"]
-    done = done if done is not None else {"cells": {}, "curves": [], "probas": {}}
+    done = done or {"cells": {}, "curves": [], "probas": {}}
+    cells, probas = dict(done["cells"]), dict(done["probas"])
+    curves = [r for r in done["curves"] if r["seed"] == seed]
     es = encoder_seed(init, seed, p.seed)
     enc = frozen_encoder(p, init, meta, device, es, lay)
     feats = {s: extract_features(enc, x[s]) for s in x}
     del enc
-    todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in done["cells"]]
+    todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in cells]
     total = len(jobs) * len(g.protocols)
     bar = Progress(f"grid {init} seed {seed}", total, total - len(todo), unit="cell")
     for _, (job, protocol) in zip(bar, todo):  # the bar first: it reports a cell when the next is asked for
+        if stop is not None and stop.is_set():
+            break
         key = f"{protocol}_{job.key}"
         bar.set(key)
+        rows = []
         if protocol == "finetune":
-            done["cells"][key], rows, done["probas"][key] = _finetune_cell(p, init, job, meta, x, y, scored,
-                                                                           classes, device, lay, parent)
-            done["curves"] += rows
+            cells[key], rows, probas[key] = _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay,
+                                                           parent)
+            curves += rows
         else:
-            done["cells"][key], done["probas"][key] = probe_cell(init, protocol, job, feats, y, scored, g, classes)
+            cells[key], probas[key] = probe_cell(init, protocol, job, feats, y, scored, g, classes)
         if on_cell is not None:
-            on_cell(done)
+            on_cell(key, cells[key], rows, probas[key])
     bar.close()
     keys = [f"{pr}_{j.key}" for j in jobs for pr in g.protocols]
+    if stop is not None and stop.is_set():
+        raise Stopped(f"grid {init} seed {seed}: stopped after {len(cells)} cells")
     return Shard(seed=seed, features={f"{s}_x_s{es}": f.cpu().numpy() for s, f in feats.items()},
-                 cells={k: done["cells"][k] for k in keys}, probas={k: done["probas"][k] for k in keys},
-                 curves=[r for r in done["curves"] if r["seed"] == seed])
+                 cells={k: cells[k] for k in keys}, probas={k: probas[k] for k in keys}, curves=curves)
 
 
 def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict]:
@@ -182,11 +193,22 @@ def write_grid(p: Params, init: str, lay: Layout, data: dict[str, Split], meta: 
     return result
 
 
+class Stopped(Exception):
+    """A shard ended early because a sibling shard failed."""
+
+
+def shards_at_once(device) -> int:
+    """Shards computed at once: 4 on a GPU (keeps it busy), one per core on a CPU (one torch thread each)."""
+    return 4 if torch.device(device).type == "cuda" else max(1, len(os.sched_getaffinity(0)))
+
+
 @one_writer(lambda a: f"grid-{a['init']}")
-def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None) -> dict:
-    """All cells of `init`, one grid seed (shard) after another; writes metrics/grid/<init>.json, its fine-tune
-    curves, frozen features and the cells' held-out probabilities. Fine-tune cells use the values tuned for
-    `init` (tuned.yaml), else params.yaml's. Resumable cell by cell."""
+def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = None, workers: int | None = None) -> dict:
+    """All cells of `init`: its shards (one per grid seed) on threads, as the Prefect flow's threads runner runs
+    them (on a CPU, one torch thread per shard, so both entry points compute the same cells). Writes
+    metrics/grid/<init>.json, its fine-tune curves, frozen features and the cells' held-out probabilities.
+    Fine-tune cells use the values tuned for `init` (tuned.yaml), else params.yaml's. Resumable cell by cell.
+    workers: shards at once (default shards_at_once; 1: one cell after another)."""
     p = p.for_init(init)
     g, b = p.grid, p.epochs.grid
     device = pick_device()
@@ -196,14 +218,48 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                                                       "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric,
                                                       "with": "probas"})  # states of earlier code lack them
     done = state.load() or {"cells": {}, "curves": [], "probas": {}}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def on_cell(key, cell, rows, probas):  # every finished cell into the state file, one writer at a time
+        with lock:
+            done["cells"][key], done["probas"][key] = cell, probas
+            done["curves"] += rows
+            state.save(done)
+
     tags, params = grid_tags(p, init, meta, len(data["pool"].labels))
     with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
         t0 = time.time()
-        shards = [run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, state.save)
-                  for seed in g.seeds]
+        with one_torch_thread(device), ThreadPoolExecutor(workers or shards_at_once(device)) as pool:
+            futures = [pool.submit(run_shard, p, init, seed, data, meta, lay, device, run.info.run_id, done,
+                                   on_cell, stop) for seed in g.seeds]
+            try:
+                wait(futures, return_when=FIRST_EXCEPTION)
+            except BaseException:  # interrupted (SIGINT/SIGTERM): the shards end at their next cell
+                stop.set()
+                raise
+            if any(f.done() and f.exception() is not None for f in futures):  # a shard failed: its siblings end
+                stop.set()                                                     # at their next cell
+                wait(futures)
+                errors = [f.exception() for f in futures if f.exception() is not None]
+                raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
+            shards = [f.result() for f in futures]
         result = write_grid(p, init, lay, data, meta, shards, round(time.time() - t0, 1), run.info.run_id)
     state.clear()
     return result
+
+
+@contextmanager
+def one_torch_thread(device):
+    """On a CPU, one torch thread while shards run side by side (one per core); restored afterwards."""
+    if torch.device(device).type == "cuda":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, parent):

@@ -21,11 +21,11 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from medssl import cas, tracking
 from medssl.config import Params
 from medssl.core.engine import pick_device
-from medssl.grid import Shard, load_grid_data, run_shard
+from medssl.grid import Shard, load_grid_data, run_shard, shards_at_once
 from medssl.layout import Layout
 
-# Threads in the flow's process: on a GPU 4 at once keep it busy; on a CPU one per core (one torch thread each).
-THREADS = 4 if torch.cuda.is_available() else max(1, len(os.sched_getaffinity(0)))
+# Threads in the flow's process, as in `medssl grid`: 4 on a GPU, one per core on a CPU (one torch thread each).
+THREADS = shards_at_once(pick_device())
 
 
 @task(name="grid-shard", task_run_name="grid-{init}-seed{seed}")
