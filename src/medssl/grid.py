@@ -234,13 +234,10 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                                    on_cell, stop) for seed in g.seeds]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
-            except BaseException:  # interrupted (SIGINT/SIGTERM): the shards end at their next cell
+            finally:  # a shard failed or the stage was interrupted: the others end at their next cell
                 stop.set()
-                raise
-            if any(f.done() and f.exception() is not None for f in futures):  # a shard failed: its siblings end
-                stop.set()                                                     # at their next cell
-                wait(futures)
-                errors = [f.exception() for f in futures if f.exception() is not None]
+            errors = [f.exception() for f in futures if f.exception() is not None]  # (waits for every shard)
+            if errors:
                 raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
             shards = [f.result() for f in futures]
         result = write_grid(p, init, lay, data, meta, shards, round(time.time() - t0, 1), run.info.run_id)
