@@ -49,7 +49,7 @@ test: env weights            # default: everything but the slow end-to-end tests
 	$(BIN)/pytest -m "not slow"
 
 test-all: env weights        # what CI runs (.ci/run): + slow end-to-end tests against real servers
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25   # the 25 slowest tests, to see where CI time goes
 
 mlflow-ui: env
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \

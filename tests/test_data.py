@@ -89,7 +89,7 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     assert p.inits.all == ["random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim"]
     assert p.epochs.finetune_epochs >= 1 and p.tune_inits == p.inits.all
     assert p.grid.protocols == ["linear", "finetune", "knn"] and len(p.grid.seeds) >= 3
-    assert p.grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+    assert p.grid.fractions == [0.01, 0.1, 1.0]  # the demo budget's (budgets.demo.grid.fractions)
     bad = tmp_path / "params.yaml"
     bad.write_text(open("params.yaml").read().replace("backbone: mobilenet_v2", "backbone: vgg11"))
     with pytest.raises(ConfigError, match=r"model\.backbone.*vgg11"):
@@ -99,8 +99,15 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
         load_params(bad)
     with pytest.raises(ConfigError, match=r"grid\.seeds: .*at least 3 distinct seeds"):
         load_params("params.yaml", {"grid.seeds": [0, 1]})
+    with pytest.raises(ConfigError, match=r"budgets\.demo\.grid\.fractions: .*\(0, 1\].*1\.5"):
+        load_params("params.yaml", {"budgets.demo.grid.fractions": [0.1, 1.5]})
     with pytest.raises(ConfigError, match=r"grid\.fractions: .*\(0, 1\].*1\.5"):
-        load_params("params.yaml", {"grid.fractions": [0.1, 1.5]})
+        load_params("params.yaml", {"budgets.demo.grid.fractions": None, "grid.fractions": [0.1, 1.5]})
+    # the budget's fractions are the grid's; a different grid.fractions beside them is named, not ignored
+    assert load_params("params.yaml", {"budget": "full"}).grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
+    assert load_params("params.yaml", {"budgets.demo.grid.fractions": [1.0, 0.1]}).grid.fractions == [0.1, 1.0]
+    with pytest.raises(ConfigError, match=r"grid\.fractions \[0\.5, 1\.0\] and budgets\.demo\.grid\.fractions"):
+        load_params("params.yaml", {"grid.fractions": [0.5, 1.0]})
     with pytest.raises(ConfigError, match=r"grid.fusion group \['imagenet', 'simclr'\].*not configured: \['simclr'\]"):
         load_params("params.yaml", {"inits.ssl": ["vae", "mim"]})
 

@@ -40,10 +40,23 @@ def _scalar_types(annotation) -> set:
     return set().union(*(_scalar_types(a) for a in args))
 
 
+def _label_fractions(v: list[float]) -> list[float]:
+    bad = [f for f in v if not 0 < f <= 1]
+    if bad or not v:
+        raise ValueError(f"label fractions must lie in (0, 1], got {v}")
+    return sorted(set(v))
+
+
 class GridBudget(_Strict):
     epochs: int = Field(default=3, ge=1)                 # fine-tune epochs of every grid cell
     max_train: int | None = Field(default=None, ge=16)   # labelled pool (stratified subset of train); null = all
     max_eval: int | None = Field(default=None, ge=16)    # val/test subsets scored per cell; null = all
+    fractions: list[float] | None = None                 # the budget's label fractions; null = grid.fractions
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions(cls, v: list[float] | None) -> list[float] | None:
+        return None if v is None else _label_fractions(v)
 
 
 class Budget(_Strict):
@@ -186,10 +199,7 @@ class Grid(_Strict):
     @field_validator("fractions")
     @classmethod
     def _fractions(cls, v: list[float]) -> list[float]:
-        bad = [f for f in v if not 0 < f <= 1]
-        if bad or not v:
-            raise ValueError(f"label fractions must lie in (0, 1], got {v}")
-        return sorted(set(v))
+        return _label_fractions(v)
 
     @field_validator("seeds")
     @classmethod
@@ -249,6 +259,32 @@ class Params(_Strict):
     mlflow: Mlflow = Mlflow()
     scale: Scale = Scale()
     tuned: dict[str, TunedInit] = {}       # init -> tuned values (tuned.yaml, written by `medssl tune`)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_fractions(cls, raw):
+        """budgets.<budget>.grid.fractions, when set, is the grid's label fractions (p.grid.fractions); a different
+        grid.fractions beside it is an error rather than silently replaced."""
+        if not isinstance(raw, dict):
+            return raw
+        budget = raw.get("budget", "demo")
+        grid_budget = ((raw.get("budgets") or {}).get(budget) or {}) if isinstance(raw.get("budgets"), dict) else {}
+        fractions = grid_budget.get("grid", {}).get("fractions") if isinstance(grid_budget, dict) and \
+            isinstance(grid_budget.get("grid"), dict) else None
+        if fractions is None or not isinstance(fractions, list):
+            return raw
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict):
+            return raw
+        own = grid.get("fractions")
+        try:
+            same = own is None or sorted(set(map(float, own))) == sorted(set(map(float, fractions)))
+        except (TypeError, ValueError):
+            same = True  # not numbers: the field validators name the bad value
+        if not same:
+            raise ValueError(f"grid.fractions {own} and budgets.{budget}.grid.fractions {fractions} are both set: "
+                             f"under budget {budget!r} the budget's apply; set one of them")
+        return {**raw, "grid": {**grid, "fractions": fractions}}
 
     @model_validator(mode="after")
     def _budget_exists(self) -> "Params":
@@ -356,7 +392,7 @@ def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | No
     out = {"budget": budget, f"budgets.{budget}.finetune_epochs": epochs, f"budgets.{budget}.pretrain_epochs": pretrain_epochs,
            "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval,
            f"budgets.{budget}.grid.epochs": grid_epochs, f"budgets.{budget}.grid.max_train": grid_max_train,
-           "grid.fractions": fractions}
+           f"budgets.{budget}.grid.fractions": fractions}
     if inits is not None:
         out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
         out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
