@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def _tmp(path: Path) -> Path:
@@ -17,6 +16,8 @@ def _tmp(path: Path) -> Path:
 
 def save_torch(obj, path: str | Path) -> None:
     path = Path(path)
+    import torch  # here: the stages that write no tensors (validate, fetch) start without importing torch
+
     tmp = _tmp(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
