@@ -265,16 +265,13 @@ class Params(_Strict):
     def _budget_fractions(cls, raw):
         """budgets.<budget>.grid.fractions, when set, is the grid's label fractions (p.grid.fractions); a different
         grid.fractions beside it is an error rather than silently replaced."""
-        if not isinstance(raw, dict):
-            return raw
-        budget = raw.get("budget", "demo")
-        grid_budget = ((raw.get("budgets") or {}).get(budget) or {}) if isinstance(raw.get("budgets"), dict) else {}
-        fractions = grid_budget.get("grid", {}).get("fractions") if isinstance(grid_budget, dict) and \
-            isinstance(grid_budget.get("grid"), dict) else None
-        if fractions is None or not isinstance(fractions, list):
+        try:  # only a well-formed budget section is read here; the field validators name anything else
+            budget = raw.get("budget", cls.model_fields["budget"].default)
+            fractions = raw["budgets"][budget]["grid"]["fractions"]
+        except (AttributeError, KeyError, TypeError):
             return raw
         grid = raw.get("grid") or {}
-        if not isinstance(grid, dict):
+        if not isinstance(fractions, list) or not isinstance(grid, dict):
             return raw
         own = grid.get("fractions")
         try:

@@ -15,9 +15,9 @@ def _tmp(path: Path) -> Path:
 
 
 def save_torch(obj, path: str | Path) -> None:
-    path = Path(path)
     import torch  # here: the stages that write no tensors (validate, fetch) start without importing torch
 
+    path = Path(path)
     tmp = _tmp(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
