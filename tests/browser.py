@@ -106,6 +106,8 @@ class Page:
         self.ws.close()
 
 
-# Every <img> finished loading with pixels: (number of images, number broken).
-IMAGES = ("(() => { const im = Array.from(document.images); if (!im.length || im.some(i => !i.complete)) return null;"
+# Once the document is fully parsed (a large page of data-URI images is read in chunks, so before that
+# document.images holds only the first few), every <img> finished loading with pixels: (number, number broken).
+IMAGES = ("(() => { if (document.readyState !== 'complete') return null;"
+          " const im = Array.from(document.images); if (!im.length || im.some(i => !i.complete)) return null;"
           " return [im.length, im.filter(i => i.naturalWidth === 0).length]; })()")
