@@ -1,6 +1,6 @@
 """End to end on a 512-image subset at 32 px, 1 epoch: `medssl tune` (one study per init, 1 trial each), then
 `medssl pipeline` (dvc repro inside a parent MLflow run) against a real MLflow server with all seven inits
-and the full comparison grid (3 protocols x 6 fractions x 3 seeds, imbalance, a recoloured second source for
+and the full comparison grid (3 protocols x the demo's 3 label fractions x 3 seeds, imbalance, a recoloured second source for
 domain shift, fusion), then the report and its verdict, the registry, pyfunc, `medssl predict` and DVC's
 change tracking."""
 import csv
@@ -37,7 +37,8 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
     shift = shifted_source(tmp_path_factory.mktemp("shift"), dermamnist)
     work = project_copy(tmp_path_factory.mktemp("clone"), **{
         "data.max_train": 512, "data.max_eval": 256, "data.image_size": 32, "budgets.demo.pretrain_epochs": 1,
-        "budgets.demo.finetune_epochs": 1, "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128},
+        "budgets.demo.finetune_epochs": 1,
+        "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128, "fractions": list(FRACTIONS)},
         "grid.shift": shift, "pretrain.vae.latent_dim": 32,
         "grid.fusion": [["imagenet", "simclr"], ["vae", "simclr", "mim"], ["random", "mim"]],  # random: per-seed features
         "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
@@ -50,6 +51,7 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
 
 
 INITS = ("random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim")
+FRACTIONS = (0.01, 0.1, 1.0)  # the demo budget's
 SSL = INITS[2:]
 
 
@@ -85,7 +87,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), f"finetune-{champion}",
                              *(f"grid-{i}" for i in inits), "export"}
     cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-simclr"].info.run_id]
-    assert len(cells) == 3 * (6 + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
+    assert len(cells) == 3 * (len(FRACTIONS) + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
     md5 = hashlib.md5(dermamnist.read_bytes()).hexdigest()
     lock = yaml.safe_load((project["dir"] / "dvc.lock").read_text())
     raw = [o for o in lock["stages"]["fetch"]["outs"] if o["path"] == "data/raw/dermamnist.npz"]
@@ -139,8 +141,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
 
 def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     d = project["dir"]
-    inits, protocols, fractions = INITS, ("linear", "finetune", "knn"), \
-        (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
+    inits, protocols, fractions = INITS, ("linear", "finetune", "knn"), FRACTIONS
     for init in inits:
         grid = yaml.safe_load((d / f"metrics/grid/{init}.json").read_text())
         seen = {}
