@@ -125,6 +125,10 @@ def test_pretrain_killed_resumes_to_the_same_encoder_and_one_writer_at_a_time(sm
     encoder.unlink()
     proc = start(["pretrain", "vae"], d, env, tmp_path / "killed.log")
     wait_for(lambda: proc.poll() is not None or resume.is_file(), what="first epoch's state")
+    assert proc.poll() is None, "finished before the second could start"
+    # Paused, the first keeps its lock however long the second takes to start (on a busy CPU, longer than the
+    # first's remaining epochs: it would finish and let the second in).
+    os.killpg(proc.pid, signal.SIGSTOP)
     second = medssl(["pretrain", "vae"], d, env, check=False, timeout=60)  # the same stage, while the first runs
     assert second.returncode == 2 and "already running" in second.stderr and "Traceback" not in second.stderr
     assert proc.poll() is None
