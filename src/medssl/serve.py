@@ -4,9 +4,11 @@ POST /invocations  {"inputs": [[[[r, g, b], ...], ...], ...]}  (or "instances"):
 the model's input size -> {"predictions": [[p_class, ...], ...], "classes": [...]}.
 GET /ping, /health -> 200 with the model's URI, classes and input size.
 
-Refused with a clear message instead of being scored: a body over `max_bytes` (413, before it is read in
-full), more than `max_images` images (413), non-JSON (400), floats, booleans or values outside 0..255
-(400: float images in [0, 1] would otherwise become black uint8 images), another image size or shape (400).
+Refused with a clear message instead of being scored: a body over `max_bytes` (413; never parsed or kept,
+but read and dropped up to DRAIN_BYTES, so that a client still sending it reads the answer rather than a
+reset connection), more than `max_images` images (413), non-JSON (400), floats, booleans or values outside
+0..255 (400: float images in [0, 1] would otherwise become black uint8 images), another image size or shape
+(400).
 """
 
 import json
@@ -15,6 +17,7 @@ import numpy as np
 
 MAX_MB = 16          # default request body limit (a 28x28 RGB image is ~9 KB of JSON)
 MAX_IMAGES = 4096
+DRAIN_BYTES = 64 << 20  # an over-limit body up to this size is read (and dropped) before its 413 is sent
 
 
 class BadRequest(ValueError):
@@ -82,13 +85,20 @@ def create_app(model_uri: str, max_bytes: int = MAX_MB << 20, max_images: int = 
             return error(415 if ctype else 400, f"content type {ctype or 'missing'}; send application/json")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > max_bytes:
+            if int(declared) <= DRAIN_BYTES:
+                async for _ in request.stream():
+                    pass
             return error(413, f"request body is {int(declared) / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:g} MiB "
                               f"(`medssl serve --max-request-mb`); send fewer images per request")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                return error(413, f"request body exceeds {max_bytes / 2**20:g} MiB (`medssl serve --max-request-mb`)")
+        body, size = bytearray(), 0
+        async for chunk in request.stream():  # no (or a false) Content-Length: count what arrives
+            size += len(chunk)
+            if size <= max_bytes:
+                body += chunk
+            elif size > DRAIN_BYTES:
+                break
+        if size > max_bytes:
+            return error(413, f"request body exceeds {max_bytes / 2**20:g} MiB (`medssl serve --max-request-mb`)")
         try:
             payload = json.loads(body)
         except ValueError as e:
