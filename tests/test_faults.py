@@ -129,11 +129,12 @@ def test_pretrain_killed_resumes_to_the_same_encoder_and_one_writer_at_a_time(sm
     # Paused, the first keeps its lock however long the second takes to start (on a busy CPU, longer than the
     # first's remaining epochs: it would finish and let the second in).
     os.killpg(proc.pid, signal.SIGSTOP)
-    second = medssl(["pretrain", "vae"], d, env, check=False, timeout=60)  # the same stage, while the first runs
+    try:
+        second = medssl(["pretrain", "vae"], d, env, check=False, timeout=60)  # the same stage, while the first runs
+    finally:  # a paused process left behind would hold the lock for every later test
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert second.returncode == 2 and "already running" in second.stderr and "Traceback" not in second.stderr
-    assert proc.poll() is None
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
     killed = [r for r in runs("pretrain-vae") if r.info.status == "RUNNING"]
     assert len(killed) == 1  # what a dead process leaves behind...
     r = medssl(["pretrain", "vae"], d, env)
