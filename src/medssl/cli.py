@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -175,8 +174,10 @@ def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.htm
 
 @app.command()
 @_clear_errors
-def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)")):
-    """Run `dvc repro` inside one parent MLflow run; every stage nests its runs under it.
+def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)"),
+             jobs: Optional[int] = typer.Option(None, min=1, help="stages at once (default: one per CPU core; 4 on a GPU)")):
+    """Run `dvc repro` inside one parent MLflow run, independent stages side by side (medssl.repro); every stage
+    nests its runs under the parent.
 
     One pipeline per project at a time. Ctrl-C or SIGTERM ends `dvc repro` and its stage (their runs KILLED);
     if this process is killed outright, its stages notice within a second and end too."""
@@ -184,7 +185,7 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 
     import mlflow
 
-    from medssl import guard, tracking
+    from medssl import guard, repro, tracking
     from medssl.io import read_json
     from medssl.layout import Layout
 
@@ -199,8 +200,7 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
         mlflow.log_params(tracking.flat_params(p.model_dump()))
         mlflow.log_artifact(str(params))
         env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, guard.PIPELINE_PID_ENV: guard.process_id()}
-        repro = ["dvc", "repro", *(["--force"] if force else [])]
-        rc = _run_tree(repro, env, _stage_plan(repro, env))
+        rc = repro.repro(env, jobs or repro.default_jobs(), force)
         if rc != 0:
             tracking.end_stale_runs(exp)  # a stage killed outright leaves its run RUNNING
             tags = mlflow.get_run(run.info.run_id).data.tags
@@ -235,92 +235,6 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 
             err.print(f"\n[bold]Verdict[/]\n{escape(Path('reports/verdict.md').read_text().strip())}\n", highlight=False)
         err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
-
-
-def _stage_plan(repro: list[str], env: dict) -> list[str]:
-    """The stages `repro` will run, in order (DVC's dry run; empty if it cannot tell)."""
-    import re
-
-    r = subprocess.run([*repro, "--dry"], env=env, capture_output=True, text=True)
-    return re.findall(r"^Running stage '([^']+)'", r.stdout, re.M) if r.returncode == 0 else []
-
-
-def _run_tree(cmd: list[str], env: dict, plan: list[str] | None = None) -> int:
-    """Run `cmd` in its own process group; on SIGINT/SIGTERM end the whole group (SIGTERM, then SIGKILL after
-    30 s) and return the signal as a negative exit. The child also gets SIGTERM if this process dies.
-    plan: the stages it will run; DVC's "Running stage 'x':" lines then say which of them it is (k/N)."""
-    import ctypes
-    import re
-    import signal
-    import threading
-
-    def die_with_parent():
-        with contextlib.suppress(Exception):
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent,
-                            stdout=subprocess.PIPE if plan else None, text=True, bufsize=1)
-
-    def relay():  # DVC's output (and the stages' stdout) with the stage count added
-        for line in proc.stdout:
-            m = re.match(r"Running stage '([^']+)':", line)
-            if m and m.group(1) in plan:
-                line = f"Running stage '{m.group(1)}' ({plan.index(m.group(1)) + 1}/{len(plan)}):\n"
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-    reader = threading.Thread(target=relay, daemon=True) if plan else None
-    if reader:
-        reader.start()
-    got: list[int] = []
-
-    def forward(signum, frame):
-        got.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                rc = proc.wait(timeout=30 if got else None)
-                break
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        _end_group(proc.pid)  # stragglers: e.g. a stage whose `sh -c` wrapper died before it
-        if reader:
-            reader.join(timeout=5)
-        return -got[0] if got else rc
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-def _end_group(pgid: int, grace: float = 30.0) -> None:
-    """SIGTERM what is left of process group `pgid` and wait until it is gone (SIGKILL after `grace` s), so a
-    stage's run is closed, or its process dead, before the caller looks for stale runs."""
-    import signal
-    import time
-
-    def empty() -> bool:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp; zombies are already dead
-                    return False
-        return True
-
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline, killed = time.monotonic() + grace, False
-    while not empty():
-        if time.monotonic() > deadline:
-            if killed:
-                return
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            deadline, killed = time.monotonic() + 5, True
-        time.sleep(0.1)
 
 
 @app.command()

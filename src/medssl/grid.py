@@ -18,7 +18,6 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from contextlib import contextmanager
 
 import mlflow
 import numpy as np
@@ -27,7 +26,7 @@ import torch
 from medssl import tracking
 from medssl.config import Params
 from medssl.core.cells import encoder_seed, finetune_cell, plan, probe_cell
-from medssl.core.engine import extract_features, pick_device, prepare_model
+from medssl.core.engine import extract_features, one_torch_thread, pick_device, prepare_model
 from medssl.core.progress import Progress
 from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
 from medssl.data.sources import Split
@@ -243,20 +242,6 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
         result = write_grid(p, init, lay, data, meta, shards, round(time.time() - t0, 1), run.info.run_id)
     state.clear()
     return result
-
-
-@contextmanager
-def one_torch_thread(device):
-    """On a CPU, one torch thread while shards run side by side (one per core); restored afterwards."""
-    if torch.device(device).type == "cuda":
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, parent):

@@ -11,7 +11,7 @@ import torch
 
 from medssl import tracking
 from medssl.config import HYBRIDS, SSL_INITS, Params, method_of
-from medssl.core.engine import pick_device
+from medssl.core.engine import one_torch_thread, pick_device
 from medssl.core.methods import METHODS
 from medssl.core.rng import generator, seed_of
 from medssl.core.train import pretrain
@@ -56,8 +56,9 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
                 mlflow.log_image(img, artifact_file=f"{init}/{name}_epoch{epoch:03d}.png")
             ckpt.save(state)
 
-        res = pretrain(m, images, cfg, bs, epochs, p.finetune.augment, p.seed, device, desc=f"pretrain {init}",
-                       on_epoch=on_epoch, resume=ckpt.load())
+        with one_torch_thread(device):  # the same encoder whatever the cores (stages side by side get one each)
+            res = pretrain(m, images, cfg, bs, epochs, p.finetune.augment, p.seed, device, desc=f"pretrain {init}",
+                           on_epoch=on_epoch, resume=ckpt.load())
         save_torch({"backbone": p.model.backbone, "method": method, "init": init, "state_dict": res.encoder}, lay.encoder(init))
         summary = {**res.curves[-1], "first_loss": res.curves[0]["loss"], "seconds": res.seconds, "run_id": run.info.run_id}
         tracking.log_summary({"seconds": res.seconds, "first_loss": res.curves[0]["loss"], "last_loss": res.curves[-1]["loss"]})

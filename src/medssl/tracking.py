@@ -235,8 +235,9 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
             reason = f"{type(e).__name__}: {e}"[:2000]
             with contextlib.suppress(Exception):  # the failure itself may be the tracking server
                 mlflow.set_tag("error", reason)
-                if parent and mlflow.get_run(parent).data.tags.get("stage") == "pipeline":  # not a pruned trial's study
-                    mark_failed_stage(parent, name, reason, status)
+                ptags = mlflow.get_run(parent).data.tags if parent else {}
+                if ptags.get("stage") == "pipeline" and "failed_stage" not in ptags:  # not a pruned trial's study;
+                    mark_failed_stage(parent, name, reason, status)  # stages side by side: the first to end names it
             mlflow.end_run(status)
             raise
         mlflow.end_run("FINISHED")

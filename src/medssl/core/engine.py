@@ -135,3 +135,19 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.
 
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextlib.contextmanager
+def one_torch_thread(device):
+    """On a CPU, one torch thread for the block (restored afterwards): what a unit of work computes then does not
+    depend on how many cores it was given (the reduction order of a multi-threaded backward pass does), and units
+    side by side, one per core (grid shards, stages under `medssl pipeline`), never oversubscribe the cores."""
+    if torch.device(device).type == "cuda":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

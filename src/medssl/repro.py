@@ -1,0 +1,243 @@
+"""`dvc repro`, stages side by side: what `medssl pipeline` runs.
+
+`dvc repro` runs one stage after another. DVC releases its repository lock while a stage's command runs,
+guards each path with read/write locks, and documents launching `dvc repro` several times to run stages in
+parallel; this module does that in the DAG's order:
+
+- the stages `dvc status` lists start as soon as every one of them upstream has ended, at most `jobs` at once,
+  each as `dvc --wait-for-lock repro --single-item <stage>` in its own process group; then `dvc status` again,
+  for stages whose inputs those runs changed (evaluate after a new fine-tune), until nothing is left;
+- each is pinned to its share of the CPU cores (sched_setaffinity), so its torch threads and grid shards, which
+  size themselves to the cores they are given, never oversubscribe the machine: with 2 cores and 7 stages
+  ready, one core each; a stage that runs alone (the champion's fine-tune, evaluate, export) gets them all;
+- a failed stage starts nothing new; the stages still running finish (their outputs are recorded), as
+  `make -j` does.
+
+dvc.lock ends as a sequential `dvc repro` leaves it. What a stage computes does not depend on how many cores
+it got: grid shards and pretraining use one torch thread each on a CPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from graphlib import TopologicalSorter
+from pathlib import Path
+
+DVC = ["dvc", "--wait-for-lock"]
+# DVC's advice after every stage (git add dvc.lock, autostage, dvc push): said once by the caller instead
+_HINT = re.compile(r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|^\s*dvc config core"
+                   r"|^Use `dvc push`")
+
+
+class Dag:
+    """The stages of dvc.yaml (`dvc dag --dot`): `order`, topological; `upstream[s]`, every stage s depends on."""
+
+    def __init__(self, dot: str):
+        nodes = re.findall(r'^"([^"]+)";$', dot, re.M)
+        parents: dict[str, set[str]] = {n: set() for n in nodes}
+        for a, b in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
+            parents.setdefault(b, set()).add(a)
+            parents.setdefault(a, set())
+        self.order = list(TopologicalSorter(parents).static_order())
+        self.upstream: dict[str, set[str]] = {}
+        for n in self.order:
+            self.upstream[n] = set().union(*(self.upstream[p] | {p} for p in parents[n]))
+
+    @classmethod
+    def of(cls, env: dict, cwd=None) -> Dag:
+        r = subprocess.run([*DVC, "dag", "--dot"], env=env, cwd=cwd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr.strip() or f"dvc dag exited {r.returncode}")
+        return cls(r.stdout)
+
+
+def status(env: dict, cwd=None) -> dict:
+    """`dvc status --json`: stage -> what changed (["always changed"] for such a stage)."""
+    r = subprocess.run([*DVC, "status", "--json"], env=env, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr.strip() or f"dvc status exited {r.returncode}")
+    return json.loads(r.stdout or "{}")
+
+
+def default_jobs() -> int:
+    """Stages at once: 4 sharing a GPU (as the Prefect flow runs them), else one per CPU core."""
+    import torch
+
+    return 4 if torch.cuda.is_available() else len(os.sched_getaffinity(0))
+
+
+class _Job:
+    def __init__(self, proc: subprocess.Popen, name: str, cpus: list[int], relay: threading.Thread):
+        self.proc, self.name, self.cpus, self.relay = proc, name, cpus, relay
+
+
+class Runner:
+    """Runs stages through DVC in project `cwd`, at most `jobs` at once, on `cores` (default: this process's CPU set)."""
+
+    def __init__(self, env: dict, jobs: int, cores: list[int] | None = None, force: bool = False, out=None, cwd=None):
+        self.env, self.jobs, self.force, self.cwd = env, max(1, jobs), force, cwd
+        self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
+        self.out = out or sys.stdout
+        self.print_lock = threading.Lock()
+        self.lock_updated = False
+        self.signalled: list[int] = []
+        self.numbers: dict[str, str] = {}
+
+    def say(self, line: str) -> None:
+        with self.print_lock:
+            self.out.write(line if line.endswith("\n") else line + "\n")
+            self.out.flush()
+
+    def _launch(self, targets: list[str], cpus: list[int], quiet_skips: bool = False) -> _Job:
+        def child():
+            with contextlib.suppress(Exception):
+                import ctypes
+
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the runner
+            os.sched_setaffinity(0, cpus)
+
+        cmd = [*DVC, "repro", "--single-item", *(["--force"] if self.force else []), *targets]
+        proc = subprocess.Popen(cmd, env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=child, stdout=subprocess.PIPE,
+                                text=True, bufsize=1)
+        where = f"cpu {cpus[0]}" if len(cpus) == 1 else f"cpus {cpus[0]}-{cpus[-1]}"
+
+        def relay():  # DVC's output and the stage's stdout; the stage's count and cores added
+            for line in proc.stdout:
+                if line.startswith("Updating lock file"):
+                    self.lock_updated = True
+                if _HINT.match(line) or (quiet_skips and "didn't change, skipping" in line):
+                    continue
+                m = re.match(r"Running stage '([^']+)':", line)
+                if m:
+                    n = self.numbers.get(m.group(1))
+                    line = f"Running stage '{m.group(1)}' ({n + ', ' if n else ''}{where}):\n"
+                self.say(line)
+
+        t = threading.Thread(target=relay, daemon=True)
+        t.start()
+        return _Job(proc, targets[0] if len(targets) == 1 else "dvc repro", cpus, t)
+
+    def _reap(self, job: _Job) -> int:
+        rc = job.proc.wait()
+        end_group(job.proc.pid)  # stragglers: e.g. a stage whose `sh -c` wrapper died before it
+        job.relay.join(timeout=5)
+        return rc
+
+    def run(self, stages: list[str], upstream: dict[str, set[str]]) -> int:
+        """Run `stages`, each once every stage of `stages` upstream of it has ended (upstream[s]: the stages s
+        depends on). Returns 0, the first failed stage's exit code, or minus the signal (SIGINT, SIGTERM) that
+        stopped it."""
+        self.numbers = {s: f"{i}/{len(stages)}" for i, s in enumerate(stages, 1)}
+        pending, running, free = list(stages), [], list(self.cores)
+        first_rc, killed_at = 0, None
+
+        def forward(signum, frame):
+            self.signalled.append(signum)
+            for j in running:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(j.proc.pid, signal.SIGTERM)
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while pending or running:
+                if not first_rc and not self.signalled:
+                    busy = set(pending) | {j.name for j in running}
+                    ready = [s for s in pending if not (upstream.get(s, set()) & busy)]
+                    while ready and free and len(running) < self.jobs:
+                        s = ready.pop(0)
+                        n = max(1, len(free) // min(len(ready) + 1, self.jobs - len(running)))
+                        cpus, free = free[:n], free[n:]
+                        pending.remove(s)
+                        running.append(self._launch([s], cpus))
+                elif pending and not running:
+                    break
+                time.sleep(0.1)
+                for j in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(j)
+                    rc = self._reap(j)
+                    free = sorted(free + j.cpus)
+                    if rc != 0 and not first_rc and not self.signalled:
+                        first_rc = rc
+                        if running:
+                            self.say(f"stage {j.name} failed (exit {rc}); waiting for "
+                                     f"{', '.join(r.name for r in running)} to finish")
+                if self.signalled and running:  # SIGTERM sent; SIGKILL after 30 s
+                    killed_at = killed_at or time.monotonic()
+                    if time.monotonic() - killed_at > 30:
+                        for j in running:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.killpg(j.proc.pid, signal.SIGKILL)
+            if self.signalled:
+                return -self.signalled[0]
+            if first_rc:
+                return first_rc
+            return 0
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def end_group(pgid: int, grace: float = 30.0) -> None:
+    """SIGTERM what is left of process group `pgid` and wait until it is gone (SIGKILL after `grace` s), so a
+    stage's run is closed, or its process dead, before the caller looks for stale runs."""
+    def empty() -> bool:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError):
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp; zombies are already dead
+                    return False
+        return True
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline, killed = time.monotonic() + grace, False
+    while not empty():
+        if time.monotonic() > deadline:
+            if killed:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+            deadline, killed = time.monotonic() + 5, True
+        time.sleep(0.1)
+
+
+def repro(env: dict, jobs: int, force: bool = False, cores: list[int] | None = None, out=None, cwd=None) -> int:
+    """`dvc repro` ([--force]) with up to `jobs` stages at once; exit code as Runner.run.
+
+    In rounds: the stages `dvc status` lists (with --force, the first time: all), plus any stage between two of
+    them in the DAG (so none runs before an upstream stage that will change), side by side in the DAG's order;
+    then `dvc status` again, for the stages downstream whose inputs those runs changed, until none is left. A
+    stage that is always changed (fetch) runs once."""
+    try:
+        dag = Dag.of(env, cwd)
+    except RuntimeError as e:  # DVC's own message, e.g. a broken dvc.yaml
+        print(e, file=sys.stderr)
+        return 1
+    runner, ran = Runner(env, jobs, cores, force, out, cwd), set()
+    for _ in range(len(dag.order)):  # each round ends at least one level deeper in the DAG
+        try:
+            st = {s: v for s, v in status(env, cwd).items() if not (v == ["always changed"] and s in ran)}
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+            return 1
+        if force and not ran:
+            st = dict.fromkeys(dag.order)
+        if not st:
+            break
+        between = {s for s in dag.order if dag.upstream[s] & set(st) and any(s in dag.upstream[t] for t in st)}
+        todo = [s for s in dag.order if s in st or s in between]
+        rc = runner.run(todo, dag.upstream)
+        runner.force = False
+        ran |= set(todo)
+        if rc:
+            return rc
+    if runner.lock_updated:
+        runner.say("dvc.lock updated: `git add dvc.lock` to track it")
+    return 0
