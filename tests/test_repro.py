@@ -16,9 +16,9 @@ from medssl import repro
 
 RECORD = """import json, os, sys, time
 out, seconds, rc = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-t0 = time.time(); time.sleep(seconds)
+t0, cpus = time.time(), sorted(os.sched_getaffinity(0)); time.sleep(seconds)
 if rc: sys.exit(rc)
-json.dump({"start": t0, "end": time.time(), "cpus": sorted(os.sched_getaffinity(0))}, open(out, "w"))
+json.dump({"start": t0, "end": time.time(), "cpus": cpus, "cpus_end": sorted(os.sched_getaffinity(0))}, open(out, "w"))
 """
 
 
@@ -56,6 +56,7 @@ def test_independent_stages_run_side_by_side_each_on_its_cores(tmp_path):
     assert len(b["cpus"]) == len(c["cpus"]) == max(1, len(cores) // 2)
     if len(cores) >= 2:
         assert not set(b["cpus"]) & set(c["cpus"])  # never the same core twice
+    assert b["cpus_end"] == cores  # c ended and nothing else could start: its core went to b
     text = out.getvalue()
     assert "Running stage 'b' (2/4, cpu" in text and "git add dvc.lock" not in text.replace("`git add dvc.lock`", ""), text
     # dvc.lock as a sequential `dvc repro` leaves it: nothing left to run, and a second call runs nothing
@@ -92,3 +93,31 @@ def test_a_stage_whose_inputs_change_only_downstream_of_a_rerun_still_runs(tmp_p
     assert rec(d, "d")["start"] > rec(d, "b")["end"] > before["d"]["end"]
     assert rec(d, "a") == before["a"] and rec(d, "c") == before["c"]  # unchanged stages do not run
     assert "Running stage 'b' (1/1, " in out.getvalue() and "Running stage 'd' (1/1, " in out.getvalue()
+
+
+def test_grid_shards_start_when_the_stage_is_given_another_core():
+    """grid.Slots re-reads its cap while a shard waits: the core medssl.repro hands over is used at once."""
+    import threading
+    import time
+
+    from medssl.grid import Slots
+
+    cap, running, peak = [1], [], []
+    slots = Slots(lambda: cap[0])
+
+    def shard():
+        with slots:
+            running.append(1)
+            peak.append(len(running))
+            time.sleep(1.5)
+            running.pop()
+
+    threads = [threading.Thread(target=shard) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    assert max(peak) == 1  # one core: one shard at a time
+    cap[0] = 2  # a second core, while the first shard runs
+    for t in threads:
+        t.join()
+    assert max(peak) == 2  # the second shard started beside the first, not after it

@@ -196,8 +196,28 @@ class Stopped(Exception):
     """A shard ended early because a sibling shard failed."""
 
 
+class Slots:
+    """At most cap() shards at once; cap is read again while a shard waits, so cores given to the stage while it
+    runs (medssl.repro hands idle cores to a running stage) start the next shard at once."""
+
+    def __init__(self, cap):
+        self.cap, self.n, self.cv = cap, 0, threading.Condition()
+
+    def __enter__(self):
+        with self.cv:
+            while self.n >= max(1, self.cap()):
+                self.cv.wait(timeout=0.5)
+            self.n += 1
+
+    def __exit__(self, *exc):
+        with self.cv:
+            self.n -= 1
+            self.cv.notify()
+
+
 def shards_at_once(device) -> int:
-    """Shards computed at once: 4 on a GPU (keeps it busy), one per core on a CPU (one torch thread each)."""
+    """Shards computed at once: 4 on a GPU (keeps it busy), one per core this thread may run on on a CPU (one
+    torch thread each)."""
     return 4 if torch.device(device).type == "cuda" else max(1, len(os.sched_getaffinity(0)))
 
 
@@ -228,9 +248,14 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     tags, params = grid_tags(p, init, meta, len(data["pool"].labels))
     with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
         t0 = time.time()
-        with one_torch_thread(device), ThreadPoolExecutor(workers or shards_at_once(device)) as pool:
-            futures = [pool.submit(run_shard, p, init, seed, data, meta, lay, device, run.info.run_id, done,
-                                   on_cell, stop) for seed in g.seeds]
+        slots = Slots((lambda: workers) if workers else (lambda: shards_at_once(device)))
+
+        def shard(seed):
+            with slots:
+                return run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, on_cell, stop)
+
+        with one_torch_thread(device), ThreadPoolExecutor(len(g.seeds)) as pool:
+            futures = [pool.submit(shard, seed) for seed in g.seeds]
             try:
                 wait(futures, return_when=FIRST_EXCEPTION)
             finally:  # a shard failed or the stage was interrupted: the others end at their next cell

@@ -9,7 +9,8 @@ parallel; this module does that in the DAG's order:
   for stages whose inputs those runs changed (evaluate after a new fine-tune), until nothing is left;
 - each is pinned to its share of the CPU cores (sched_setaffinity), so its torch threads and grid shards, which
   size themselves to the cores they are given, never oversubscribe the machine: with 2 cores and 7 stages
-  ready, one core each; a stage that runs alone (the champion's fine-tune, evaluate, export) gets them all;
+  ready, one core each; a stage that runs alone (the champion's fine-tune, evaluate, export) gets them all,
+  and cores left idle while nothing else can start go to a running stage (a grid starts its next shard there);
 - a failed stage starts nothing new; the stages still running finish (their outputs are recorded), as
   `make -j` does.
 
@@ -156,6 +157,11 @@ class Runner:
                         cpus, free = free[:n], free[n:]
                         pending.remove(s)
                         running.append(self._launch([s], cpus))
+                    if free and running and not ready:  # nothing else can start: the narrowest stage gets the
+                        job = min(running, key=lambda j: len(j.cpus))  # idle cores (a grid starts its next shard)
+                        job.cpus = sorted(job.cpus + free)
+                        free = []
+                        widen(job.proc.pid, job.cpus)
                 elif pending and not running:
                     break
                 time.sleep(0.1)
@@ -182,6 +188,16 @@ class Runner:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+
+def widen(pgid: int, cpus: list[int]) -> None:
+    """Let every thread of process group `pgid` run on `cpus` (threads started later inherit it)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                for task in (stat.parent / "task").iterdir():
+                    with contextlib.suppress(OSError):
+                        os.sched_setaffinity(int(task.name), cpus)
 
 
 def end_group(pgid: int, grace: float = 30.0) -> None:
