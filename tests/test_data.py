@@ -106,6 +106,9 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     # the budget's fractions are the grid's; a different grid.fractions beside them is named, not ignored
     assert load_params("params.yaml", {"budget": "full"}).grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
     assert load_params("params.yaml", {"budgets.demo.grid.fractions": [1.0, 0.1]}).grid.fractions == [0.1, 1.0]
+    assert p.epochs.grid.batch_size == 32 and load_params("params.yaml", {"budget": "full"}).epochs.grid.batch_size is None
+    with pytest.raises(ConfigError, match=r"budgets\.demo\.grid\.batch_size.*0"):
+        load_params("params.yaml", {"budgets.demo.grid.batch_size": 0})
     with pytest.raises(ConfigError, match=r"grid\.fractions \[0\.5, 1\.0\] and budgets\.demo\.grid\.fractions"):
         load_params("params.yaml", {"grid.fractions": [0.5, 1.0]})
     with pytest.raises(ConfigError, match=r"grid.fusion group \['imagenet', 'simclr'\].*not configured: \['simclr'\]"):

@@ -52,6 +52,7 @@ class GridBudget(_Strict):
     max_train: int | None = Field(default=None, ge=16)   # labelled pool (stratified subset of train); null = all
     max_eval: int | None = Field(default=None, ge=16)    # val/test subsets scored per cell; null = all
     fractions: list[float] | None = None                 # the budget's label fractions; null = grid.fractions
+    batch_size: int | None = Field(default=None, ge=1)   # fine-tune cells' batch; null = finetune.batch_size
 
     @field_validator("fractions")
     @classmethod

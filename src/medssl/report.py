@@ -249,8 +249,8 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
     md = [f"## Comparison: {len(inits)} inits × {len(g.protocols)} protocols × {len(fr)} label fractions × "
           f"{len(seeds)} seeds (seeds {seeds})", "",
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
-          f"kept); scored on {n_pool['test']} test images; fine-tune cells: {p.epochs.grid.epochs} epochs, best epoch "
-          "on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds). "
+          f"kept); scored on {n_pool['test']} test images; fine-tune cells: {p.epochs.grid.epochs} epochs of batch "
+          f"{p.epochs.grid.batch_size or p.finetune.batch_size}, best epoch on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds). "
           "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
           f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
           f"{g.linear_class_weight}.", ""]
