@@ -96,7 +96,7 @@ class Runner:
             self.out.write(line if line.endswith("\n") else line + "\n")
             self.out.flush()
 
-    def _launch(self, targets: list[str], cpus: list[int], quiet_skips: bool = False) -> _Job:
+    def _launch(self, stage: str, cpus: list[int]) -> _Job:
         def child():
             with contextlib.suppress(Exception):
                 import ctypes
@@ -104,16 +104,16 @@ class Runner:
                 ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: die with the runner
             os.sched_setaffinity(0, cpus)
 
-        cmd = [*DVC, "repro", "--single-item", *(["--force"] if self.force else []), *targets]
-        proc = subprocess.Popen(cmd, env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=child, stdout=subprocess.PIPE,
-                                text=True, bufsize=1)
+        cmd = [*DVC, "repro", "--single-item", *(["--force"] if self.force else []), stage]
+        proc = subprocess.Popen(cmd, env=self.env, cwd=self.cwd, start_new_session=True, preexec_fn=child,
+                                stdout=subprocess.PIPE, text=True, bufsize=1)
         where = f"cpu {cpus[0]}" if len(cpus) == 1 else f"cpus {cpus[0]}-{cpus[-1]}"
 
         def relay():  # DVC's output and the stage's stdout; the stage's count and cores added
             for line in proc.stdout:
                 if line.startswith("Updating lock file"):
                     self.lock_updated = True
-                if _HINT.match(line) or (quiet_skips and "didn't change, skipping" in line):
+                if _HINT.match(line):
                     continue
                 m = re.match(r"Running stage '([^']+)':", line)
                 if m:
@@ -123,7 +123,7 @@ class Runner:
 
         t = threading.Thread(target=relay, daemon=True)
         t.start()
-        return _Job(proc, targets[0] if len(targets) == 1 else "dvc repro", cpus, t)
+        return _Job(proc, stage, cpus, t)
 
     def _reap(self, job: _Job) -> int:
         rc = job.proc.wait()
@@ -156,7 +156,7 @@ class Runner:
                         n = max(1, len(free) // min(len(ready) + 1, self.jobs - len(running)))
                         cpus, free = free[:n], free[n:]
                         pending.remove(s)
-                        running.append(self._launch([s], cpus))
+                        running.append(self._launch(s, cpus))
                     if free and running and not ready:  # nothing else can start: the narrowest stage gets the
                         job = min(running, key=lambda j: len(j.cpus))  # idle cores (a grid starts its next shard)
                         job.cpus = sorted(job.cpus + free)
@@ -180,11 +180,7 @@ class Runner:
                         for j in running:
                             with contextlib.suppress(ProcessLookupError):
                                 os.killpg(j.proc.pid, signal.SIGKILL)
-            if self.signalled:
-                return -self.signalled[0]
-            if first_rc:
-                return first_rc
-            return 0
+            return -self.signalled[0] if self.signalled else first_rc
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
