@@ -66,6 +66,10 @@ def test_independent_stages_run_side_by_side_each_on_its_cores(tmp_path):
     out = io.StringIO()
     assert repro.repro(env, jobs=2, cwd=d, out=out) == 0
     assert "Running stage" not in out.getvalue() and before == {s: (d / f"{s}.json").stat().st_mtime_ns for s in "abcd"}
+    assert repro.repro(env, jobs=2, force=True, cwd=d, out=io.StringIO()) == 0  # --force: every stage again, once
+    assert all((d / f"{s}.json").stat().st_mtime_ns > before[s] for s in "abcd")
+    assert json.loads(subprocess.run(["dvc", "status", "--json"], cwd=d, env=env, capture_output=True, text=True,
+                                     check=True).stdout) == {}
 
 
 def test_a_failed_stage_starts_nothing_new_and_lets_the_running_one_finish(tmp_path):

@@ -275,10 +275,10 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
     tags = {**tracking.base_tags(p), "stage": "grid", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
+    cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
+                                        "batch_size": b.batch_size or p.finetune.batch_size})
     with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "seed": job.seed,
-                                            "batch_size": b.batch_size or p.finetune.batch_size}, parent):
-        cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
-                                            "batch_size": b.batch_size or p.finetune.batch_size})
+                                            "batch_size": cfg.batch_size}, parent):
         cell, fit, probas = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
                                           b.epochs, b.max_eval, p.export.select_metric, classes, device)
         tracking.log_curves(fit.curves)

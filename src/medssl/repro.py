@@ -186,26 +186,29 @@ class Runner:
                 signal.signal(s, h)
 
 
-def widen(pgid: int, cpus: list[int]) -> None:
-    """Let every thread of process group `pgid` run on `cpus` (threads started later inherit it)."""
+def _group(pgid: int):
+    """(/proc/<pid>, state letter) of every process in process group `pgid`."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                for task in (stat.parent / "task").iterdir():
-                    with contextlib.suppress(OSError):
-                        os.sched_setaffinity(int(task.name), cpus)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                yield stat.parent, fields[0]
+
+
+def widen(pgid: int, cpus: list[int]) -> None:
+    """Let every thread of process group `pgid` run on `cpus` (threads started later inherit it)."""
+    for proc, _ in _group(pgid):
+        with contextlib.suppress(OSError):
+            for task in (proc / "task").iterdir():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(task.name), cpus)
 
 
 def end_group(pgid: int, grace: float = 30.0) -> None:
     """SIGTERM what is left of process group `pgid` and wait until it is gone (SIGKILL after `grace` s), so a
     stage's run is closed, or its process dead, before the caller looks for stale runs."""
     def empty() -> bool:
-        for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError, IndexError):
-                fields = stat.read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":  # pgrp; zombies are already dead
-                    return False
-        return True
+        return all(state == "Z" for _, state in _group(pgid))  # zombies are already dead
 
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
@@ -235,12 +238,11 @@ def repro(env: dict, jobs: int, force: bool = False, cores: list[int] | None = N
     runner, ran = Runner(env, jobs, cores, force, out, cwd), set()
     for _ in range(len(dag.order)):  # each round ends at least one level deeper in the DAG
         try:
-            st = {s: v for s, v in status(env, cwd).items() if not (v == ["always changed"] and s in ran)}
+            st = dict.fromkeys(dag.order) if force and not ran else \
+                {s: v for s, v in status(env, cwd).items() if not (v == ["always changed"] and s in ran)}
         except RuntimeError as e:
             print(e, file=sys.stderr)
             return 1
-        if force and not ran:
-            st = dict.fromkeys(dag.order)
         if not st:
             break
         between = {s for s in dag.order if dag.upstream[s] & set(st) and any(s in dag.upstream[t] for t in st)}
