@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo test test-all mlflow-ui clean-runs prefect-up prefect-down tune
+.PHONY: env lock weights demo test test-all mlflow-ui clean-runs prefect-up prefect-down tune gpu-bundle
 
 env: $(VENV)/.installed
 
@@ -74,3 +74,21 @@ tune: env weights
 
 clean-runs:
 	rm -rf mlflow.db mlartifacts mlruns
+
+# What a GPU host with PyTorch but no package registry needs for benchmarks/gpu_host.sh, in .gpu/ (not
+# committed): the wheels the stages import beyond PyTorch's usual company (MLflow's client, pydantic, ...),
+# at requirements.lock's versions, built for GPU_PY; DermaMNIST; MobileNetV2's ImageNet checkpoint.
+GPU_PY ?= 3.12
+GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-types typing-inspection sqlalchemy \
+  alembic mako cachetools gitpython gitdb smmap importlib-metadata opentelemetry-api opentelemetry-sdk \
+  opentelemetry-semantic-conventions opentelemetry-proto sqlparse python-dotenv fastapi starlette databricks-sdk \
+  cryptography cffi pycparser
+gpu-bundle: weights
+	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }
+	rm -rf .gpu.tmp && mkdir -p .gpu.tmp/whl .gpu.tmp/data .gpu.tmp/torch/hub/checkpoints
+	$(SYS_PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) --implementation cp \
+	  $(foreach t,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(t)_x86_64) \
+	  -d .gpu.tmp/whl $(foreach w,$(GPU_WHEELS),$(shell grep -im1 '^$(w)==' requirements.lock || echo MISSING-$(w)))
+	cp "$(MEDSSL_DATA_PATH)" .gpu.tmp/data/dermamnist.npz
+	cp $(WEIGHTS) .gpu.tmp/torch/hub/checkpoints/
+	rm -rf .gpu && mv .gpu.tmp .gpu && du -sh .gpu

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The full budget on a GPU host that has PyTorch but no package registry, in slices.
+#
+# Every stage runs through `medssl <stage>`, exactly the command dvc.yaml runs, with the packages the
+# stages need beyond PyTorch's usual company (MLflow's client, pydantic, ...) installed from the wheels
+# that `make gpu-bundle` put in .gpu/, beside DermaMNIST and MobileNetV2's ImageNet checkpoint.
+# Independent stages run side by side on the GPU: the five pretrainings, then the seven grids.
+#
+#   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full data.image_size=64
+#
+# Resumable: each call stops its stages with SIGINT after $MEDSSL_SLICE seconds (default 480; a stage then
+# finishes its running epoch or cell, and is killed 60 s later at most), and they keep their last finished
+# epoch or cell; the next call (same folder) continues. A stage that finished with the same params is not
+# run again (outputs committed from other runs do not count). A slice must outlast the longest epoch or cell.
+# Exit 0: all done; 3: out of time, call again; other: a stage failed (its log is in .medssl/gpu_host/logs/).
+# Wall time per stage and call goes to .medssl/gpu_host/times.tsv; with $OUT set, results.tgz (metrics/,
+# plots/, reports/, .medssl/gpu_host/) is written there.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+G=.gpu                # the bundle (read only)
+R=.medssl/gpu_host    # this host's run: params, logs, times, finished stages
+slice_end=$((SECONDS + ${MEDSSL_SLICE:-480}))
+[ -d $G/whl ] || { echo "$G/whl missing: run \`make gpu-bundle\` where PyPI is reachable, and carry $G" >&2; exit 2; }
+SITE=${TMPDIR:-/tmp}/medssl-site-$(ls $G/whl | md5sum | cut -c1-12)  # once per bundle
+if [ ! -f $SITE/.complete ]; then
+  rm -rf $SITE && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $G/whl/*.whl \
+    && touch $SITE/.complete || exit 2
+fi
+export PYTHONPATH=$SITE:$PWD/src
+export MEDSSL_DATA_PATH=$PWD/$G/data/dermamnist.npz TORCH_HOME=$PWD/$G/torch
+export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
+mkdir -p $R/logs
+P=$R/params.yaml
+
+# params.yaml with the overrides, validated before any GPU time is spent; the MLflow store and experiment
+# created here, once, so that stages starting side by side do not race to create them
+(($#)) || set -- budget=full data.image_size=64
+python3 - "$P" "$@" <<'EOF' || exit 2
+import sys, yaml
+from medssl.config import load_params, set_dotted
+from medssl.errors import ConfigError
+from medssl.tracking import experiment_id
+out, sets = sys.argv[1], sys.argv[2:]
+raw = yaml.safe_load(open("params.yaml"))
+for s in sets:
+    key, _, value = s.partition("=")
+    raw = set_dotted(raw, key, yaml.safe_load(value))
+open(out, "w").write(yaml.safe_dump(raw, sort_keys=False))
+try:
+    p = load_params(out)
+except ConfigError as e:
+    sys.exit(f"{e} (from params.yaml with {' '.join(sets)})")
+experiment_id(p)
+print(f"budget {p.budget} at {p.data.image_size} px: {p.epochs.pretrain_epochs} pretraining epochs, grid "
+      f"{p.epochs.grid.epochs} epochs x {len(p.grid.fractions)} fractions x {len(p.grid.seeds)} seeds, champion "
+      f"{p.epochs.finetune_epochs} epochs; inits {p.inits.all}", file=sys.stderr)
+EOF
+read -r -a SSL <<<"$(python3 -c "from medssl.config import load_params; print(*load_params('$P').inits.ssl)")"
+read -r -a ALL <<<"$(python3 -c "from medssl.config import load_params; print(*load_params('$P').inits.all)")"
+
+# run NAME ARGS...: `medssl ARGS --params P`, stopped at the slice's end, unless it finished in an earlier
+# call with the same params (a mark under $R/done/<md5 of P>/: outputs committed from other runs do not count)
+run() {
+  local name=$1 t0=$SECONDS rc left; shift
+  [ -f "$DONE/$name" ] && return 0
+  left=$((slice_end - SECONDS))
+  ((left > 10)) || return 3
+  timeout -s INT -k 60 $left python3 -c 'from medssl.cli import main; main()' "$@" --params $P >>$R/logs/$name.log 2>&1
+  rc=$?
+  printf '%s\t%s\t%d\t%d\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - t0)) $rc >>$R/times.tsv
+  ((rc == 0)) && touch "$DONE/$name" && return 0
+  ((rc == 124 || rc == 130)) && return 3
+  echo "$name failed (exit $rc): $R/logs/$name.log" >&2
+  return $rc
+}
+
+# together COMMAND ITEMS...: `run COMMAND-ITEM COMMAND ITEM` for every item, side by side; 3 if any ran out of time
+together() {
+  local cmd=$1 t0=$SECONDS rc=0 r pids=(); shift
+  export OMP_NUM_THREADS=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))
+  for i in "$@"; do run "$cmd-$i" $cmd "$i" & pids+=($!); done
+  for pid in "${pids[@]}"; do wait $pid; r=$?; ((r > rc)) && rc=$r; done
+  unset OMP_NUM_THREADS
+  echo "$cmd x $#: $((SECONDS - t0)) s (exit $rc)" >&2
+  return $rc
+}
+
+pack() {
+  printf '%s\tslice\t%d\t-\n' "$(date -u +%FT%TZ)" $SECONDS >>$R/times.tsv
+  [ -n "${OUT:-}" ] || return 0
+  tar czf "$OUT/results.tgz" --ignore-failed-read $R metrics plots reports 2>/dev/null
+}
+trap pack EXIT
+
+DONE=$R/done/$(md5sum <$P | cut -c1-12)
+mkdir -p $DONE
+run fetch fetch || exit $?
+run prepare prepare || exit $?
+together pretrain "${SSL[@]}" || exit $?
+together grid "${ALL[@]}" || exit $?
+run finetune finetune || exit $?
+run evaluate evaluate || exit $?
+run export export || exit $?
+python3 - $SECONDS <<'EOF'
+import csv, json, os, sys
+(init, test), = json.load(open("metrics/test.json")).items()
+print(f"champion {init}: test", ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "kappa")))
+rows = list(csv.reader(open(".medssl/gpu_host/times.tsv"), delimiter="\t")) if os.path.exists(".medssl/gpu_host/times.tsv") else []
+total = {"slice": int(sys.argv[1])}  # this call so far; earlier calls from their rows
+for r in rows:
+    total[r[1]] = total.get(r[1], 0) + int(r[2])
+print("seconds over all slices (slice: whole calls, setup included):", total)
+EOF
+echo done
