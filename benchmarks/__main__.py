@@ -5,7 +5,7 @@ bf16 autocast on CUDA, no host sync inside the step loop; probes in torch on the
 Naive: a torch DataLoader over CPU tensors, a host-to-device copy per batch, fp32, NCHW, `.item()` every
 step; probes in scikit-learn. Plus ONNX Runtime against eager PyTorch for batch inference.
 Needs only PyTorch, torchvision, numpy, scikit-learn and onnxruntime (runs on a bare GPU host with
-PYTHONPATH=src). Writes benchmarks/results/<device>_<date>.{json,md}.
+PYTHONPATH=src). Writes benchmarks/results/<device>_<date>.{json,md} (device: cpu, cpu-avx512 or cuda-<GPU name>).
 """
 from __future__ import annotations
 
@@ -231,7 +231,8 @@ def main() -> None:
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cpu": cpu,
             "avx512": " avx512f" in flags, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
             "torch": torch.__version__, "image_size": a.size, "n": n, "batch": bs, "model": "mobilenet_v2"}
-    tag = ("cuda-" + meta["gpu"].replace(" ", "-") if meta["gpu"] else "cpu") + "_" + meta["date"][:10]
+    host = "cuda-" + meta["gpu"].replace(" ", "-") if meta["gpu"] else "cpu-avx512" if meta["avx512"] else "cpu"
+    tag = f"{host}_{meta['date'][:10]}"  # CPUs with and without AVX-512 differ several-fold: separate files
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
     md = [f"# medssl benchmark: {meta['gpu'] or cpu} ({device}), {meta['date']}", "",
