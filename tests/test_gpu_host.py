@@ -20,11 +20,12 @@ pytestmark = pytest.mark.slow
 # What the bare GPU host has that the stages use (it has more): PyTorch's data-science company.
 HOST = ("pip torch torchvision numpy scipy scikit-learn pandas pyarrow matplotlib pillow contourpy cycler fonttools "
         "kiwisolver pyparsing python-dateutil six tzdata pytz onnx onnxruntime onnxscript onnx-ir ml-dtypes protobuf "
-        "flatbuffers coloredlogs humanfriendly packaging pyyaml rich markdown markdown-it-py mdurl pygments typer click "
+        "flatbuffers packaging pyyaml rich markdown markdown-it-py mdurl pygments typer click "
         "shellingham tqdm requests urllib3 idna certifi charset-normalizer jinja2 markupsafe werkzeug cloudpickle "
         "psutil typing-extensions filelock fsspec networkx sympy mpmath joblib threadpoolctl anyio h11 httpx "
-        "httpcore sniffio zipp attrs annotated-doc setuptools nvidia-ml-py").split()
-SMALL = ["budget=demo", "data.max_train=400", "finetune.class_weight=balanced", "data.max_eval=150", "inits.baselines=[random, imagenet]",
+        "httpcore zipp attrs annotated-doc setuptools nvidia-ml-py").split()
+# no random init: at this budget it can win the grid by a hair and then, rightly, fail the export gate
+SMALL = ["budget=demo", "data.max_train=400", "finetune.class_weight=balanced", "data.max_eval=150", "inits.baselines=[imagenet]",
          "inits.ssl=[vae]", "grid.fusion=[]", "grid.imbalance=[]", "grid.protocols=[finetune]",
          "budgets.demo.pretrain_epochs=25", "budgets.demo.finetune_epochs=2",
          "budgets.demo.grid={epochs: 1, max_train: 150, max_eval: 100, fractions: [1.0], batch_size: 32}"]
@@ -67,8 +68,7 @@ def test_full_pipeline_in_slices_on_a_bare_host(host, tmp_path):
     rows = list(csv.reader(open(proj / ".medssl/gpu_host/times.tsv"), delimiter="\t"))
     ran = [r[1] for r in rows if r[1] != "slice"]
     finished = {r[1] for r in rows if r[3] == "0"}
-    assert finished == {"fetch", "prepare", "pretrain-vae", "grid-random", "grid-imagenet", "grid-vae", "finetune",
-                        "evaluate", "export"}
+    assert finished == {"fetch", "prepare", "pretrain-vae", "grid-imagenet", "grid-vae", "finetune", "evaluate", "export"}
     for s in finished:  # a stage runs again only after a slice's end stopped it (timeout's exit 124)
         assert ran.count(s) == 1 + sum(r[3] == "124" for r in rows if r[1] == s), rows
     # 25 pretraining epochs outlast a slice: stopped by SIGINT, the next call continued from its last epoch
@@ -76,7 +76,7 @@ def test_full_pipeline_in_slices_on_a_bare_host(host, tmp_path):
     assert "resuming from .medssl/resume/pretrain-vae.pt: epoch" in (proj / ".medssl/gpu_host/logs/pretrain-vae.log").read_text()
 
     (init, test), = json.loads((proj / "metrics/test.json").read_text()).items()
-    assert init in ("random", "imagenet", "vae") and 0 <= test["accuracy"] <= 1
+    assert init in ("imagenet", "vae") and 0 <= test["accuracy"] <= 1
     assert f"champion {init}: test accuracy {test['accuracy']:.4f}" in r.stdout
     assert (proj / "models/champion.onnx").stat().st_size > 1_000_000
     with sqlite3.connect(proj / "mlflow.db") as db:  # registered, with the alias, in the host's own store
