@@ -34,8 +34,9 @@ P=$R/params.yaml
 
 # params.yaml with the overrides, validated before any GPU time is spent; the MLflow store and experiment
 # created here, once, so that stages starting side by side do not race to create them
+# (stdout: the SSL inits, then all inits)
 (($#)) || set -- budget=full data.image_size=64
-python3 - "$P" "$@" <<'EOF' || exit 2
+inits=$(python3 - "$P" "$@" <<'EOF'
 import sys, yaml
 from medssl.config import load_params, set_dotted
 from medssl.errors import ConfigError
@@ -54,9 +55,11 @@ experiment_id(p)
 print(f"budget {p.budget} at {p.data.image_size} px: {p.epochs.pretrain_epochs} pretraining epochs, grid "
       f"{p.epochs.grid.epochs} epochs x {len(p.grid.fractions)} fractions x {len(p.grid.seeds)} seeds, champion "
       f"{p.epochs.finetune_epochs} epochs; inits {p.inits.all}", file=sys.stderr)
+print(*p.inits.ssl)
+print(*p.inits.all)
 EOF
-read -r -a SSL <<<"$(python3 -c "from medssl.config import load_params; print(*load_params('$P').inits.ssl)")"
-read -r -a ALL <<<"$(python3 -c "from medssl.config import load_params; print(*load_params('$P').inits.all)")"
+) || exit 2
+{ read -r -a SSL; read -r -a ALL; } <<<"$inits"
 
 # run NAME ARGS...: `medssl ARGS --params P`, stopped at the slice's end, unless it finished in an earlier
 # call with the same params (a mark under $R/done/<md5 of P>/: outputs committed from other runs do not count)
@@ -77,10 +80,9 @@ run() {
 # together COMMAND ITEMS...: `run COMMAND-ITEM COMMAND ITEM` for every item, side by side; 3 if any ran out of time
 together() {
   local cmd=$1 t0=$SECONDS rc=0 r pids=(); shift
-  export OMP_NUM_THREADS=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))
-  for i in "$@"; do run "$cmd-$i" $cmd "$i" & pids+=($!); done
+  local threads=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))  # the CPU side of stages sharing the GPU
+  for i in "$@"; do { export OMP_NUM_THREADS=$threads; run "$cmd-$i" $cmd "$i"; } & pids+=($!); done
   for pid in "${pids[@]}"; do wait $pid; r=$?; ((r > rc)) && rc=$r; done
-  unset OMP_NUM_THREADS
   echo "$cmd x $#: $((SECONDS - t0)) s (exit $rc)" >&2
   return $rc
 }
@@ -102,10 +104,10 @@ run finetune finetune || exit $?
 run evaluate evaluate || exit $?
 run export export || exit $?
 python3 - $SECONDS <<'EOF'
-import csv, json, os, sys
+import csv, json, sys
 (init, test), = json.load(open("metrics/test.json")).items()
 print(f"champion {init}: test", ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "kappa")))
-rows = list(csv.reader(open(".medssl/gpu_host/times.tsv"), delimiter="\t")) if os.path.exists(".medssl/gpu_host/times.tsv") else []
+rows = list(csv.reader(open(".medssl/gpu_host/times.tsv"), delimiter="\t"))  # every call appends to it
 total = {"slice": int(sys.argv[1])}  # this call so far; earlier calls from their rows
 for r in rows:
     total[r[1]] = total.get(r[1], 0) + int(r[2])
