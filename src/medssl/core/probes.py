@@ -50,20 +50,23 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
         # where ||W|| = ||Z||: the same minimiser at n/D of the cost per iteration
         u, sv, vh = torch.linalg.svd(xs, full_matrices=False)
         basis, xs = vh.T, u * sv
-    W = torch.zeros(xs.shape[1], k, dtype=dtype, device=xs.device, requires_grad=True)
+    # W gets columns up to a multiple of 16 that no logit reads, so their gradient is zero and they stay zero:
+    # the same iterates, but MKL multiplies (N, D) by (D, 7) and its transpose by (N, 7) 3-8x slower than
+    # with 16 columns (measured on 2-core AMD EPYC hosts, with and without AVX-512); cuBLAS does not mind
+    W = torch.zeros(xs.shape[1], -(-k // 16) * 16, dtype=dtype, device=xs.device, requires_grad=True)
     b = torch.zeros(k, dtype=dtype, device=xs.device, requires_grad=True)
     opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
                             history_size=50, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = (w * F.cross_entropy(xs @ W + b, y, reduction="none")).sum() / n + (W * W).sum() / (2 * c * n)
+        loss = (w * F.cross_entropy((xs @ W)[:, :k] + b, y, reduction="none")).sum() / n + (W * W).sum() / (2 * c * n)
         loss.backward()
         return loss
 
     opt.step(closure)
     with torch.no_grad():
-        W = W if basis is None else basis @ W
+        W = W[:, :k] if basis is None else basis @ W[:, :k]
         proba = (((eval_x.to(dtype) - mu) / sd) @ W + b).softmax(1)
     out = torch.zeros(len(eval_x), num_classes, device=eval_x.device)
     out[:, present] = proba.float()
