@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from medssl.errors import ImageReadError
+from medssl.host import has_nvidia_gpu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -17,8 +18,7 @@ def onnx_providers() -> list[str]:
     """CUDA when a GPU is really usable, else CPU only (asking for CUDA on a CPU host logs errors)."""
     import onnxruntime as ort
 
-    gpu = Path("/dev/nvidiactl").exists() or Path("/proc/driver/nvidia/version").exists()
-    if gpu and "CUDAExecutionProvider" in ort.get_available_providers():  # no torch import (~500 MiB) on CPU hosts
+    if has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
         import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
 
         if torch.cuda.is_available():

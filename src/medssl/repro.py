@@ -31,6 +31,8 @@ import time
 from graphlib import TopologicalSorter
 from pathlib import Path
 
+from medssl.host import has_nvidia_gpu
+
 DVC = ["dvc", "--wait-for-lock"]
 # DVC's advice after every stage (git add dvc.lock, autostage, dvc push): said once by the caller instead
 _HINT = re.compile(r"^\s*$|^To track the changes with git|^\s*git add |^To enable auto staging|^\s*dvc config core"
@@ -68,10 +70,8 @@ def status(env: dict, cwd=None) -> dict:
 
 
 def default_jobs() -> int:
-    """Stages at once: 4 sharing a GPU (as the Prefect flow runs them), else one per CPU core. The GPU is seen
-    from its driver (/proc/driver/nvidia/gpus), not by importing torch here (2 s)."""
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return 4 if gpus.is_dir() and any(gpus.iterdir()) else len(os.sched_getaffinity(0))
+    """Stages at once: 4 sharing a GPU (as the Prefect flow runs them), else one per CPU core."""
+    return 4 if has_nvidia_gpu() else len(os.sched_getaffinity(0))
 
 
 class _Job:
