@@ -1,5 +1,5 @@
 """Run tags: the commit a run came from is dirty only when the user changed a tracked file, not when the
-pipeline rewrote its own outputs."""
+pipeline rewrote its own outputs. Grid inputs published to a run reach a worker through the tracking server."""
 import subprocess
 
 from medssl.tracking import git_commit
@@ -21,3 +21,38 @@ def test_pipeline_outputs_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
     assert git_commit() == sha  # the pipeline's own outputs
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert git_commit() == sha + "-dirty"  # the user's change
+
+
+def test_content_store_fetches_a_published_file_from_the_tracking_server(mlflow_server, tmp_path, monkeypatch):
+    """A Dask worker without the parent's file system: cas.get finds the file among the run's artifacts on the
+    MLflow server, checks its md5 and caches it for the next get; a digest no source matches is an error naming every source."""
+    import mlflow
+    import pytest
+
+    from medssl import cas
+
+    monkeypatch.setenv("MEDSSL_CACHE", str(tmp_path / "cache"))
+    mlflow.set_tracking_uri(mlflow_server)
+    src = tmp_path / "data.npz"
+    src.write_bytes(bytes(range(256)) * 1000)
+    exp = mlflow.set_experiment("cas-test").experiment_id
+    run_id = mlflow.MlflowClient().create_run(exp).info.run_id
+    r = cas.publish(cas.ref(src), run_id)
+    assert r.sources[1] == f"runs:/{run_id}/inputs/{r.digest}/data.npz"
+    src.unlink()  # only the server has it now
+    got = cas.get(r)
+    assert got == tmp_path / "cache/cas" / r.digest / "data.npz" and cas.md5(got) == r.digest
+    assert not list(got.parent.glob("*.part*"))
+    src.write_bytes(b"other")
+    wrong = cas.Ref("0" * 32, "data.npz", r.sources)
+    with pytest.raises(FileNotFoundError) as e:
+        cas.get(wrong)
+    assert f"{src} (other content)" in str(e.value) and f"{r.sources[1]} (other content)" in str(e.value)
+    missing = cas.Ref("0" * 32, "data.npz", (str(tmp_path / "gone.npz"), f"runs:/{run_id}/inputs/none/data.npz"))
+    with pytest.raises(FileNotFoundError, match=r"gone\.npz \(absent\); runs:/.*/none/data\.npz \(\w+\)"):
+        cas.get(missing)
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # no server: a second get is served from the cache
+    try:
+        assert cas.get(r) == got and cas.md5(got) == r.digest
+    finally:
+        mlflow.set_tracking_uri(mlflow_server)
