@@ -12,7 +12,8 @@
 # finishes its running epoch or cell, and is killed 60 s later at most), and they keep their last finished
 # epoch or cell; the next call (same folder) continues. A stage that finished with the same params is not
 # run again (outputs committed from other runs do not count). A slice must outlast the longest epoch or cell.
-# Exit 0: all done; 3: out of time, call again; other: a stage failed (its log is in .medssl/gpu_host/logs/).
+# Exit 0: all done; 3: out of time, call again; 4: out of time with nothing finished (no epoch, cell or stage),
+# so calling again would not help; other: a stage failed (its log is in .medssl/gpu_host/logs/).
 # Wall time per stage and call goes to .medssl/gpu_host/times.tsv; with $OUT set, results.tgz (metrics/,
 # plots/, reports/, .medssl/gpu_host/) is written there.
 set -uo pipefail
@@ -77,12 +78,14 @@ run() {
   return $rc
 }
 
-# together COMMAND ITEMS...: `run COMMAND-ITEM COMMAND ITEM` for every item, side by side; 3 if any ran out of time
+# together COMMAND ITEMS...: `run COMMAND-ITEM COMMAND ITEM` for every item, side by side; a failed stage's exit
+# code if any failed, else 3 if any ran out of time
 together() {
-  local cmd=$1 t0=$SECONDS rc=0 r pids=(); shift
+  local cmd=$1 t0=$SECONDS rc=0 fail=0 r pids=(); shift
   local threads=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))  # the CPU side of stages sharing the GPU
   for i in "$@"; do { export OMP_NUM_THREADS=$threads; run "$cmd-$i" $cmd "$i"; } & pids+=($!); done
-  for pid in "${pids[@]}"; do wait $pid; r=$?; ((r > rc)) && rc=$r; done
+  for pid in "${pids[@]}"; do wait $pid; r=$?; ((r == 3)) && rc=3; ((r != 0 && r != 3)) && fail=$r; done
+  ((fail)) && rc=$fail
   echo "$cmd x $#: $((SECONDS - t0)) s (exit $rc)" >&2
   return $rc
 }
@@ -94,15 +97,27 @@ pack() {
 }
 trap pack EXIT
 
+# stop RC: exit RC, or 4 when the slice ended (3) and no stage wrote an epoch's or a cell's resume state
+# (.medssl/resume/) or finished since this call began: the next call would end the same way
+stop() {
+  (($1 == 3)) && [ -z "$(find .medssl/resume $DONE -newer $R/call-start -print -quit 2>/dev/null)" ] && {
+    echo "no stage finished an epoch, a grid cell or itself within MEDSSL_SLICE=${MEDSSL_SLICE:-480} s, so another call" \
+         "would not either: give a slice more seconds than the longest epoch or cell takes ($R/logs/)" >&2
+    exit 4
+  }
+  exit $1
+}
+
 DONE=$R/done/$(md5sum <$P | cut -c1-12)
 mkdir -p $DONE
-run fetch fetch || exit $?
-run prepare prepare || exit $?
-together pretrain "${SSL[@]}" || exit $?
-together grid "${ALL[@]}" || exit $?
-run finetune finetune || exit $?
-run evaluate evaluate || exit $?
-run export export || exit $?
+touch $R/call-start
+run fetch fetch || stop $?
+run prepare prepare || stop $?
+together pretrain "${SSL[@]}" || stop $?
+together grid "${ALL[@]}" || stop $?
+run finetune finetune || stop $?
+run evaluate evaluate || stop $?
+run export export || stop $?
 python3 - $SECONDS <<'EOF'
 import csv, json, sys
 (init, test), = json.load(open("metrics/test.json")).items()

@@ -55,6 +55,10 @@ def test_full_pipeline_in_slices_on_a_bare_host(host, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "MLFLOW_TRACKING"))}
     env.update(PATH=f"{host / 'bin'}:{env['PATH']}", MEDSSL_SLICE="30", OUT=str(tmp_path / "out"))
     (tmp_path / "out").mkdir()
+    # a slice too short for any stage to finish anything: a clear error, not calls that exit 3 forever
+    short = subprocess.run(["bash", "benchmarks/gpu_host.sh", *SMALL], cwd=proj, env={**env, "MEDSSL_SLICE": "5"},
+                           capture_output=True, text=True)
+    assert short.returncode == 4 and "within MEDSSL_SLICE=5 s" in short.stderr, short.stderr
     codes = []
     for _ in range(12):
         r = subprocess.run(["bash", "benchmarks/gpu_host.sh", *SMALL], cwd=proj, env=env, capture_output=True, text=True)
