@@ -2,6 +2,8 @@
 pipeline rewrote its own outputs. Grid inputs published to a run reach a worker through the tracking server."""
 import subprocess
 
+import pytest
+
 from medssl.tracking import git_commit
 
 
@@ -27,7 +29,6 @@ def test_content_store_fetches_a_published_file_from_the_tracking_server(mlflow_
     """A Dask worker without the parent's file system: cas.get finds the file among the run's artifacts on the
     MLflow server, checks its md5 and caches it for the next get; a digest no source matches is an error naming every source."""
     import mlflow
-    import pytest
 
     from medssl import cas
 
