@@ -159,16 +159,17 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
              budget: str | None = None, max_train: int | None = None, max_eval: int | None = None,
              grid_epochs: int | None = None, grid_max_train: int | None = None, fractions: list[float] | None = None,
              retries: int = 1, params_path: str = "params.yaml", runner: str | None = None,
-             dask_address: str | None = None) -> dict:
+             dask_address: str | None = None, dataset: str | None = None) -> dict:
     """Run prepare -> pretrain -> grid -> fine-tune (champion) -> evaluate (report) -> export with params.yaml plus
-    these overrides; runner (threads | dask) and dask_address override params.yaml `scale` for the grid's shards."""
+    these overrides; runner (threads | dask) and dask_address override params.yaml `scale` for the grid's shards;
+    dataset: a MedMNIST flag or the path of an npz, a CSV or a class-folder tree (params.yaml's data otherwise)."""
     logger = get_run_logger()
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     params_path = ROOT / params_path  # relative to the project, whatever the worker's working directory
     over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
                          image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,
-                         grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions)
+                         grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions, dataset=dataset)
     over |= {k: v for k, v in {"scale.runner": runner, "scale.dask_address": dask_address}.items() if v is not None}
     p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}

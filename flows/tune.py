@@ -34,11 +34,14 @@ def study_task(p, params_path: str, n_trials: int | None, storage: str | None, w
 @flow(name="medssl-tune", log_prints=True)
 def tune(n_trials: int | None = None, storage: str | None = None, workers: int = 1, epochs: int | None = None,
          pretrain_epochs: int | None = None, max_train: int | None = None, max_eval: int | None = None,
-         pruner: str | None = None, tune_inits: list[str] | None = None, params_path: str = "params.yaml") -> dict:
-    """Tune with params.yaml (not tuned.yaml) as the starting point; writes the best values to tune.output."""
+         pruner: str | None = None, tune_inits: list[str] | None = None, params_path: str = "params.yaml",
+         dataset: str | None = None) -> dict:
+    """Tune with params.yaml (not tuned.yaml) as the starting point; writes the best values to tune.output.
+    dataset: as medssl-pipeline's (a MedMNIST flag, or an npz, CSV or class-folder path)."""
     os.chdir(ROOT)
     base = load_params(params_path, tuned=False)
-    over = run_overrides(base, epochs=epochs, pretrain_epochs=pretrain_epochs, max_train=max_train, max_eval=max_eval)
+    over = run_overrides(base, epochs=epochs, pretrain_epochs=pretrain_epochs, max_train=max_train, max_eval=max_eval,
+                         dataset=dataset)
     if pruner is not None:
         over["tune.pruner"] = pruner
     if tune_inits is not None:

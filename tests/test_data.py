@@ -25,10 +25,15 @@ def test_real_dermamnist_validates_with_official_counts(dermamnist):
     [
         ({"val_labels": None}, "missing keys ['val_labels']"),
         ({"train_images": np.zeros((40, 28, 28, 3), np.float32)}, "train_images: dtype float32, expected uint8"),
-        ({"test_images": np.zeros((40, 28, 28), np.uint8)}, "test_images: shape (40, 28, 28), expected (N, H, W, 3)"),
+        ({"test_images": np.zeros((40, 28, 28, 2), np.uint8)}, "test_images: shape (40, 28, 28, 2), expected (N, H, W) grey"),
+        ({"test_images": np.zeros((40, 28, 28), np.uint8)}, "splits differ in channels (1 grey, 3 RGB)"),
         ({"val_labels": np.full((40, 1), 9, np.uint8)}, "val_labels: values [9] outside [0, 6]"),
+        ({"val_labels": np.zeros((40, 3), np.uint8)}, "3 labels per image (multi-label, as ChestMNIST)"),
+        ({"class_names": np.array(list("abcdef"))}, "train_labels: values [6] outside [0, 5] (the 6 classes named)"),
         ({"train_labels": np.zeros((39, 1), np.uint8)}, "train_labels: shape (39, 1), expected (40,) or (40, 1)"),
-        ({"train_labels": (np.arange(40) % 6).astype(np.uint8)}, "no example of class(es) ['vasc']"),
+        ({"val_labels": (np.arange(40) % 6).astype(np.uint8)}, "val split has no example of class(es) ['6']"),
+        ({"class_names": np.array(list("abcdefg")), "test_labels": (np.arange(40) % 6).astype(np.uint8)},
+         "test split has no example of class(es) ['g']"),
         ({"val_images": np.zeros((40, 32, 32, 3), np.uint8)}, "splits differ in image size"),
     ],
 )

@@ -1,14 +1,23 @@
-"""HAM10000/ISIC-layout source: a folder of images + labels CSV, split by lesion_id."""
+"""HAM10000/ISIC layout as one case of the CSV source: image_id -> path, dx -> label, lesion_id -> group."""
 import csv
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from medssl.data.folder import load_folder
+from medssl.config import Columns, Csv
+from medssl.data.folder import build_csv
 from medssl.errors import DataError
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+HAM = Columns(path="image_id", label="dx", group="lesion_id")
+
+
+def load_folder(img_dir, csv_path, size=28, val=0.1, test=0.2, seed=0, classes=CLASSES):
+    """-> (splits, groups) of the HAM10000-layout folder, as data.source csv with HAM's columns builds it."""
+    built = build_csv(Csv(file=str(csv_path), images=str(img_dir), columns=HAM, size=size, val=val, test=test),
+                      seed, classes)
+    return built.splits, built.groups
 
 
 def make_folder(tmp_path, n_lesions=70, per_lesion=(1, 3), drop=()):
@@ -73,7 +82,8 @@ def test_fetch_builds_pipeline_input_from_folder(tmp_path):
 
     img_dir, csv_path, rows = make_folder(tmp_path)
     p = yaml.safe_load(open("params.yaml"))
-    p["data"].update(source="folder", folder={"images": str(img_dir), "csv": str(csv_path), "size": 28},
+    p["data"].update(source="csv", csv={"file": str(csv_path), "images": str(img_dir), "size": 28,
+                                        "columns": {"path": "image_id", "label": "dx", "group": "lesion_id"}},
                      path=str(tmp_path / "raw.npz"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     for cmd in ("fetch", "prepare"):
@@ -82,6 +92,7 @@ def test_fetch_builds_pipeline_input_from_folder(tmp_path):
         assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "raw.npz") as z:
         assert sum(len(z[f"{s}_labels"]) for s in ("train", "val", "test")) == len(rows)
-        ids = [set(z[f"{s}_lesion_ids"]) for s in ("train", "val", "test")]
+        ids = [set(z[f"{s}_groups"]) for s in ("train", "val", "test")]
+        assert z["class_names"].tolist() == CLASSES  # the dx values present, in order
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert (tmp_path / "data/prepared/dataset.npz").is_file()

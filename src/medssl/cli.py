@@ -82,13 +82,16 @@ def validate(params: Path = PARAMS):
 @app.command()
 @_clear_errors
 def fetch(params: Path = PARAMS):
-    """Place the raw npz at data.path: $MEDSSL_DATA_PATH, an existing file or the medmnist download;
-    with data.source=folder, built from a HAM10000-layout folder + CSV, split by lesion."""
-    from medssl.data.sources import load_npz, run_fetch
+    """Place the raw npz at data.path from data.source: a MedMNIST flag (~/.medmnist, $MEDSSL_DATA_PATH or the
+    download), your own npz, a folder of class sub-folders or a CSV of path,label[,group], validated first."""
+    from medssl.data.sources import run_fetch, validate_raw
 
-    path = run_fetch(_params(params))
-    splits = load_npz(path)
-    err.print(f"{path}: " + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()))
+    p = _params(params)
+    path = run_fetch(p)
+    splits, info = validate_raw(path, p, "data.path")
+    err.print(f"{path}: {p.data.name}, {info.task}, {len(info.classes)} classes ({', '.join(info.classes)}), "
+              f"{'grey' if info.channels == 1 else 'RGB'} {splits['train'].images.shape[1]}px; "
+              + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()), highlight=False)
 
 
 @app.command()
@@ -239,7 +242,7 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 
 @app.command()
 @_clear_errors
-def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classifier@champion"),
+def predict(model_uri: str = typer.Argument(..., help="e.g. models:/dermamnist-classifier@champion"),
             paths: list[Path] = typer.Argument(..., help="image files and/or folders"),
             out: Optional[Path] = typer.Option(None, "--out", help="CSV file (default: stdout)"),
             batch_size: int = 256,
@@ -254,7 +257,8 @@ def predict(model_uri: str = typer.Argument(..., help="e.g. models:/derm-classif
 
 @app.command()
 @_clear_errors
-def serve(model_uri: str = typer.Argument("models:/derm-classifier@champion", help="registered model to serve"),
+def serve(model_uri: Optional[str] = typer.Argument(None, help="registered model to serve; default: params.yaml's "
+                                                              "models:/<export.registered_model>@<export.alias>"),
           host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
           port: int = 5001,
           max_request_mb: float = typer.Option(16.0, help="larger request bodies are refused (413) before they are read"),
@@ -263,6 +267,9 @@ def serve(model_uri: str = typer.Argument("models:/derm-classifier@champion", he
     """REST endpoint: POST uint8 images as {"inputs": [...]} to /invocations; wrong input gets a 400 that says why."""
     from medssl.serve import serve as run
 
+    if model_uri is None:
+        p = _params(Path("params.yaml"))
+        model_uri = f"models:/{p.export.registered_model}@{p.export.alias}"
     run(model_uri, host, port, max_request_mb, max_images, concurrency)
 
 

@@ -1,6 +1,7 @@
 """params.yaml -> validated, typed configuration (the only configuration of medssl)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -15,7 +16,7 @@ SSL_METHODS = ("vae", "simclr", "mim")
 HYBRIDS = {"imagenet-simclr": "simclr", "imagenet-mim": "mim"}  # the method continued from ImageNet weights
 SSL_INITS = (*SSL_METHODS, *HYBRIDS)
 PROTOCOLS = ("linear", "finetune", "knn")
-METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
+METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro")
 
 
 class _Strict(BaseModel):
@@ -66,29 +67,85 @@ class Budget(_Strict):
     grid: GridBudget = GridBudget()
 
 
-class Folder(_Strict):
-    images: str                                 # folder of <image_id>.jpg/.png
-    csv: str                                    # image_id, dx[, lesion_id]
+class Built(_Strict):
+    """How `fetch` turns image files into the raw npz: stored size, split shares, non-square photos."""
     size: int = Field(default=28, ge=8, le=512)  # stored (= ONNX input) resolution
-    val: float = Field(default=0.1, gt=0.0, lt=0.5)
+    val: float = Field(default=0.1, gt=0.0, lt=0.5)  # shares of a split made by medssl (stratified, grouped if groups)
     test: float = Field(default=0.2, gt=0.0, lt=0.5)
     fit: Literal["stretch", "crop", "reject"] = "stretch"  # non-square photos: as MedMNIST | centre square | error
 
 
+class Folder(Built):
+    images: str                                 # <images>/<class>/*.png|jpg, or <images>/{train,val,test}/<class>/...
+
+
+class Columns(_Strict):
+    path: str = "path"                          # image file, relative to csv.images (or the CSV's folder)
+    label: str = "label"                        # class name
+    group: str | None = "group"                 # patient / lesion / study id: no group crosses splits; absent = none
+
+
+class Csv(Built):
+    file: str                                   # CSV with a header row: path,label[,group]
+    images: str | None = None                   # folder the paths are relative to; null: the CSV's folder
+    columns: Columns = Columns()                # HAM10000: {path: image_id, label: dx, group: lesion_id}
+
+
+SOURCES = ("medmnist", "npz", "folder", "csv")
+TASKS = ("auto", "multiclass", "binary", "ordinal")
+
+
+def slug(name: str) -> str:
+    """A dataset name as MLflow experiment / registered model / Prefect names take it: a-z, 0-9, '-'."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "data"
+
+
 class Data(_Strict):
-    name: str = "dermamnist"
-    source: Literal["npz", "folder"] = "npz"    # folder: `fetch` builds data.path from data.folder
-    npz: str | None = None                      # a user's own npz (read, never written); null: medmnist download
+    name: str | None = None                     # null: the medmnist flag, else the npz / folder / CSV name
+    source: Literal[SOURCES] = "medmnist"       # which of the sections below `fetch` builds data.path from
+    medmnist: str | None = "dermamnist"         # a MedMNIST 2D flag: pneumoniamnist, bloodmnist, retinamnist, ...
+    npz: str | None = None                      # a MedMNIST-layout npz of your own (read, never written)
     folder: Folder | None = None
+    csv: Csv | None = None
+    classes: list[str] | None = None            # class names in label order; null: from the source
+    task: Literal[TASKS] = "auto"               # auto: binary for 2 classes, else multiclass; ordinal: say so
+    positive: str | None = None                 # binary tasks: the positive class; null: the second class
     path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads
-    image_size: int = Field(default=64, ge=16, le=512)
+    image_size: int = Field(default=32, ge=16, le=512)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _named(cls, raw):
+        """data.name from the source when not given, so every name a user sees follows the dataset."""
+        if not isinstance(raw, dict) or raw.get("name"):
+            return raw
+        src = raw.get("source", "medmnist")
+        where = {"medmnist": raw.get("medmnist"), "npz": raw.get("npz"),
+                 "folder": (raw.get("folder") or {}).get("images") if isinstance(raw.get("folder"), dict) else None,
+                 "csv": (raw.get("csv") or {}).get("file") if isinstance(raw.get("csv"), dict) else None}.get(src)
+        return {**raw, "name": slug(Path(str(where)).stem) if where else None}
+
     @model_validator(mode="after")
-    def _folder_given(self) -> "Data":
-        if self.source == "folder" and self.folder is None:
-            raise ValueError("data.source is 'folder' but data.folder (images, csv) is not set")
+    def _source_given(self) -> "Data":
+        section = {"medmnist": self.medmnist, "folder": self.folder, "csv": self.csv}.get(self.source, True)
+        if section is None:
+            raise ValueError(f"data.source is {self.source!r} but data.{self.source} is not set")
+        if self.name is None:
+            object.__setattr__(self, "name", "data")
+        if self.source == "medmnist":
+            from medssl.data.sources import medmnist_flags
+
+            flags = medmnist_flags()
+            if flags and self.medmnist not in flags:
+                raise ValueError(f"data.medmnist {self.medmnist!r} is not a MedMNIST 2D dataset; one of {sorted(flags)}")
+        if self.classes is not None and len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"data.classes has duplicate names: {self.classes}")
+        if self.classes is not None and len(self.classes) < 2:
+            raise ValueError(f"data.classes needs >= 2 classes, got {self.classes}")
+        if self.positive is not None and self.classes is not None and self.positive not in self.classes:
+            raise ValueError(f"data.positive {self.positive!r} is not one of data.classes {self.classes}")
         if self.npz is not None and Path(self.npz).resolve() == Path(self.path).resolve():
             raise ValueError(f"data.npz ({self.npz}) is data.path, the fetch stage's output (DVC replaces it); "
                              f"keep your file elsewhere and point data.npz at it")
@@ -179,8 +236,9 @@ class Scale(_Strict):
 
 
 class Shift(_Strict):
-    images: str                                 # second source for domain shift: HAM10000/ISIC-layout folder
-    csv: str                                    # image_id, dx[, lesion_id]; split by lesion, its test split is scored
+    images: str                                 # second source for domain shift: a folder of images + a CSV
+    csv: str                                    # path,label[,group] (see columns); its grouped test split is scored
+    columns: Columns = Columns(path="image_id", label="dx", group="lesion_id")  # default: HAM10000/ISIC layout
     name: str = "shift"
 
 
@@ -218,8 +276,8 @@ class Grid(_Strict):
 
 
 class Export(_Strict):
-    select_metric: Literal[METRICS] = "balanced_accuracy"
-    registered_model: str = Field(default="derm-classifier", min_length=1)
+    select_metric: Literal[("auto", *METRICS)] = "auto"  # auto: kappa_quadratic for ordinal tasks, else balanced_accuracy
+    registered_model: str | None = Field(default=None, min_length=1)  # null: <data.name>-classifier
     alias: str = Field(default="champion", min_length=1)
     parity_images: int = Field(default=256, ge=64)
     parity_tolerance: float = Field(default=1e-4, gt=0.0)
@@ -228,7 +286,7 @@ class Export(_Strict):
 class Tune(_Strict):
     n_trials: int = Field(default=6, ge=1)  # per init: every init gets the same search and the same budget
     storage: str = "sqlite:///optuna.db"  # any SQLAlchemy URL, or journal:<file> for parallel workers
-    study_name: str = "medssl-dermamnist"  # one study per init: <study_name>-<init>
+    study_name: str | None = None          # one study per init: <study_name>-<init>; null: medssl-<data.name>
     inits: list[str] | None = None         # null: every init in `inits`
     pruner: Literal["median", "successive_halving", "none"] = "median"
     output: str = "tuned.yaml"
@@ -242,7 +300,7 @@ class TunedInit(_Strict):
 
 
 class Mlflow(_Strict):
-    experiment: str = Field(default="medssl-dermamnist", min_length=1)
+    experiment: str | None = Field(default=None, min_length=1)  # null: medssl-<data.name>
 
 
 class Params(_Strict):
@@ -285,6 +343,20 @@ class Params(_Strict):
         return {**raw, "grid": {**grid, "fractions": fractions}}
 
     @model_validator(mode="after")
+    def _names_follow_the_dataset(self) -> "Params":
+        """Defaults that follow data.name and data.task, resolved once here so every stage reads plain values."""
+        name = slug(self.data.name)
+        select = self.export.select_metric
+        if select == "auto":
+            select = "kappa_quadratic" if self.data.task == "ordinal" else "balanced_accuracy"
+        for section, update in (("export", {"registered_model": self.export.registered_model or f"{name}-classifier",
+                                            "select_metric": select}),
+                                ("mlflow", {"experiment": self.mlflow.experiment or f"medssl-{name}"}),
+                                ("tune", {"study_name": self.tune.study_name or f"medssl-{name}"})):
+            object.__setattr__(self, section, getattr(self, section).model_copy(update=update))
+        return self
+
+    @model_validator(mode="after")
     def _budget_exists(self) -> "Params":
         if self.budget not in self.budgets:
             raise ValueError(f"budget {self.budget!r} is not one of budgets: {sorted(self.budgets)}")
@@ -301,8 +373,6 @@ class Params(_Strict):
         if size % self.pretrain.mim.patch:
             raise ValueError(f"pretrain.mim.patch={self.pretrain.mim.patch} does not divide data.image_size={size} "
                              f"(MIM masks whole patches)")
-        if self.data.max_eval is not None and self.data.max_eval < 7:
-            raise ValueError("data.max_eval must keep every class in val and test")
         return self
 
     @model_validator(mode="after")
@@ -380,12 +450,30 @@ def set_dotted(d: dict, dotted: str, value) -> dict:
     return out
 
 
+def dataset_overrides(dataset: str) -> dict:
+    """A flow's `dataset` parameter -> dotted data.* overrides: a MedMNIST flag (pneumoniamnist), or a path to an
+    npz, a CSV of path,label[,group], or a folder of class sub-folders. Name and class names then follow it."""
+    path = Path(dataset).expanduser()
+    if path.is_dir():
+        src = {"data.source": "folder", "data.folder": {"images": str(path.resolve())}}
+    elif path.suffix.lower() == ".npz":
+        src = {"data.source": "npz", "data.npz": str(path.resolve())}
+    elif path.suffix.lower() == ".csv":
+        src = {"data.source": "csv", "data.csv": {"file": str(path.resolve())}}
+    elif "/" in dataset or path.suffix:
+        raise ConfigError(f"dataset {dataset!r}: no such folder, and not an .npz or .csv file")
+    else:
+        src = {"data.source": "medmnist", "data.medmnist": dataset}
+    return {**src, "data.name": None, "data.classes": None}
+
+
 def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,
                   pretrain_epochs: int | None = None, image_size: int | None = None, seed: int | None = None,
                   max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None,
                   grid_epochs: int | None = None, grid_max_train: int | None = None,
-                  fractions: list[float] | None = None) -> dict:
-    """Flow parameters -> dotted params.yaml overrides (None = keep); epochs apply to the chosen budget."""
+                  fractions: list[float] | None = None, dataset: str | None = None) -> dict:
+    """Flow parameters -> dotted params.yaml overrides (None = keep); epochs apply to the chosen budget; dataset:
+    see dataset_overrides."""
     budget = budget or base.budget
     out = {"budget": budget, f"budgets.{budget}.finetune_epochs": epochs, f"budgets.{budget}.pretrain_epochs": pretrain_epochs,
            "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval,
@@ -395,7 +483,8 @@ def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | No
         out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
         out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
         out["grid.fusion"] = [g for g in base.grid.fusion if set(g) <= set(inits)]
-    return {k: v for k, v in out.items() if v is not None}
+    out = {k: v for k, v in out.items() if v is not None}
+    return out | (dataset_overrides(dataset) if dataset else {})
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, tuned: bool = True) -> Params:

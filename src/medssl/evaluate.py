@@ -17,9 +17,19 @@ from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json, write_text
 from medssl.guard import one_writer
 from medssl.layout import Layout
-from medssl.metrics import confusion
+from medssl.metrics import confusion, task_metrics
 
 TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
+
+
+def table_keys(meta: dict) -> tuple[str, ...]:
+    """The champion's table columns: quadratic κ first for ordinal grades; sensitivity and specificity for binary."""
+    task = meta.get("task")
+    if task == "ordinal":
+        return ("kappa_quadratic", *TABLE_KEYS)
+    if task == "binary":
+        return (*TABLE_KEYS, "sensitivity", "specificity")
+    return TABLE_KEYS
 
 
 def read_curves(path: Path) -> list[dict]:
@@ -45,6 +55,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     model, _ = load_classifier(lay, device)
     proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
     test = scores(te_y, proba, classes)
+    test |= task_metrics(test, meta)
     summary = read_json(lay.finetune_metrics)
     init, curves = summary["init"], read_curves(lay.finetune_curves)
     figures.save(figures.confusion_figure(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)"),
@@ -62,7 +73,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     from medssl.report import comparison
 
     champ = {"init": init, "test_balanced_accuracy": test["balanced_accuracy"]}
-    shifted = load_shift(p)
+    shifted = load_shift(p, meta)
     if shifted is not None:  # the champion on the second source too (scored only, never selected on)
         shift = scores(shifted.labels, predict_proba(model, torch.from_numpy(shifted.images).to(device)), classes)
         champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
@@ -73,9 +84,13 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     verdict, section, comp = comparison(p, classes, out, lay, champ)
     cands = summary.get("candidates_val") or {}
     gap = summary["gap_at_best"]
+    keys = table_keys(meta)
     md = (
         f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
+        f"Task: {meta.get('task', 'multiclass')}, {len(classes)} classes ({', '.join(classes)})"
+        + (f", positive class `{meta['positive_class']}`" if meta.get("positive_class") else "")
+        + f"; {'grey' if meta.get('channels', 3) == 1 else 'RGB'} images; champion chosen on validation `{select}`.\n\n"
         f"## Verdict\n\n{verdict}\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
@@ -83,8 +98,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
         + f". Then trained on all {meta['n']['train']} train images for {p.epochs.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation.\n\n"
-        f"### Validation (best epoch)\n\n{_table({init: summary['val']})}\n"
-        f"### Test\n\n{_table({init: test})}\n"
+        f"### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
+        f"### Test\n\n{_table({init: test}, keys)}\n"
         f"Gap at best epoch (train - val): acc {gap['gap_accuracy']:+.3f}, loss {gap['gap_loss']:+.3f}.\n\n"
         "![curves](curves.png)\n![confusion](confusion.png)\n\n"
     )

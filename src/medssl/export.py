@@ -21,6 +21,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from medssl import tracking
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
+from medssl.data.sources import nhwc
 from medssl.errors import ParityError, PromotionError
 from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json
@@ -104,12 +105,13 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     model, ckpt = load_classifier(lay, torch.device("cpu"))
     export_model = ExportModel(model, ckpt["image_size"]).eval()
     with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
-        val_all, val_labels = z["val_images"], z["val_labels"].reshape(-1).astype(np.int64)
+        val_all, val_labels = nhwc(z["val_images"]), z["val_labels"].reshape(-1).astype(np.int64)
     val_raw = val_all[: p.export.parity_images]
     classes = ckpt["classes"]
     test = read_json(lay.test_metrics)[champion]
     val = summary["val"]
-    data_md5 = read_json(lay.meta)["raw_md5"]
+    meta = read_json(lay.meta)
+    data_md5 = meta["raw_md5"]
     ONNX_PATH, EXPORT_METRICS = lay.onnx, lay.export_metrics
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
@@ -142,9 +144,9 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         finally:
             tmp.unlink(missing_ok=True)
 
-        h, w = val_raw.shape[1:3]
+        h, w, c = val_raw.shape[1:4]
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, 3), "images")]),
+            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c), "images")]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]),
         )
         info = mlflow.onnx.log_model(
@@ -152,15 +154,17 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             pip_requirements=pip_requirements(),
             # pyfunc/serve sessions stay on CPU without CUDA-provider noise; `medssl predict` picks CUDA when present
             onnx_execution_providers=["CPUExecutionProvider"],
-            metadata={"class_names": classes, "input_size": [int(h), int(w)], "image_size": ckpt["image_size"],
+            metadata={"class_names": classes, "input_size": [int(h), int(w)], "channels": int(c), "image_size": ckpt["image_size"],
+                      "dataset": p.data.name, "task": meta.get("task", "multiclass"),
+                      **({"positive_class": meta["positive_class"]} if meta.get("positive_class") else {}),
                       "init": champion, "backbone": ckpt["backbone"], "data_md5": data_md5},
         )
         mv = mlflow.register_model(info.model_uri, p.export.registered_model)
         client = mlflow.MlflowClient()
         name = p.export.registered_model
-        client.update_registered_model(name, description=registry_description(p, classes, (h, w)))
+        client.update_registered_model(name, description=registry_description(p, meta, (h, w, c)))
         client.update_model_version(name, mv.version, description=version_description(
-            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w), classes, val, test, check, promote, reason))
+            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w, c), meta, val, test, check, promote, reason))
         # tags: what one filters or sorts versions on; the full record is the description and the runs
         version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
                         **({"compared_with_version": str(held_by.version),
@@ -193,27 +197,44 @@ KEYS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("
         ("kappa", "Cohen's κ"), ("f1_macro", "macro F1"))
 
 
-def registry_description(p: Params, classes: list[str], size: tuple[int, int]) -> str:
-    name, alias = p.export.registered_model, p.export.alias
-    return (f"{p.data.name} classifier ({len(classes)} classes: {', '.join(classes)}) trained by medssl: the init "
+def _input(size: tuple[int, int, int]) -> str:
+    h, w, c = size
+    return f"uint8 {'grey' if c == 1 else 'RGB'} images (N, {h}, {w}, {c})"
+
+
+def _task(meta: dict) -> str:
+    task, classes = meta.get("task", "multiclass"), meta["classes"]
+    return (f"{task} task, {len(classes)} classes: {', '.join(classes)}"
+            + (f"; positive class {meta['positive_class']}" if meta.get("positive_class") else ""))
+
+
+def registry_description(p: Params, meta: dict, size: tuple[int, int, int]) -> str:
+    name, alias, classes = p.export.registered_model, p.export.alias, meta["classes"]
+    return (f"{p.data.name} classifier ({_task(meta)}) trained by medssl: the init "
             f"(random, ImageNet, or self-supervised on the domain's own images) that scored best on validation "
             f"`{p.export.select_metric}`, fine-tuned on all labels, exported to ONNX with preprocessing inside. "
             f"`@{alias}` points at the best version so far (it moves only to a strictly better one). "
-            f"Input: uint8 RGB images (N, {size[0]}, {size[1]}, 3); output: class probabilities (N, {len(classes)}).\n\n"
+            f"Input: {_input(size)}; output: class probabilities (N, {len(classes)}).\n\n"
             f"Use: `mlflow.pyfunc.load_model('models:/{name}@{alias}').predict(images)`, "
             f"`medssl predict models:/{name}@{alias} <images or folders>`, or `medssl serve models:/{name}@{alias}` "
             f"(REST: POST {{\"inputs\": [...]}} to /invocations).")
 
 
-def version_description(p: Params, init: str, backbone: str, data_md5: str, version, size, classes, val: dict, test: dict,
+def version_description(p: Params, init: str, backbone: str, data_md5: str, version, size, meta: dict, val: dict, test: dict,
                         check: dict, promote: bool, reason: str) -> str:
-    name = p.export.registered_model
-    rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in KEYS)
+    name, classes = p.export.registered_model, meta["classes"]
+    from medssl.metrics import task_metrics
+
+    val, test = val | task_metrics(val, meta), test | task_metrics(test, meta)
+    extra = ((("kappa_quadratic", "quadratic κ"),) if meta.get("task") == "ordinal" else
+             (("sensitivity", "sensitivity"), ("specificity", "specificity")) if "sensitivity" in test else ())
+    rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in (*extra, *KEYS))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
-            f"`data.path`) at {p.data.image_size} px; chosen on validation `{p.export.select_metric}`, test only scored.\n\n"
+            f"`data.path`) at {p.data.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
+            f"test only scored.\n\n"
             f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
             f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "
             f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}.\n\n"
-            f"Input uint8 (N, {size[0]}, {size[1]}, 3) RGB; output probabilities (N, {len(classes)}) in the order "
+            f"Input {_input(size)}; output probabilities (N, {len(classes)}) in the order "
             f"{', '.join(classes)}. Load: `mlflow.pyfunc.load_model('models:/{name}/{version}')`; batch: "
             f"`medssl predict models:/{name}/{version} <images>`.")

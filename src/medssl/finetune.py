@@ -120,6 +120,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                        on_epoch=logged, resume=ckpt.load())
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
+                    "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state},
                    lay.classifier)
         summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "val": fit.val,
@@ -138,7 +139,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
 
 def log_checkpoint(lay: Layout, name: str) -> str:
     """The trained checkpoint as an MLflow logged model of the active run (flavor pytorch; raw uint8 images
-    (N, h, w, 3) in, probabilities out, as the ONNX export), the .pt file inside it. Returns the model id."""
+    (N, h, w, C) in, probabilities out, as the ONNX export), the .pt file inside it. Returns the model id."""
     import mlflow.pytorch
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -147,7 +148,7 @@ def log_checkpoint(lay: Layout, name: str) -> str:
 
     model, ckpt = load_classifier(lay, torch.device("cpu"))
     wrapped = ExportModel(model, ckpt["image_size"]).eval()
-    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),  # any h, w
+    signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, len(ckpt["mean"])))]),  # any h, w
                                Schema([TensorSpec(np.dtype(np.float32), (-1, ckpt["num_classes"]))]))
     info = mlflow.pytorch.log_model(wrapped, name=name, signature=signature, serialization_format="pickle",
                                     extra_files=[str(lay.classifier)], code_paths=[str(Path(medssl.__file__).parent)],

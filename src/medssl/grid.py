@@ -37,15 +37,20 @@ from medssl.layout import Layout
 from medssl.resume import Checkpointer
 
 
-def load_shift(p: Params) -> Split | None:
-    """The test split of the second source (split by lesion_id), resized like the prepared data."""
+def load_shift(p: Params, meta: dict) -> Split | None:
+    """The test split of the second source (a CSV of the dataset's class names, split by its groups), at the
+    prepared data's size and channels."""
     if p.grid.shift is None:
         return None
-    from medssl.data.folder import load_folder
+    from medssl.config import Csv
+    from medssl.data.folder import build_csv
+    from medssl.data.images import to_channels
 
-    splits, _ = load_folder(p.grid.shift.images, p.grid.shift.csv, size=p.data.image_size, seed=p.seed)
-    test = splits["test"]
-    return Split(resize_u8(test.images, p.data.image_size), test.labels)
+    s = p.grid.shift
+    cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=p.data.image_size)
+    test = build_csv(cfg, p.seed, meta["classes"]).splits["test"]
+    x = resize_u8(test.images, p.data.image_size)
+    return Split(to_channels(x, meta.get("channels", 3)), test.labels)  # as `medssl predict` reads its files
 
 
 def save_grid_data(data: dict[str, Split], path) -> None:
@@ -66,7 +71,7 @@ def grid_data(p: Params, lay: Layout = Layout()) -> tuple[dict[str, Split], dict
     data = {"pool": stratified_subset(splits["train"], b.max_train, seed),
             "val": stratified_subset(splits["val"], b.max_eval, seed),
             "test": stratified_subset(splits["test"], b.max_eval, seed)}
-    shift = load_shift(p)
+    shift = load_shift(p, meta)
     if shift is not None:
         data["shift"] = shift
     return data, meta

@@ -29,7 +29,7 @@ def onnx_providers() -> list[str]:
 
 
 class Predictor:
-    """uint8 (N, h, w, 3) at the model's input size -> probabilities (N, C)."""
+    """uint8 (N, h, w, channels) at the model's input size -> probabilities (N, classes)."""
 
     def __init__(self, model_uri: str):
         import mlflow
@@ -51,6 +51,9 @@ class Predictor:
             raise ValueError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")
         self.classes: list[str] = list(meta["class_names"])
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
+        self.channels: int = int(meta.get("channels", 3))  # 1: a grey model (colour files are read as their luma)
+        self.task: str = meta.get("task", "multiclass")
+        self.dataset: str | None = meta.get("dataset")
         self.session = ort.InferenceSession(str(local / "model.onnx"), providers=onnx_providers())
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -71,14 +74,14 @@ def list_images(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_images(files: list[Path], size: tuple[int, int], fit: str = "reject") -> np.ndarray:
-    """(N, h, w, 3) uint8; every unreadable or unfit file is named in one error, not only the first."""
+def read_images(files: list[Path], size: tuple[int, int], fit: str = "reject", channels: int = 3) -> np.ndarray:
+    """(N, h, w, channels) uint8; every unreadable or unfit file is named in one error, not only the first."""
     from medssl.data.images import read_image
 
-    out, bad = np.empty((len(files), *size, 3), np.uint8), []
+    out, bad = np.empty((len(files), *size, channels), np.uint8), []
     for i, f in enumerate(files):
         try:
-            out[i] = read_image(f, size, fit)
+            out[i] = read_image(f, size, fit, channels)
         except ImageReadError as e:
             bad.append(str(e))
     if bad:
@@ -92,7 +95,7 @@ def predict_files(model_uri: str, paths: list[Path], batch_size: int = 256, fit:
     if not files:
         raise ImageReadError(f"no PNG/JPEG files in {[str(p) for p in paths]}")
     predictor = Predictor(model_uri)
-    images = read_images(files, predictor.input_size, fit)
+    images = read_images(files, predictor.input_size, fit, predictor.channels)
     proba = predictor.predict(images, batch_size)
     return [
         {"file": str(f), "predicted": predictor.classes[int(p.argmax())],

@@ -94,6 +94,15 @@ def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, n_bins: in
     return float(gap.sum() / max(len(y_true), 1)) if count.any() else 0.0
 
 
+def task_metrics(m: dict, meta: dict) -> dict:
+    """Binary tasks: the positive class's sensitivity and specificity (its recall and the other class's), from a
+    metrics dict with per-class recalls; {} for other tasks. meta: the prepared data's (classes, task, positive)."""
+    if meta.get("task") != "binary" or meta.get("positive") is None:
+        return {}
+    pos, neg = meta["classes"][meta["positive"]], meta["classes"][1 - meta["positive"]]
+    return {"sensitivity": m[f"recall_{pos}"], "specificity": m[f"recall_{neg}"]}
+
+
 def overfitting_gap(train: dict, val: dict, keys=("loss", "accuracy", "balanced_accuracy")) -> dict:
     """gap_<k> = train[k] - val[k]: positive accuracy gap / negative loss gap = overfitting."""
     return {f"gap_{k}": float(train[k] - val[k]) for k in keys if k in train and k in val}

@@ -125,6 +125,40 @@ def protocol_table(agg: dict, regime: str, protocol: str, inits: list[str], frac
     return head + "\n".join(rows) + "\n"
 
 
+def task_section(agg: dict, meta: dict, protocols: list[str], inits: list[str], fractions: list[float]) -> list[str]:
+    """What the task asks for first: quadratic κ for ordinal grades; the positive class's sensitivity and
+    specificity beside AUC for binary tasks. Multi-class tasks: nothing more than the tables below."""
+    task, classes = meta.get("task", "multiclass"), meta["classes"]
+    if task == "ordinal":
+        md = ["### Quadratic κ (ordinal task: the primary metric)", "",
+              "Grades are ordered, so a miss by one grade costs less than a miss by four: test quadratic-weighted "
+              "Cohen's κ, mean ± 95 % CI over seeds; the champion is chosen on validation quadratic κ.", ""]
+        for protocol in protocols:
+            md += [f"{PROTOCOL_NAMES[protocol]}:", "", metric_table(agg, protocol, inits, fractions, ("kappa_quadratic",)), ""]
+        return md
+    if task == "binary" and meta.get("positive") is not None:
+        pos, neg = classes[meta["positive"]], classes[1 - meta["positive"]]
+        md = [f"### Binary task: positive class `{pos}`", "",
+              f"Test AUC of `{pos}` (one ROC curve, not a macro over two mirror images), sensitivity (recall of `{pos}`) "
+              f"and specificity (recall of `{neg}`), mean ± 95 % CI over seeds.", ""]
+        keys = ("auc_macro", f"recall_{pos}", f"recall_{neg}")
+        for protocol in protocols:
+            md += [f"{PROTOCOL_NAMES[protocol]} (AUC / sensitivity / specificity):", "",
+                   metric_table(agg, protocol, inits, fractions, keys), ""]
+        return md
+    return []
+
+
+def metric_table(agg: dict, protocol: str, inits: list[str], fractions: list[float], keys: tuple[str, ...]) -> str:
+    head = "| init | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
+    rows = []
+    for init in inits:
+        cells = [(lambda r: "—" if r is None else " / ".join(_fmt(r[k]) for k in keys))(agg.get(("fractions", protocol, init, f)))
+                 for f in fractions]
+        rows.append(f"| {init} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
 def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fractions: list[float], path: Path,
                      metric: str = "balanced_accuracy") -> None:
     fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 3.8), squeeze=False, sharey=True)
@@ -254,6 +288,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
           "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
           f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
           f"{g.linear_class_weight}.", ""]
+    md += task_section(agg, read_json(lay.meta), g.protocols, inits, fr)
     md += tuning_section(p)
     refs = [r for r in compare.REFERENCES if r in p.inits.baselines]
     if refs:

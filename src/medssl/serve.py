@@ -1,8 +1,9 @@
 """`medssl serve`: a REST endpoint for a registered model, MLflow's request format, strict about its input.
 
-POST /invocations  {"inputs": [[[[r, g, b], ...], ...], ...]}  (or "instances"): uint8 images (N, h, w, 3) at
-the model's input size -> {"predictions": [[p_class, ...], ...], "classes": [...]}.
-GET /ping, /health -> 200 with the model's URI, classes and input size.
+POST /invocations  {"inputs": [[[[r, g, b], ...], ...], ...]}  (or "instances"): uint8 images (N, h, w, C) at
+the model's input size and channels (C = 3 RGB; C = 1 grey, where (N, h, w) is taken too) ->
+{"predictions": [[p_class, ...], ...], "classes": [...]}.
+GET /ping, /health -> 200 with the model's URI, dataset, task, classes, input size and channels.
 
 Refused with a clear message instead of being scored: a body over `max_bytes` (413; never parsed or kept,
 but read and dropped up to DRAIN_BYTES, so that a client still sending it reads the answer rather than a
@@ -26,8 +27,8 @@ class BadRequest(ValueError):
         self.status = status
 
 
-def to_batch(payload, input_size: tuple[int, int], max_images: int) -> np.ndarray:
-    """Parsed JSON -> (N, h, w, 3) uint8, or BadRequest naming what is wrong."""
+def to_batch(payload, input_size: tuple[int, int], max_images: int, channels: int = 3) -> np.ndarray:
+    """Parsed JSON -> (N, h, w, channels) uint8, or BadRequest naming what is wrong."""
     if not isinstance(payload, dict) or not ({"inputs", "instances"} & set(payload)):
         raise BadRequest(400, 'expected a JSON object {"inputs": [image, ...]} with uint8 images (h, w, 3)')
     data = payload.get("inputs", payload.get("instances"))
@@ -38,12 +39,14 @@ def to_batch(payload, input_size: tuple[int, int], max_images: int) -> np.ndarra
     except ValueError as e:  # ragged nesting
         raise BadRequest(400, f"inputs are not a regular array of images ({e})") from None
     h, w = input_size
+    if channels == 1 and arr.ndim in (2, 3) and arr.shape[-2:] == (h, w):  # grey images without a channel axis
+        arr = arr[..., None]
     if arr.ndim == 3:
         arr = arr[None]
     if arr.dtype == bool or arr.dtype.kind not in "iuf":
         raise BadRequest(400, f"inputs must be integers 0..255, got {arr.dtype.name} values")
-    if arr.ndim != 4 or arr.shape[1:] != (h, w, 3):
-        raise BadRequest(400, f"inputs have shape {list(arr.shape)}; the model takes uint8 images [N, {h}, {w}, 3] "
+    if arr.ndim != 4 or arr.shape[1:] != (h, w, channels):
+        raise BadRequest(400, f"inputs have shape {list(arr.shape)}; the model takes uint8 images [N, {h}, {w}, {channels}] "
                               f"(resize first; `medssl predict` does it for image files)")
     if len(arr) > max_images:
         raise BadRequest(413, f"{len(arr)} images in one request; the limit is {max_images}")
@@ -66,7 +69,8 @@ def create_app(model_uri: str, max_bytes: int = MAX_MB << 20, max_images: int = 
 
     predictor = Predictor(model_uri)
     app = FastAPI(title="medssl", description=__doc__)
-    info = {"status": "ok", "model_uri": model_uri, "classes": predictor.classes, "input_size": list(predictor.input_size),
+    info = {"status": "ok", "model_uri": model_uri, "dataset": predictor.dataset, "task": predictor.task,
+            "classes": predictor.classes, "input_size": list(predictor.input_size), "channels": predictor.channels,
             "max_request_bytes": max_bytes, "max_images": max_images}
 
     def error(status: int, message: str) -> JSONResponse:
@@ -105,7 +109,7 @@ def create_app(model_uri: str, max_bytes: int = MAX_MB << 20, max_images: int = 
             return error(400, f"body is not valid JSON ({e})")
         del body
         try:
-            images = to_batch(payload, predictor.input_size, max_images)
+            images = to_batch(payload, predictor.input_size, max_images, predictor.channels)
         except BadRequest as e:
             return error(e.status, str(e))
         del payload

@@ -120,7 +120,8 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 GROUPS = ("train", "val", "gap", "test", "shift", "onnx", "parity")  # MLflow's UI makes a chart section per prefix
-HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece", "loss")
+HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece", "loss",
+            "sensitivity", "specificity")  # the last two: binary tasks only
 
 
 def metric_key(name: str, group: str | None = None) -> str:
@@ -298,14 +299,15 @@ def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> No
     from mlflow.types.schema import Schema, TensorSpec
 
     size = p.data.image_size
-    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, 3), "image"),
+    schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, meta.get("channels", 3)), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "label")])
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(str(Path(raw).resolve()))
     for split, n in splits.items():
         ds = MetaDataset(source, name=f"{p.data.name}-{split}", digest=meta["raw_md5"], schema=schema)
-        mlflow.log_input(ds, context=split, tags={"n": str(n), "image_size": str(size)})
+        mlflow.log_input(ds, context=split, tags={"n": str(n), "image_size": str(size), "channels": str(meta.get("channels", 3)),
+                                                  "task": meta.get("task", "multiclass"), "classes": ", ".join(meta["classes"])[:500]})
 
 
 def run_link(exp: str, run_id: str) -> str:

@@ -1,58 +1,153 @@
-"""A folder of images + a labels CSV in HAM10000/ISIC layout, split by lesion.
+"""Your own image files -> the raw npz: a folder of class sub-folders, or a CSV of path,label[,group].
 
-CSV columns: `image_id` and `dx` (class name) are required; `lesion_id`, when present, groups the
-images of one lesion so that no lesion is in two splits. Images are `<images>/<image_id>.{jpg,jpeg,png}`.
+- Folder (torchvision ImageFolder layout): `<images>/<class>/*.png|jpg`, split by medssl (stratified, seeded), or
+  `<images>/{train,val,test}/<class>/...` split as given (`val/` optional: carved from train).
+- CSV: one row per image with a path (relative to `csv.images`, or the CSV's folder; a name without suffix
+  finds `.png`/`.jpg`, as HAM10000's image_id), a class name and optionally a group (patient, lesion, study):
+  the split is then grouped, so no group crosses splits. HAM10000 is `columns: {path: image_id, label: dx,
+  group: lesion_id}`.
+Every image is read the way `medssl predict` reads one, fitted to `size` x `size`. A dataset whose every image
+is grey (grey files, or RGB files with R = G = B) is stored with one channel; one colour image makes the whole
+dataset RGB (its grey images repeated into three channels), and the data card counts the grey ones.
 """
 from __future__ import annotations
 
 import csv
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, check_leaks
+from medssl.data.sources import CLASS_NAMES_KEY, SPLITS, Split, check_classes, check_leaks
 from medssl.errors import DataError
 
 SUFFIXES = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
 
 
-def read_labels(csv_path: Path, classes=DERMAMNIST_CLASSES) -> list[dict]:
+@dataclass
+class Built:
+    splits: dict[str, Split]         # (N, size, size, C) uint8, C = 1 when every image is grey
+    groups: dict[str, np.ndarray]    # split -> group of each image (the file itself when ungrouped)
+    files: dict[str, np.ndarray]     # split -> the image's path as the source names it
+    classes: list[str]
+    grey_images: int                 # how many source images were grey
+    grouped: bool
+
+
+def class_order(names) -> list[str]:
+    """Class names in label order: numeric names numerically (grades 0..10), then the rest alphabetically."""
+    return sorted(set(names), key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+
+
+def _is_image(f: Path) -> bool:
+    return f.is_file() and f.suffix in SUFFIXES and not f.name.startswith(".")
+
+
+def _folder_items(root: Path, where: str, classes: list[str] | None) -> tuple[list[Path], list[str]]:
+    dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
+    if not dirs:
+        raise DataError(f"{where}: no class sub-folders (expected {where}/<class>/<image>.png, one folder per class)")
+    if classes is not None and (unknown := [d.name for d in dirs if d.name not in classes]):
+        raise DataError(f"{where}: class folder(s) {unknown} are not in data.classes {classes}")
+    paths, labels = [], []
+    for d in dirs:
+        files = sorted(f for f in d.rglob("*") if _is_image(f))
+        if not files:
+            raise DataError(f"{d}: empty class folder (no PNG/JPEG images); add images or remove the folder")
+        paths += files
+        labels += [d.name] * len(files)
+    return paths, labels
+
+
+def build_folder(cfg, seed: int, classes: list[str] | None = None) -> Built:
+    """data.folder -> Built. cfg: images, size, val, test, fit."""
+    root = Path(cfg.images)
+    if not root.is_dir():
+        raise DataError(f"data.folder.images={cfg.images}: no such folder")
+    if (root / "train").is_dir():
+        present = [s for s in SPLITS if (root / s).is_dir()]
+        if "test" not in present:
+            raise DataError(f"{root}: has train/ but no test/; give train/ and test/ (val/ optional) or no split folders")
+        given = {s: _folder_items(root / s, str(root / s), classes) for s in present}
+        names = classes or class_order(n for _, labels in given.values() for n in labels)
+        paths = [f for s in present for f in given[s][0]]
+        labels = [n for s in present for n in given[s][1]]
+        split_of = np.array([s for s in present for _ in given[s][0]])
+    else:
+        paths, labels = _folder_items(root, str(root), classes)
+        names, split_of = classes or class_order(labels), None
+    y = np.array([names.index(n) for n in labels], np.int64)
+    files = np.array([str(f.relative_to(root)) for f in paths])
+    return _build(paths, y, files, files, names, cfg, seed, str(root), split_of, grouped=False)
+
+
+def read_rows(csv_path: Path, columns) -> list[dict]:
     try:
         with open(csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
-    except OSError as e:
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{csv_path}: cannot read ({e})") from None
     if not rows:
         raise DataError(f"{csv_path}: no rows")
-    missing = [c for c in ("image_id", "dx") if c not in rows[0]]
+    header = list(rows[0])
+    missing = [c for c in (columns.path, columns.label) if c not in header]
+    if columns.group is not None and columns.group != "group" and columns.group not in header:
+        missing.append(columns.group)  # a group column the user named must exist: a silent ungrouped split would leak
     if missing:
-        raise DataError(f"{csv_path}: missing column(s) {missing} (found {list(rows[0])})")
-    unknown = sorted({r["dx"] for r in rows} - set(classes))
-    if unknown:
-        raise DataError(f"{csv_path}: column dx has unknown class(es) {unknown}; expected {list(classes)}")
+        raise DataError(f"{csv_path}: missing column(s) {missing} (found {header}); set data.csv.columns "
+                        f"{{path, label, group}} to your column names")
+    empty = [i + 2 for i, r in enumerate(rows) if not (r[columns.path] or "").strip() or not (r[columns.label] or "").strip()]
+    if empty:
+        raise DataError(f"{csv_path}: row(s) {empty[:20]} have an empty {columns.path!r} or {columns.label!r}")
     seen: dict[str, int] = {}
-    dups = [f"{r['image_id']} (rows {seen[r['image_id']] + 2} and {i + 2})" for i, r in enumerate(rows)
-            if seen.setdefault(r["image_id"], i) != i]
+    dups = [f"{r[columns.path]} (rows {seen[r[columns.path]] + 2} and {i + 2})" for i, r in enumerate(rows)
+            if seen.setdefault(r[columns.path], i) != i]
     if dups:
-        raise DataError(f"{csv_path}: {len(dups)} duplicate image_id(s): {dups[:20]}{' ...' if len(dups) > 20 else ''}; "
+        raise DataError(f"{csv_path}: {len(dups)} duplicate {columns.path}(s): {dups[:20]}{' ...' if len(dups) > 20 else ''}; "
                         f"each image must appear once")
     return rows
 
 
-def resolve_images(images_dir: Path, rows: list[dict], csv_path: Path) -> list[Path]:
+def resolve_images(images_dir: Path, names: list[str], csv_path: Path, column: str) -> list[Path]:
+    """Each row's file: the path as written, else with an image suffix added (HAM10000's image_id)."""
     paths, missing = [], []
-    for r in rows:
-        found = next((images_dir / f"{r['image_id']}{s}" for s in SUFFIXES if (images_dir / f"{r['image_id']}{s}").is_file()), None)
-        (paths if found else missing).append(found or r["image_id"])
+    for i, name in enumerate(names):
+        base = images_dir / name
+        found = base if _is_image(base) else next((base.with_name(base.name + s) for s in SUFFIXES
+                                                   if (base.with_name(base.name + s)).is_file()), None)
+        (paths if found else missing).append(found or f"row {i + 2}: {name}")
     if missing:
-        raise DataError(f"{csv_path}: {len(missing)} image(s) named in the CSV are not in {images_dir}: "
+        raise DataError(f"{csv_path}: {len(missing)} image(s) named in column {column!r} are not in {images_dir}: "
                         f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
     return paths
 
 
-def lesion_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
+def build_csv(cfg, seed: int, classes: list[str] | None = None) -> Built:
+    """data.csv (or grid.shift) -> Built. cfg: file, images, columns, size, val, test, fit."""
+    csv_path = Path(cfg.file)
+    images_dir = Path(cfg.images) if cfg.images else csv_path.parent
+    c = cfg.columns
+    rows = read_rows(csv_path, c)
+    labels = [r[c.label].strip() for r in rows]
+    if classes is not None:
+        unknown = sorted(set(labels) - set(classes))
+        if unknown:
+            where = [i + 2 for i, v in enumerate(labels) if v in unknown][:10]
+            raise DataError(f"{csv_path}: column {c.label!r} has unknown class(es) {unknown} (rows {where}); "
+                            f"expected one of {list(classes)}")
+    names = list(classes) if classes is not None else class_order(labels)
+    paths = resolve_images(images_dir, [r[c.path].strip() for r in rows], csv_path, c.path)
+    grouped = c.group is not None and c.group in rows[0]
+    files = np.array([r[c.path].strip() for r in rows])
+    groups = np.array([(r[c.group] or "").strip() or r[c.path] for r in rows]) if grouped else files
+    y = np.array([names.index(v) for v in labels], np.int64)
+    return _build(paths, y, files, groups, names, cfg, seed, str(csv_path), None, grouped)
+
+
+def grouped_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int,
+                   idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Stratified, grouped train/val/test indices: all images of a group land in one split."""
     def carve(idx: np.ndarray, frac: float) -> tuple[np.ndarray, np.ndarray]:
         k = max(2, int(round(1 / frac)))
@@ -60,14 +155,60 @@ def lesion_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: floa
         rest, held = next(cv.split(idx, labels[idx], groups[idx]))
         return idx[rest], idx[held]
 
-    train_val, test_idx = carve(np.arange(len(labels)), test)
+    train_val, test_idx = carve(np.arange(len(labels)) if idx is None else idx, test)
     train_idx, val_idx = carve(train_val, val / (1 - test))
     return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
 
 
-def fingerprint(images_dir: str | Path, csv_path: str | Path, settings: list) -> str:
+def _read_all(paths: list[Path], size: int, fit: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """-> (N, size, size, 3) uint8 and (N,) bool: the image is grey. Every unusable file named in one error."""
+    from tqdm import tqdm
+
+    from medssl.data.images import fit_image, open_rgb
+    from medssl.errors import ImageReadError
+
+    images, grey, bad = np.empty((len(paths), size, size, 3), np.uint8), np.zeros(len(paths), bool), []
+    for i, p in enumerate(tqdm(paths, desc=f"reading {where}", unit="img", disable=None, leave=False)):
+        try:
+            rgb = open_rgb(p)
+            grey[i] = bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            images[i] = fit_image(rgb, (size, size), fit, str(p))
+        except ImageReadError as e:
+            bad.append(str(e))
+    if bad:
+        raise DataError(f"{where}: {len(bad)} of {len(paths)} image(s) cannot be used:\n  " + "\n  ".join(bad[:50])
+                        + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""))
+    return images, grey
+
+
+def _build(paths, y, files, groups, names, cfg, seed, where, split_of, grouped) -> Built:
+    images, grey = _read_all(paths, cfg.size, cfg.fit, where)
+    if grey.all():
+        images = images[..., :1]
+    if split_of is None:
+        idx = grouped_splits(y, groups, cfg.val, cfg.test, seed)
+    else:  # the folder's own split; a missing val/ is carved from train (stratified)
+        idx = {s: np.flatnonzero(split_of == s) for s in SPLITS}
+        if not idx["val"].size:
+            rest, val = _carve_val(y, groups, idx["train"], cfg.val, seed)
+            idx["train"], idx["val"] = rest, val
+    splits = {s: Split(images[idx[s]], y[idx[s]]) for s in SPLITS}
+    ids = {s: files[idx[s]] for s in SPLITS}
+    check_classes(splits, where, names)
+    check_leaks(splits, where, ids)
+    return Built(splits, {s: groups[idx[s]] for s in SPLITS}, ids, list(names), int(grey.sum()), grouped)
+
+
+def _carve_val(y, groups, train_idx, val: float, seed: int):
+    k = max(2, int(round(1 / val)))
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    rest, held = next(cv.split(train_idx, y[train_idx], groups[train_idx]))
+    return np.sort(train_idx[rest]), np.sort(train_idx[held])
+
+
+def fingerprint(images_dir: str | Path, csv_path: str | Path | None, settings: list) -> str:
     """md5 of the CSV, every file's name, size and mtime under `images_dir`, and the build settings."""
-    h = hashlib.md5(Path(csv_path).read_bytes() if Path(csv_path).is_file() else b"")
+    h = hashlib.md5(Path(csv_path).read_bytes() if csv_path and Path(csv_path).is_file() else b"")
     h.update(repr(settings).encode())
     root = Path(images_dir)
     for f in sorted(root.rglob("*")) if root.is_dir() else []:
@@ -77,42 +218,17 @@ def fingerprint(images_dir: str | Path, csv_path: str | Path, settings: list) ->
     return h.hexdigest()
 
 
-def write_npz(splits: dict[str, Split], groups: dict[str, np.ndarray], path: Path) -> None:
-    """MedMNIST-layout npz (+ `{split}_lesion_ids`), written through a temporary file."""
-    arrays = {}
+def write_npz(built: Built, path: Path) -> None:
+    """MedMNIST-layout npz (grey images (N, H, W), as MedMNIST's) + `class_names`, `{split}_groups`, `{split}_files`,
+    written through a temporary file."""
+    arrays = {CLASS_NAMES_KEY: np.array(built.classes)}
+    dtype = np.uint8 if len(built.classes) <= 256 else np.int64
     for s in SPLITS:
-        arrays[f"{s}_images"], arrays[f"{s}_labels"] = splits[s].images, splits[s].labels[:, None].astype(np.uint8)
-        arrays[f"{s}_lesion_ids"] = groups[s].astype(str)
+        im = built.splits[s].images
+        arrays[f"{s}_images"] = im[..., 0] if im.shape[-1] == 1 else im
+        arrays[f"{s}_labels"] = built.splits[s].labels[:, None].astype(dtype)
+        arrays[f"{s}_groups"], arrays[f"{s}_files"] = built.groups[s].astype(str), built.files[s].astype(str)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
-
-
-def load_folder(images_dir: str | Path, csv_path: str | Path, size: int, val: float = 0.1, test: float = 0.2,
-                seed: int = 0, classes=DERMAMNIST_CLASSES, fit: str = "stretch") -> tuple[dict[str, Split], dict[str, np.ndarray]]:
-    """-> splits of (N, size, size, 3) uint8 images with labels, and the lesion ids per split.
-
-    Every unreadable file is named in one error; identical images in two splits are refused (a leak)."""
-    from medssl.data.images import read_image
-    from medssl.errors import ImageReadError
-
-    images_dir, csv_path = Path(images_dir), Path(csv_path)
-    rows = read_labels(csv_path, classes)
-    paths = resolve_images(images_dir, rows, csv_path)
-    labels = np.array([classes.index(r["dx"]) for r in rows], np.int64)
-    groups = np.array([r.get("lesion_id") or r["image_id"] for r in rows])
-    images, bad = np.empty((len(rows), size, size, 3), np.uint8), []
-    for i, p in enumerate(paths):
-        try:
-            images[i] = read_image(p, (size, size), fit)
-        except ImageReadError as e:
-            bad.append(str(e))
-    if bad:
-        raise DataError(f"{images_dir}: {len(bad)} of {len(paths)} image(s) cannot be used:\n  " + "\n  ".join(bad[:50])
-                        + (f"\n  ... and {len(bad) - 50} more" if len(bad) > 50 else ""))
-    idx = lesion_splits(labels, groups, val, test, seed)
-    splits = {s: Split(images[idx[s]], labels[idx[s]]) for s in SPLITS}
-    ids = {s: np.array([rows[i]["image_id"] for i in idx[s]]) for s in SPLITS}
-    check_leaks(splits, str(images_dir), ids)
-    return splits, {s: groups[idx[s]] for s in SPLITS}

@@ -82,5 +82,20 @@ def fit_image(img: np.ndarray, size: tuple[int, int], fit: str = "reject", name:
     return np.asarray(Image.fromarray(img).resize((w, h), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
-def read_image(path: str | Path, size: tuple[int, int], fit: str = "reject") -> np.ndarray:
-    return fit_image(open_rgb(path), size, fit, str(path))
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma, PIL's convert("L")
+
+
+def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
+    """(..., C) uint8 -> (..., channels) uint8: grey repeated into RGB, RGB to grey by luma (as PIL's "L")."""
+    if x.shape[-1] == channels:
+        return x
+    if channels == 3 and x.shape[-1] == 1:
+        return np.repeat(x, 3, axis=-1)
+    if channels == 1 and x.shape[-1] == 3:
+        return np.clip(np.rint(x.astype(np.float32) @ LUMA), 0, 255).astype(np.uint8)[..., None]
+    raise ValueError(f"cannot turn {x.shape[-1]}-channel images into {channels}-channel ones")
+
+
+def read_image(path: str | Path, size: tuple[int, int], fit: str = "reject", channels: int = 3) -> np.ndarray:
+    """An image file -> (h, w, channels) uint8 at `size` (grey models get the luma of a colour file)."""
+    return to_channels(fit_image(open_rgb(path), size, fit, str(path)), channels)

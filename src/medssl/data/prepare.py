@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from medssl.config import Params
 from medssl.data.fractions import nested_fractions
 from medssl.io import save_npz, write_json
-from medssl.data.sources import DERMAMNIST_CLASSES, SPLITS, Split, load_npz, md5sum
+from medssl.data.sources import SPLITS, Split, md5sum, validate_raw
 from medssl.guard import one_writer
 from medssl.layout import Layout
 
 
 def resize_u8(images: np.ndarray, size: int, batch: int = 2048) -> np.ndarray:
-    """(N, h, w, 3) uint8 -> (N, size, size, 3) uint8, bilinear as in the exported ONNX graph."""
+    """(N, h, w, C) uint8 -> (N, size, size, C) uint8, bilinear as in the exported ONNX graph."""
     if images.shape[1] == size and images.shape[2] == size:
         return images
-    out = np.empty((len(images), size, size, 3), np.uint8)
+    out = np.empty((len(images), size, size, images.shape[-1]), np.uint8)
     for i in range(0, len(images), batch):
         x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float()
         y = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
@@ -38,7 +38,7 @@ def stratified_subset(split: Split, n: int | None, seed: int) -> Split:
 @one_writer(lambda a: "prepare")
 def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     raw_path = lay.raw(p.data.path)
-    splits = load_npz(raw_path)
+    splits, info = validate_raw(raw_path, p, "data.path")
     raw_size = int(splits["train"].images.shape[1])
     splits["train"] = stratified_subset(splits["train"], p.data.max_train, p.seed)
     for s in ("val", "test"):
@@ -48,23 +48,27 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     for s in SPLITS:
         arrays[f"{s}_images"] = resize_u8(splits[s].images, p.data.image_size)
         arrays[f"{s}_labels"] = splits[s].labels
-    x = arrays["train_images"].reshape(-1, 3).astype(np.float64) / 255.0  # train only: no leakage
+    x = arrays["train_images"].reshape(-1, info.channels).astype(np.float64) / 255.0  # train only: no leakage
     mean, std = x.mean(0).tolist(), x.std(0).tolist()
 
     save_npz(lay.prepared, **arrays)
 
-    nc = len(DERMAMNIST_CLASSES)
+    classes, nc = info.classes, len(info.classes)
     card = {
         "dataset": p.data.name,
         "raw_md5": md5sum(raw_path),
         "raw_image_size": raw_size,
         "image_size": p.data.image_size,
+        "channels": info.channels,
+        "task": info.task,
+        **({"positive_class": classes[info.positive]} if info.positive is not None else {}),
+        "num_classes": nc,
         "n": {s: int(len(arrays[f"{s}_labels"])) for s in SPLITS},
         "class_counts": {
-            s: dict(zip(DERMAMNIST_CLASSES, np.bincount(arrays[f"{s}_labels"], minlength=nc).tolist())) for s in SPLITS
+            s: dict(zip(classes, np.bincount(arrays[f"{s}_labels"], minlength=nc).tolist())) for s in SPLITS
         },
     }
-    meta = {**card, "classes": list(DERMAMNIST_CLASSES), "mean": mean, "std": std}
+    meta = {**card, "classes": classes, "positive": info.positive, "mean": mean, "std": std}
     write_json(lay.meta, meta)
     write_json(lay.data_card, card)
     return card

@@ -1,4 +1,9 @@
-"""torchvision backbones as encoders: x (N, 3, H, W) float in [0, 1] -> features (N, D), normalisation inside."""
+"""torchvision backbones as encoders: x (N, C, H, W) float in [0, 1] -> features (N, D), normalisation inside.
+
+C is the data's channel count (len(mean)): 3 for RGB, 1 for grey. A grey encoder's first convolution takes one
+channel; with ImageNet weights its kernels are the RGB kernels summed over their input channels. That is exactly
+the ImageNet network applied to the grey image repeated into R, G and B (conv(w, [x, x, x]) = conv(sum_c w_c, x)),
+at a third of the stem's cost and with a one-channel model input, and it is the same stem for every init."""
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +32,28 @@ def weights_file(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def _trunk(name: str, imagenet: bool) -> tuple[nn.Module, int]:
-    """torchvision model without its classifier, and its feature width D. Never falls back to random init."""
+def adapt_stem(model: nn.Module, channels: int) -> nn.Module:
+    """The first convolution (every torchvision backbone's stem) taking `channels` inputs instead of 3; for one
+    channel the weights are summed over the RGB inputs (see the module docstring)."""
+    if channels == 3:
+        return model
+    if channels != 1:
+        raise ValueError(f"images have {channels} channels; medssl takes 1 (grey) or 3 (RGB)")
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                    conv.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+    return model
+
+
+def _trunk(name: str, imagenet: bool, channels: int = 3) -> tuple[nn.Module, int]:
+    """torchvision model without its classifier (stem for `channels` inputs), and its feature width D. Never falls
+    back to random init."""
     if name not in _BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_BACKBONES)}")
     builder, weights, head_attr = _BACKBONES[name]
@@ -46,7 +71,7 @@ def _trunk(name: str, imagenet: bool) -> tuple[nn.Module, int]:
     head = getattr(model, head_attr)
     dim = head.in_features if isinstance(head, nn.Linear) else head[-1].in_features
     setattr(model, head_attr, nn.Identity())
-    return model, dim
+    return adapt_stem(model, channels), dim
 
 
 @torch.no_grad()
@@ -70,17 +95,18 @@ def reinit_(module: nn.Module, gen: torch.Generator) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """x: (N, 3, S, S) float in [0, 1] -> features (N, D). Normalises with the training set's mean/std
-    (buffers, so they travel with every checkpoint and the exported model)."""
+    """x: (N, C, S, S) float in [0, 1] -> features (N, D), C = len(mean). Normalises with the training set's
+    per-channel mean/std (buffers, so they travel with every checkpoint and the exported model)."""
 
     def __init__(self, name: str, mean, std, imagenet: bool = False, gen: torch.Generator | None = None):
         super().__init__()
-        self.trunk, self.dim = _trunk(name, imagenet)
+        self.channels = len(mean)
+        self.trunk, self.dim = _trunk(name, imagenet, self.channels)
         if not imagenet and gen is not None:
             reinit_(self.trunk, gen)
         self.name = name
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -89,7 +115,7 @@ class Encoder(nn.Module):
         return self.trunk(self.normalize(x))
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Spatial features before global pooling: (N, 3, S, S) in [0, 1] -> (N, D, S/32, S/32)."""
+        """Spatial features before global pooling: (N, C, S, S) in [0, 1] -> (N, D, S/32, S/32)."""
         return feature_map(self.trunk, self.normalize(x))
 
 
@@ -123,7 +149,7 @@ def seed_from_wheel(wheel: str | Path, name: str = "mobilenet_v2") -> Path:
 
 
 def feature_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Spatial features before global pooling: x (N, 3, S, S) -> (N, D, S/32, S/32)."""
+    """Spatial features before global pooling: x (N, C, S, S) -> (N, D, S/32, S/32)."""
     if hasattr(backbone, "features"):  # mobilenet_v2, efficientnet_b0
         return backbone.features(x)
     b = backbone  # resnet

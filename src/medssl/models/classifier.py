@@ -9,7 +9,7 @@ from medssl.models.backbones import build_backbone, reinit_
 
 
 def to_input(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """x: (N, H, W, 3) uint8 -> (N, 3, size, size) float32 in [0, 1]. The single preprocessing path;
+    """x: (N, H, W, C) uint8 -> (N, C, size, size) float32 in [0, 1]. The single preprocessing path;
     normalisation lives in the model (Encoder)."""
     x = x.permute(0, 3, 1, 2).float().div(255.0)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -33,7 +33,7 @@ class Dropout(nn.Module):
 
 
 class Classifier(nn.Module):
-    """x: (N, 3, H, W) float in [0, 1] -> logits (N, num_classes). Same head for every init."""
+    """x: (N, C, H, W) float in [0, 1] -> logits (N, num_classes), C = len(mean). Same head for every init."""
 
     def __init__(self, backbone: str, num_classes: int, dropout: float = 0.2, imagenet: bool = False,
                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), gen: torch.Generator | None = None):
@@ -51,7 +51,7 @@ class Classifier(nn.Module):
 
 
 class ExportModel(nn.Module):
-    """Raw images in, probabilities out: x (N, h, w, 3) uint8 -> (N, num_classes) float32."""
+    """Raw images in, probabilities out: x (N, h, w, C) uint8 -> (N, num_classes) float32."""
 
     def __init__(self, classifier: Classifier, image_size: int):
         super().__init__()

@@ -10,7 +10,7 @@ from medssl.models.backbones import build_backbone, reinit_
 
 
 class MIM(nn.Module):
-    """x: (N, 3, S, S) in [0, 1], mask (N, 1, S, S) 1 = hidden -> reconstruction (N, 3, S, S) in the encoder's
+    """x: (N, C, S, S) in [0, 1], mask (N, 1, S, S) 1 = hidden -> reconstruction (N, C, S, S) in the encoder's
     normalised space (compare with `self.encoder.normalize(x)`).
 
     SimMIM's light decoder: one 1x1 convolution maps each cell of the encoder's (N, D, S/32, S/32)
@@ -22,10 +22,11 @@ class MIM(nn.Module):
         super().__init__()
         self.encoder, _ = build_backbone(backbone, mean, std, gen=gen)
         with torch.no_grad():
-            fmap = self.encoder.eval().feature_map(torch.zeros(1, 3, image_size, image_size))
+            c = len(mean)
+            fmap = self.encoder.eval().feature_map(torch.zeros(1, c, image_size, image_size))
         self.size, r = image_size, -(-image_size // fmap.shape[-1])  # block side; crop when S/32 rounds up
-        self.mask_token = nn.Parameter(torch.full((1, 3, 1, 1), 0.5))  # learnt fill for hidden pixels, in [0, 1]
-        self.decoder = nn.Sequential(nn.Conv2d(fmap.shape[1], 3 * r * r, 1), nn.PixelShuffle(r))
+        self.mask_token = nn.Parameter(torch.full((1, c, 1, 1), 0.5))  # learnt fill for hidden pixels, in [0, 1]
+        self.decoder = nn.Sequential(nn.Conv2d(fmap.shape[1], c * r * r, 1), nn.PixelShuffle(r))
         if gen is not None:
             reinit_(self.decoder, gen)
 

@@ -36,10 +36,13 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 def random_view(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], jitter: float,
                 grayscale: float) -> torch.Tensor:
-    """Per-image random resized crop, colour jitter and grayscale. x: (N, 3, S, S) in [0, 1] -> same shape.
+    """Per-image random resized crop, brightness/contrast/saturation jitter and grayscale. x: (N, C, S, S) in [0, 1]
+    -> same shape.
 
     pretrain.simclr's defaults keep colour nearly intact: in dermoscopy colour is diagnostic, and views that differ
-    in colour teach the encoder to discard it."""
+    in colour teach the encoder to discard it. Grey data (C = 1) gets no colour jitter: its saturation and
+    grayscale steps are the identity (the image is its own grey), only brightness and contrast vary. The same
+    random numbers are drawn either way, so a view depends on the seed only."""
     n, _, s, _ = x.shape
     r = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device).to(x.device)  # noqa: E731
     area = scale[0] + (scale[1] - scale[0]) * r(n)

@@ -13,7 +13,7 @@ def _up(cin: int, cout: int) -> nn.Sequential:
 
 
 class VAE(nn.Module):
-    """x: (N, 3, S, S) in [0, 1] -> recon (N, 3, S, S) in [0, 1], mu, logvar (N, latent_dim).
+    """x: (N, C, S, S) in [0, 1] -> recon (N, C, S, S) in [0, 1], mu, logvar (N, latent_dim); C = len(mean).
     The reparameterisation noise comes from `self.generator` (set by the trainer)."""
 
     def __init__(self, backbone: str, image_size: int, latent_dim: int = 128, mean=(0.5,) * 3, std=(0.25,) * 3,
@@ -25,7 +25,7 @@ class VAE(nn.Module):
         self.fc_logvar = nn.Linear(dim, latent_dim)
         self.latent_dim, self.s0 = latent_dim, image_size // 16
         self.fc_dec = nn.Linear(latent_dim, 256 * self.s0 * self.s0)
-        self.decoder = nn.Sequential(_up(256, 128), _up(128, 64), _up(64, 32), nn.ConvTranspose2d(32, 3, 4, 2, 1))
+        self.decoder = nn.Sequential(_up(256, 128), _up(128, 64), _up(64, 32), nn.ConvTranspose2d(32, len(mean), 4, 2, 1))
         if gen is not None:
             for m in (self.fc_mu, self.fc_logvar, self.fc_dec, self.decoder):
                 reinit_(m, gen)
