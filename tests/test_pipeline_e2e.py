@@ -41,7 +41,7 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
         "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128, "fractions": list(FRACTIONS)},
         "grid.shift": shift, "pretrain.vae.latent_dim": 32,
         "grid.fusion": [["imagenet", "simclr"], ["vae", "simclr", "mim"], ["random", "mim"]],  # random: per-seed features
-        "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
+        "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e", "data.classes": list(CODES)})
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
                   DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
     tune = sh([str(BIN / "medssl"), "tune", "--n-trials", "1"], work, env)  # fair tuning: every init, same budget
@@ -51,14 +51,13 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
 
 
 INITS = ("random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim")
+CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # HAM10000's dx codes, in DermaMNIST's label order
 FRACTIONS = (0.01, 0.1, 1.0)  # the demo budget's
 SSL = INITS[2:]
 
 
 def shifted_source(folder: Path, npz: Path) -> dict:
     """A HAM10000-layout second source: 280 test images with a colour cast (another camera), 2 images per lesion."""
-    from medssl.data.sources import DERMAMNIST_CLASSES
-
     with np.load(npz) as z:
         x, y = z["test_images"][:280], z["test_labels"][:280, 0]
     cast = np.clip(x.astype(np.float32) * [0.85, 1.0, 1.15] + 10, 0, 255).astype(np.uint8)
@@ -66,7 +65,7 @@ def shifted_source(folder: Path, npz: Path) -> dict:
     rows = ["image_id,lesion_id,dx"]
     for i, (img, label) in enumerate(zip(cast, y)):
         Image.fromarray(img).save(folder / "images" / f"ISIC_{i:07d}.png")
-        rows.append(f"ISIC_{i:07d},HAM_{i // 2:07d},{DERMAMNIST_CLASSES[label]}")
+        rows.append(f"ISIC_{i:07d},HAM_{i // 2:07d},{CODES[label]}")
     (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
     return {"images": str(folder / "images"), "csv": str(folder / "metadata.csv"), "name": "recoloured"}
 
@@ -328,7 +327,7 @@ def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@champion", str(folder), "--out", str(out)], d, env)
     rows = list(csv.DictReader(out.open()))
     assert [Path(r["file"]).name for r in rows] == [f"img{i:03d}.png" for i in range(40)]
-    assert set(rows[0]) == {"file", "predicted", *(f"p_{c}" for c in ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"))}
+    assert set(rows[0]) == {"file", "predicted", *(f"p_{c}" for c in CODES)}
 
     sys.path.insert(0, str(d / "src"))
     from medssl.models.classifier import Classifier, ExportModel

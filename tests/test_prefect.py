@@ -29,9 +29,9 @@ def prefect_stack(tmp_path_factory, mlflow_server, dermamnist):
     pids = {n: int((work / f".run/prefect/{n}.pid").read_text()) for n in ("server", "worker")}
     # a new shell without PREFECT_API_URL reaches the same server through the profile prefect-up made active
     shell = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
-    ls = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "medssl-pipeline/dermamnist", "--output", "json"],
+    ls = subprocess.run([str(BIN / "prefect"), "deployment", "inspect", "medssl-pipeline/local", "--output", "json"],
                         cwd=work, env=shell, capture_output=True, text=True, timeout=120)
-    assert ls.returncode == 0 and json.loads(ls.stdout)["name"] == "dermamnist", ls.stdout + ls.stderr
+    assert ls.returncode == 0 and json.loads(ls.stdout)["name"] == "local", ls.stdout + ls.stderr
     yield {"dir": work, "env": env, "pids": pids}
     down = subprocess.run(["flows/services.sh", "down"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
@@ -66,7 +66,7 @@ def flow_runs(stack, flow_name):
 
 
 def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlflow_server):
-    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", "epochs=1", "pretrain_epochs=1", "max_train=512",
+    r = deployment_run(prefect_stack, "medssl-pipeline/local", "epochs=1", "pretrain_epochs=1", "max_train=512",
                        "max_eval=256", 'inits=["random", "imagenet", "simclr"]', "grid_epochs=1", "grid_max_train=128",
                        "fractions=[0.1, 1.0]")
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
@@ -174,7 +174,7 @@ def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stac
     threads = grid_cells(prefect_stack, inits)
     before = {x.info.run_id for x in shard_runs(mlflow_server)}
     t0 = time.time()
-    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", *SMALL_RUN, f"inits={json.dumps(inits)}",
+    r = deployment_run(prefect_stack, "medssl-pipeline/local", *SMALL_RUN, f"inits={json.dumps(inits)}",
                        "runner=dask", f"dask_address={cluster.scheduler_address}")
     took = time.time() - t0
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
@@ -214,7 +214,7 @@ def test_lost_dask_worker_reruns_its_shard_once(prefect_stack, mlflow_server, da
     inits = ["random", "imagenet"]
     workers = set(client.run(os.getpid).values())
     before = {x.info.run_id for x in shard_runs(mlflow_server)}
-    cmd = [str(BIN / "prefect"), "deployment", "run", "medssl-pipeline/dermamnist", "--watch", "--watch-timeout", "900"]
+    cmd = [str(BIN / "prefect"), "deployment", "run", "medssl-pipeline/local", "--watch", "--watch-timeout", "900"]
     for a in (*SMALL_RUN, f"inits={json.dumps(inits)}", "runner=dask", f"dask_address={cluster.scheduler_address}"):
         cmd += ["--param", a]
     proc = subprocess.Popen(cmd, cwd=prefect_stack["dir"], env=prefect_stack["env"], stdout=subprocess.PIPE,
@@ -248,7 +248,7 @@ def test_lost_dask_worker_reruns_its_shard_once(prefect_stack, mlflow_server, da
 
 
 def test_failing_task_fails_flow_and_mlflow_run(prefect_stack, mlflow_server):
-    r = deployment_run(prefect_stack, "medssl-pipeline/dermamnist", "data_path=/nonexistent/dermamnist.npz", "retries=0")
+    r = deployment_run(prefect_stack, "medssl-pipeline/local", "data_path=/nonexistent/dermamnist.npz", "retries=0")
     assert r.returncode != 0
     runs, _ = flow_runs(prefect_stack, "medssl-pipeline")
     failed = [x for x in runs if x["state_type"] == "FAILED"]
@@ -265,7 +265,7 @@ def test_tune_deployment_agrees_with_study_and_best_file(prefect_stack, mlflow_s
     import optuna
     import yaml
 
-    r = deployment_run(prefect_stack, "medssl-tune/dermamnist", "n_trials=2", "epochs=1", "pretrain_epochs=1",
+    r = deployment_run(prefect_stack, "medssl-tune/local", "n_trials=2", "epochs=1", "pretrain_epochs=1",
                        "max_train=256", "max_eval=128", 'tune_inits=["imagenet", "vae"]')
     assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
     d = prefect_stack["dir"]
@@ -285,3 +285,26 @@ def test_tune_deployment_agrees_with_study_and_best_file(prefect_stack, mlflow_s
     assert "pretrain" not in tuned["imagenet"]  # a baseline has no pretraining to tune
     assert tuned["vae"]["pretrain"]["vae"]["beta"] == pytest.approx(
         optuna.load_study(study_name="medssl-dermamnist-vae", storage=f"sqlite:///{d}/optuna.db").best_params["pretrain.vae.beta"])
+
+
+def test_deployment_takes_the_dataset_as_a_parameter(prefect_stack, mlflow_server, tmp_path):
+    """`--param dataset=<npz>`: a grey two-class set through the same deployment; its experiment, registered
+    model and class names are its own, and the DermaMNIST model's alias does not move."""
+    import numpy as np
+
+    from synthetic import medmnist_npz
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    before = client.get_model_version_by_alias("derm-prefect", "champion").version
+    npz = medmnist_npz(tmp_path / "chest-xray.npz", {"train": 600, "val": 150, "test": 150}, 2)
+    r = deployment_run(prefect_stack, "medssl-pipeline/local", f"dataset={npz}", 'inits=["random", "imagenet"]',
+                       "epochs=4", "grid_epochs=3", "fractions=[0.5, 1.0]", "retries=0")
+    assert r.returncode == 0 and "Completed" in r.stdout, r.stdout[-4000:] + r.stderr[-2000:]
+    v = client.get_model_version_by_alias("chest-xray-classifier", "champion")
+    meta = mlflow.pyfunc.load_model(f"models:/chest-xray-classifier/{v.version}").metadata.metadata
+    assert meta["class_names"] == ["0", "1"] and meta["channels"] == 1 and meta["dataset"] == "chest-xray"
+    assert client.get_run(v.run_id).info.experiment_id == client.get_experiment_by_name("medssl-chest-xray").experiment_id
+    assert client.get_model_version_by_alias("derm-prefect", "champion").version == before
+    with np.load(prefect_stack["dir"] / "data/prepared/dataset.npz") as z:
+        assert z["train_images"].shape[-1] == 1

@@ -451,8 +451,9 @@ def set_dotted(d: dict, dotted: str, value) -> dict:
 
 
 def dataset_overrides(dataset: str) -> dict:
-    """A flow's `dataset` parameter -> dotted data.* overrides: a MedMNIST flag (pneumoniamnist), or a path to an
-    npz, a CSV of path,label[,group], or a folder of class sub-folders. Name and class names then follow it."""
+    """A flow's `dataset` parameter -> dotted overrides: a MedMNIST flag (pneumoniamnist), or a path to an npz, a
+    CSV of path,label[,group], or a folder of class sub-folders. Its name, class names, experiment, registered
+    model and studies then follow it (params.yaml's belong to params.yaml's dataset)."""
     path = Path(dataset).expanduser()
     if path.is_dir():
         src = {"data.source": "folder", "data.folder": {"images": str(path.resolve())}}
@@ -464,7 +465,8 @@ def dataset_overrides(dataset: str) -> dict:
         raise ConfigError(f"dataset {dataset!r}: no such folder, and not an .npz or .csv file")
     else:
         src = {"data.source": "medmnist", "data.medmnist": dataset}
-    return {**src, "data.name": None, "data.classes": None}
+    return {**src, "data.name": None, "data.classes": None, "data.positive": None, "mlflow.experiment": None,
+            "export.registered_model": None, "tune.study_name": None}
 
 
 def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,

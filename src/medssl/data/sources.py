@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -105,8 +106,9 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
     """Stage `fetch`: the raw npz at data.path (under the Layout's root), from the configured source.
 
     Sources, first match: `source` (a flow parameter: an npz), data.source folder or csv (built from image files),
-    $MEDSSL_DATA_PATH or data.npz (a user's own npz: read, never written), then for data.source medmnist the
-    flag's file in medmnist's folder (~/.medmnist), an earlier fetch's file of the same flag, the medmnist download.
+    data.npz (a user's own npz: read, never written), $MEDSSL_DATA_PATH (for data.source medmnist only when it
+    is named <flag>.npz), then for data.source medmnist the flag's file in medmnist's folder (~/.medmnist), an
+    earlier fetch's file of the same flag, the medmnist download.
     A source is validated completely (layout, labels, class names, leaks) before it replaces data.path, so a bad
     one leaves the good file in place. The stage always runs (DVC cannot see an environment variable or a folder)
     but rewrites data.path only when its content changes; metrics/source.json records where the data came from."""
@@ -116,7 +118,11 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
     lay = lay or Layout()
     target = lay.raw(p.data.path)
     env = os.environ.get(ENV_DATA_PATH)
-    given, what = (source, "data source") if source else (env, ENV_DATA_PATH) if env else (p.data.npz, "data.npz")
+    if env and p.data.source == "medmnist" and Path(env).stem != p.data.medmnist:
+        print(f"{ENV_DATA_PATH}={env} is not {p.data.medmnist}.npz (data.medmnist): not used", file=sys.stderr)
+        env = None  # a machine's DermaMNIST copy is not another flag's data
+    given, what = ((source, "data source") if source else (p.data.npz, "data.npz") if p.data.npz
+                   else (env, ENV_DATA_PATH) if env else (None, ""))
     if p.data.source in ("folder", "csv") and not source:  # configured explicitly: $MEDSSL_DATA_PATH is for npz sources
         origin = _fetch_built(p, target, lay)
     elif given:
