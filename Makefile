@@ -82,7 +82,7 @@ GPU_PY ?= 3.12
 GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-types typing-inspection sqlalchemy \
   alembic mako cachetools gitpython gitdb smmap importlib-metadata opentelemetry-api opentelemetry-sdk \
   opentelemetry-semantic-conventions opentelemetry-proto sqlparse python-dotenv fastapi starlette databricks-sdk \
-  cryptography cffi pycparser
+  cryptography cffi pycparser medmnist
 gpu-bundle: weights
 	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }
 	rm -rf .gpu.tmp && mkdir -p .gpu.tmp/whl .gpu.tmp/data .gpu.tmp/torch/hub/checkpoints
