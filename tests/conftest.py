@@ -23,7 +23,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 # `make test` and `make test-all` run the modules on one xdist worker per core (--dist loadscope: a module's tests, and its
 # module fixture, stay on one worker). The modules that train or start servers for minutes go first, longest
 # first, so that they run side by side and the short ones fill in around them.
-LONGEST = ("test_ssl.py", "test_pipeline_e2e.py", "test_prefect.py", "test_faults.py")
+LONGEST = ("test_ssl.py", "test_pipeline_e2e.py", "test_prefect.py", "test_datasets.py", "test_faults.py")
 
 
 def pytest_collection_modifyitems(items) -> None:

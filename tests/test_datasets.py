@@ -21,6 +21,7 @@ from PIL import Image
 
 from conftest import BIN, free_port, project_copy, run_env, wait_http
 from medssl.config import Folder, dataset_overrides, load_params
+from medssl.errors import ConfigError
 from medssl.data.folder import build_folder
 from synthetic import class_folder, grouped_csv, images, medmnist_npz
 
@@ -146,6 +147,13 @@ def test_refusals_name_what_to_fix_and_keep_the_good_file(tmp_path):
     cases.append(({"source": "npz", "npz": str(good), "classes": ["only", "two"]}, "labels go up to 2 but data.classes names 2"))
     cases.append(({"source": "csv", "csv": {"file": str(csv2), "columns": {"group": "patient_id"}}},
                   "missing column(s) ['patient_id']"))
+    grades = class_folder(tmp_path / "grades", ["mild", "moderate", "none", "severe"], 12)
+    cases.append(({"source": "folder", "folder": {"images": str(grades)}, "task": "ordinal"},
+                  "data.task is ordinal but the class names ['mild', 'moderate', 'none', 'severe']"))
+    (split / "valid").mkdir()
+    cases.append(({"source": "folder", "folder": {"images": str(split)}}, "folder(s) ['valid'] beside train/"))
+    tiny = class_folder(tmp_path / "tiny", ["a", "b"], 2)
+    cases.append(({"source": "folder", "folder": {"images": str(tiny)}}, "cannot hold out 20% of 4 images"))
     for data, message in cases:
         msg = one_line_error(fetch(tmp_path, data, expect_ok=False))
         assert message in msg, (message, msg)
@@ -164,6 +172,10 @@ def test_medmnist_flag_offline_without_the_file_names_the_flag(tmp_path):
     fetch(tmp_path, {"source": "medmnist", "medmnist": "pneumoniamnist"}, env=env)
     c = card(tmp_path)
     assert c["dataset"] == "pneumoniamnist" and list(c["class_counts"]["train"]) == ["normal", "pneumonia"]
+    (tmp_path / "home/.medmnist/pneumoniamnist.npz").unlink()  # offline again: the earlier fetch's file serves
+    fetch(tmp_path, {"source": "medmnist", "medmnist": "pneumoniamnist"}, env=env)
+    msg = one_line_error(fetch(tmp_path, {"source": "medmnist", "medmnist": "bloodmnist"}, expect_ok=False, env=env))
+    assert "data.medmnist=bloodmnist" in msg  # ... but not for another flag
 
 
 def test_names_and_selection_follow_the_dataset():
@@ -173,8 +185,13 @@ def test_names_and_selection_follow_the_dataset():
     o = load_params("params.yaml", {"data.medmnist": "retinamnist", "data.task": "ordinal", "export.registered_model": "dr"})
     assert o.export.select_metric == "kappa_quadratic" and o.export.registered_model == "dr"
     assert load_params("params.yaml").export.select_metric == "balanced_accuracy"
-    assert dataset_overrides("bloodmnist")["data.medmnist"] == "bloodmnist"
-    assert dataset_overrides("/x/y.csv")["data.csv"] == {"file": "/x/y.csv"}
+    over = dataset_overrides("bloodmnist")
+    assert over["data.medmnist"] == "bloodmnist" and over["data.path"] == "data/raw/bloodmnist.npz"
+    assert over["tune.output"] == "tuned-bloodmnist.yaml" and over["data.npz"] is None and over["data.task"] == "auto"
+    assert dataset_overrides("/x/Chest X-ray.csv")["data.csv"] == {"file": "/x/Chest X-ray.csv"}
+    assert load_params("params.yaml", {"data.classes": [0, 1, 2], "data.positive": 2}).data.classes == ["0", "1", "2"]
+    with pytest.raises(ConfigError, match="data.source is 'npz' but data.npz is not set"):
+        load_params("params.yaml", {"data.source": "npz"})
 
 
 def test_grey_imagenet_stem_is_the_rgb_network_on_the_repeated_image():

@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from conftest import BIN, project_copy, run_env, set_params
+from medssl.data.sources import medmnist_flags
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
         "budgets.demo.grid": {"epochs": 1, "max_train": 256, "max_eval": 128, "fractions": list(FRACTIONS)},
         "grid.shift": shift, "pretrain.vae.latent_dim": 32,
         "grid.fusion": [["imagenet", "simclr"], ["vae", "simclr", "mim"], ["random", "mim"]],  # random: per-seed features
-        "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e", "data.classes": list(CODES)})
+        "mlflow.experiment": "e2e", "export.registered_model": "derm-e2e"})
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist),
                   DVC_SITE_CACHE_DIR=str(work / ".dvc/tmp/site"))
     tune = sh([str(BIN / "medssl"), "tune", "--n-trials", "1"], work, env)  # fair tuning: every init, same budget
@@ -52,6 +53,7 @@ def project(tmp_path_factory, mlflow_server, dermamnist):
 
 INITS = ("random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim")
 CODES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")  # HAM10000's dx codes, in DermaMNIST's label order
+NAMES = [medmnist_flags()["dermamnist"]["label"][str(i)] for i in range(7)]  # the class names medmnist gives
 FRACTIONS = (0.01, 0.1, 1.0)  # the demo budget's
 SSL = INITS[2:]
 
@@ -67,7 +69,8 @@ def shifted_source(folder: Path, npz: Path) -> dict:
         Image.fromarray(img).save(folder / "images" / f"ISIC_{i:07d}.png")
         rows.append(f"ISIC_{i:07d},HAM_{i // 2:07d},{CODES[label]}")
     (folder / "metadata.csv").write_text("\n".join(rows) + "\n")
-    return {"images": str(folder / "images"), "csv": str(folder / "metadata.csv"), "name": "recoloured"}
+    return {"images": str(folder / "images"), "csv": str(folder / "metadata.csv"), "name": "recoloured",
+            "classes": list(CODES)}  # its dx codes, for DermaMNIST's classes in label order
 
 
 def runs_of(experiment: str):
@@ -327,7 +330,7 @@ def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@champion", str(folder), "--out", str(out)], d, env)
     rows = list(csv.DictReader(out.open()))
     assert [Path(r["file"]).name for r in rows] == [f"img{i:03d}.png" for i in range(40)]
-    assert set(rows[0]) == {"file", "predicted", *(f"p_{c}" for c in CODES)}
+    assert set(rows[0]) == {"file", "predicted", *(f"p_{c}" for c in NAMES)}
 
     sys.path.insert(0, str(d / "src"))
     from medssl.models.classifier import Classifier, ExportModel

@@ -125,3 +125,18 @@ def test_grid_shards_start_when_the_stage_is_given_another_core():
     for t in threads:
         t.join()
     assert max(peak) == 2  # the second shard started beside the first, not after it
+
+
+def test_a_torn_dvc_rwlock_is_removed_and_a_whole_one_kept(tmp_path):
+    """What a dvc killed while rewriting its lock file leaves (empty or cut JSON) would fail every later dvc
+    command; `medssl pipeline` removes it before dvc runs, and leaves a readable one alone."""
+    from medssl.repro import clear_torn_rwlock
+
+    lock = tmp_path / ".dvc/tmp/rwlock"
+    lock.parent.mkdir(parents=True)
+    assert not clear_torn_rwlock(tmp_path)  # none there
+    lock.write_text('{"write": {}, "read": {}}')
+    assert not clear_torn_rwlock(tmp_path) and lock.is_file()
+    for torn in ("", '{"write": {"/x": {"pid": 1'):
+        lock.write_text(torn)
+        assert clear_torn_rwlock(tmp_path) and not lock.exists()

@@ -121,15 +121,15 @@ class Data(_Strict):
         """data.name from the source when not given, so every name a user sees follows the dataset."""
         if not isinstance(raw, dict) or raw.get("name"):
             return raw
-        src = raw.get("source", "medmnist")
-        where = {"medmnist": raw.get("medmnist"), "npz": raw.get("npz"),
+        src = raw.get("source", cls.model_fields["source"].default)
+        where = {"medmnist": raw.get("medmnist", cls.model_fields["medmnist"].default), "npz": raw.get("npz"),
                  "folder": (raw.get("folder") or {}).get("images") if isinstance(raw.get("folder"), dict) else None,
                  "csv": (raw.get("csv") or {}).get("file") if isinstance(raw.get("csv"), dict) else None}.get(src)
         return {**raw, "name": slug(Path(str(where)).stem) if where else None}
 
     @model_validator(mode="after")
     def _source_given(self) -> "Data":
-        section = {"medmnist": self.medmnist, "folder": self.folder, "csv": self.csv}.get(self.source, True)
+        section = {"medmnist": self.medmnist, "npz": self.npz, "folder": self.folder, "csv": self.csv}[self.source]
         if section is None:
             raise ValueError(f"data.source is {self.source!r} but data.{self.source} is not set")
         if self.name is None:
@@ -157,6 +157,14 @@ class Data(_Strict):
         if v % 16:
             raise ValueError(f"must be a multiple of 16 (the VAE decoder upsamples 16x), got {v}")
         return v
+
+    @field_validator("classes", "positive", mode="before")
+    @classmethod
+    def _names_are_strings(cls, v):
+        """Grades written as numbers (classes: [0, 1, 2], positive: 1) are class names like any other."""
+        if isinstance(v, list):
+            return [str(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else c for c in v]
+        return str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
 
 
 class Model(_Strict):
@@ -239,6 +247,8 @@ class Shift(_Strict):
     images: str                                 # second source for domain shift: a folder of images + a CSV
     csv: str                                    # path,label[,group] (see columns); its grouped test split is scored
     columns: Columns = Columns(path="image_id", label="dx", group="lesion_id")  # default: HAM10000/ISIC layout
+    classes: list[str] | None = None            # its labels for the dataset's classes, in label order (HAM10000's dx
+                                                # codes for DermaMNIST: akiec, bcc, ...); null: the dataset's names
     name: str = "shift"
 
 
@@ -465,8 +475,10 @@ def dataset_overrides(dataset: str) -> dict:
         raise ConfigError(f"dataset {dataset!r}: no such folder, and not an .npz or .csv file")
     else:
         src = {"data.source": "medmnist", "data.medmnist": dataset}
-    return {**src, "data.name": None, "data.classes": None, "data.positive": None, "mlflow.experiment": None,
-            "export.registered_model": None, "tune.study_name": None}
+    name = slug(path.stem if "data.medmnist" not in src else dataset)
+    return {**src, "data.npz": src.get("data.npz"), "data.name": None, "data.classes": None, "data.positive": None,
+            "data.task": "auto", "data.path": f"data/raw/{name}.npz", "mlflow.experiment": None,
+            "export.registered_model": None, "tune.study_name": None, "tune.output": f"tuned-{name}.yaml"}
 
 
 def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,
@@ -496,11 +508,13 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | None = None,
     """
     path = Path(path)
     raw = _read_yaml(path)
-    tuned_path = path.parent / raw.get("tune", {}).get("output", "tuned.yaml")
+    for k, v in (overrides or {}).items():  # first, so that an overridden tune.output picks the tuned file
+        raw = set_dotted(raw, k, v)
+    tuned_path = path.parent / ((raw.get("tune") or {}).get("output") or "tuned.yaml")
     if tuned and tuned_path.is_file():
         raw = deep_merge(raw, _read_yaml(tuned_path))
-    for k, v in (overrides or {}).items():
-        raw = set_dotted(raw, k, v)
+        for k, v in (overrides or {}).items():  # overrides win over tuned values too
+            raw = set_dotted(raw, k, v)
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

@@ -71,6 +71,9 @@ def score_version(name: str, version, images: np.ndarray, labels: np.ndarray, cl
     if list(meta.get("class_names", [])) != list(classes):
         raise PromotionError(f"models:/{name}/{version} predicts classes {meta.get('class_names')}, not {classes}")
     h, w = meta["input_size"]
+    if int(meta.get("channels", 3)) != images.shape[-1]:
+        raise PromotionError(f"models:/{name}/{version} takes {meta.get('channels', 3)}-channel images, these have "
+                             f"{images.shape[-1]}")
     if images.shape[1:3] != (h, w):
         images = np.stack([fit_image(im, (h, w), "stretch") for im in images])
     return onnx_scores(local / "model.onnx", images, labels, classes)

@@ -38,17 +38,20 @@ from medssl.resume import Checkpointer
 
 
 def load_shift(p: Params, meta: dict) -> Split | None:
-    """The test split of the second source (a CSV of the dataset's class names, split by its groups), at the
-    prepared data's size and channels."""
+    """The test split of the second source (a CSV whose labels are grid.shift.classes, or the dataset's class
+    names, by label order; split by its groups), at the prepared data's size and channels."""
     if p.grid.shift is None:
         return None
     from medssl.config import Csv
     from medssl.data.folder import build_csv
     from medssl.data.images import to_channels
 
-    s = p.grid.shift
+    s, classes = p.grid.shift, meta["classes"]
+    if s.classes is not None and len(s.classes) != len(classes):
+        raise ValueError(f"grid.shift.classes has {len(s.classes)} names {s.classes}; the dataset has {len(classes)}: "
+                         f"{classes} (one name per class, in the dataset's label order)")
     cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=p.data.image_size)
-    test = build_csv(cfg, p.seed, meta["classes"]).splits["test"]
+    test = build_csv(cfg, p.seed, s.classes or classes, complete=False).splits["test"]
     x = resize_u8(test.images, p.data.image_size)
     return Split(to_channels(x, meta.get("channels", 3)), test.labels)  # as `medssl predict` reads its files
 

@@ -223,6 +223,31 @@ def end_group(pgid: int, grace: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def clear_torn_rwlock(cwd=None) -> bool:
+    """A `.dvc/tmp/rwlock` that is not JSON is what a dvc killed while rewriting it leaves (kill -9 of the
+    pipeline, PR_SET_PDEATHSIG): every later dvc command fails on it. Under `medssl pipeline`'s project lock no
+    dvc of ours runs, so a file still torn a moment later is removed (DVC writes a new one). True if removed."""
+    path = Path(cwd or ".") / ".dvc/tmp/rwlock"
+
+    def torn() -> bool:
+        try:
+            json.loads(path.read_text())
+        except FileNotFoundError:
+            return False
+        except ValueError:  # empty or cut short
+            return True
+        return False
+
+    if not torn():
+        return False
+    time.sleep(0.5)  # a dvc outside medssl writing it right now has finished by then
+    if not torn():
+        return False
+    path.unlink(missing_ok=True)
+    print(f"removed {path}: torn by a dvc process killed while writing it", file=sys.stderr)
+    return True
+
+
 def repro(env: dict, jobs: int, force: bool = False, cores: list[int] | None = None, out=None, cwd=None) -> int:
     """`dvc repro` ([--force]) with up to `jobs` stages at once; exit code as Runner.run.
 
@@ -230,6 +255,7 @@ def repro(env: dict, jobs: int, force: bool = False, cores: list[int] | None = N
     them in the DAG (so none runs before an upstream stage that will change), side by side in the DAG's order;
     then `dvc status` again, for the stages downstream whose inputs those runs changed, until none is left. A
     stage that is always changed (fetch) runs once."""
+    clear_torn_rwlock(cwd)
     try:
         dag = Dag.of(env, cwd)
     except RuntimeError as e:  # DVC's own message, e.g. a broken dvc.yaml

@@ -30,7 +30,7 @@ class BadRequest(ValueError):
 def to_batch(payload, input_size: tuple[int, int], max_images: int, channels: int = 3) -> np.ndarray:
     """Parsed JSON -> (N, h, w, channels) uint8, or BadRequest naming what is wrong."""
     if not isinstance(payload, dict) or not ({"inputs", "instances"} & set(payload)):
-        raise BadRequest(400, 'expected a JSON object {"inputs": [image, ...]} with uint8 images (h, w, 3)')
+        raise BadRequest(400, 'expected a JSON object {"inputs": [image, ...]} with uint8 images (h, w, channels)')
     data = payload.get("inputs", payload.get("instances"))
     if isinstance(data, dict):  # {"inputs": {"images": ...}}: the model's one named input
         data = data.get("images")

@@ -8,7 +8,7 @@
   group: lesion_id}`.
 Every image is read the way `medssl predict` reads one, fitted to `size` x `size`. A dataset whose every image
 is grey (grey files, or RGB files with R = G = B) is stored with one channel; one colour image makes the whole
-dataset RGB (its grey images repeated into three channels), and the data card counts the grey ones.
+dataset RGB (its grey images repeated into three channels); metrics/source.json counts the grey ones.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Built:
 
 def class_order(names) -> list[str]:
     """Class names in label order: numeric names numerically (grades 0..10), then the rest alphabetically."""
-    return sorted(set(names), key=lambda n: (0, int(n), "") if n.isdigit() else (1, 0, n))
+    return sorted(set(names), key=lambda n: (0, int(n), n) if n.isdecimal() else (1, 0, n))
 
 
 def _is_image(f: Path) -> bool:
@@ -70,6 +70,9 @@ def build_folder(cfg, seed: int, classes: list[str] | None = None) -> Built:
         present = [s for s in SPLITS if (root / s).is_dir()]
         if "test" not in present:
             raise DataError(f"{root}: has train/ but no test/; give train/ and test/ (val/ optional) or no split folders")
+        other = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in SPLITS and not d.name.startswith("."))
+        if other:
+            raise DataError(f"{root}: folder(s) {other} beside train/; split folders are named train, val, test")
         given = {s: _folder_items(root / s, str(root / s), classes) for s in present}
         names = classes or class_order(n for _, labels in given.values() for n in labels)
         paths = [f for s in present for f in given[s][0]]
@@ -124,8 +127,9 @@ def resolve_images(images_dir: Path, names: list[str], csv_path: Path, column: s
     return paths
 
 
-def build_csv(cfg, seed: int, classes: list[str] | None = None) -> Built:
-    """data.csv (or grid.shift) -> Built. cfg: file, images, columns, size, val, test, fit."""
+def build_csv(cfg, seed: int, classes: list[str] | None = None, complete: bool = True) -> Built:
+    """data.csv (or grid.shift) -> Built. cfg: file, images, columns, size, val, test, fit. complete: every split
+    must hold every class (a second source scored only may lack some)."""
     csv_path = Path(cfg.file)
     images_dir = Path(cfg.images) if cfg.images else csv_path.parent
     c = cfg.columns
@@ -143,21 +147,28 @@ def build_csv(cfg, seed: int, classes: list[str] | None = None) -> Built:
     files = np.array([r[c.path].strip() for r in rows])
     groups = np.array([(r[c.group] or "").strip() or r[c.path] for r in rows]) if grouped else files
     y = np.array([names.index(v) for v in labels], np.int64)
-    return _build(paths, y, files, groups, names, cfg, seed, str(csv_path), None, grouped)
+    return _build(paths, y, files, groups, names, cfg, seed, str(csv_path), None, grouped, complete)
+
+
+def carve(labels: np.ndarray, groups: np.ndarray, idx: np.ndarray, frac: float, seed: int,
+          where: str = "data") -> tuple[np.ndarray, np.ndarray]:
+    """idx -> (rest, held): a stratified, grouped share `frac` of idx held out (sorted)."""
+    k = max(2, int(round(1 / frac)))
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    try:
+        rest, held = next(cv.split(idx, labels[idx], groups[idx]))
+    except ValueError as e:  # fewer groups than folds
+        raise DataError(f"{where}: cannot hold out {frac:.0%} of {len(idx)} images in {len(set(groups[idx]))} group(s) "
+                        f"({e}); give each class at least {k} images (groups) or split it yourself") from None
+    return np.sort(idx[rest]), np.sort(idx[held])
 
 
 def grouped_splits(labels: np.ndarray, groups: np.ndarray, val: float, test: float, seed: int,
-                   idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   where: str = "data") -> dict[str, np.ndarray]:
     """Stratified, grouped train/val/test indices: all images of a group land in one split."""
-    def carve(idx: np.ndarray, frac: float) -> tuple[np.ndarray, np.ndarray]:
-        k = max(2, int(round(1 / frac)))
-        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        rest, held = next(cv.split(idx, labels[idx], groups[idx]))
-        return idx[rest], idx[held]
-
-    train_val, test_idx = carve(np.arange(len(labels)) if idx is None else idx, test)
-    train_idx, val_idx = carve(train_val, val / (1 - test))
-    return {"train": np.sort(train_idx), "val": np.sort(val_idx), "test": np.sort(test_idx)}
+    train_val, test_idx = carve(labels, groups, np.arange(len(labels)), test, seed, where)
+    train_idx, val_idx = carve(labels, groups, train_val, val / (1 - test), seed, where)
+    return {"train": train_idx, "val": val_idx, "test": test_idx}
 
 
 def _read_all(paths: list[Path], size: int, fit: str, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -181,40 +192,44 @@ def _read_all(paths: list[Path], size: int, fit: str, where: str) -> tuple[np.nd
     return images, grey
 
 
-def _build(paths, y, files, groups, names, cfg, seed, where, split_of, grouped) -> Built:
+def _build(paths, y, files, groups, names, cfg, seed, where, split_of, grouped, complete: bool = True) -> Built:
     images, grey = _read_all(paths, cfg.size, cfg.fit, where)
     if grey.all():
         images = images[..., :1]
     if split_of is None:
-        idx = grouped_splits(y, groups, cfg.val, cfg.test, seed)
+        idx = grouped_splits(y, groups, cfg.val, cfg.test, seed, where)
     else:  # the folder's own split; a missing val/ is carved from train (stratified)
         idx = {s: np.flatnonzero(split_of == s) for s in SPLITS}
         if not idx["val"].size:
-            rest, val = _carve_val(y, groups, idx["train"], cfg.val, seed)
-            idx["train"], idx["val"] = rest, val
+            idx["train"], idx["val"] = carve(y, groups, idx["train"], cfg.val, seed, where)
     splits = {s: Split(images[idx[s]], y[idx[s]]) for s in SPLITS}
     ids = {s: files[idx[s]] for s in SPLITS}
-    check_classes(splits, where, names)
+    if complete:
+        check_classes(splits, where, names)
     check_leaks(splits, where, ids)
     return Built(splits, {s: groups[idx[s]] for s in SPLITS}, ids, list(names), int(grey.sum()), grouped)
 
 
-def _carve_val(y, groups, train_idx, val: float, seed: int):
-    k = max(2, int(round(1 / val)))
-    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    rest, held = next(cv.split(train_idx, y[train_idx], groups[train_idx]))
-    return np.sort(train_idx[rest]), np.sort(train_idx[held])
-
-
 def fingerprint(images_dir: str | Path, csv_path: str | Path | None, settings: list) -> str:
-    """md5 of the CSV, every file's name, size and mtime under `images_dir`, and the build settings."""
+    """md5 of the CSV, the build settings and the name, size and mtime of every image the build reads: the
+    files under `images_dir` (folder source) or the files the CSV names (so that a CSV beside data.path, or
+    beside other files, is not rebuilt when they change)."""
     h = hashlib.md5(Path(csv_path).read_bytes() if csv_path and Path(csv_path).is_file() else b"")
     h.update(repr(settings).encode())
     root = Path(images_dir)
-    for f in sorted(root.rglob("*")) if root.is_dir() else []:
-        if f.is_file():
-            st = f.stat()
-            h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if csv_path is None:
+        files = sorted(f for f in root.rglob("*") if _is_image(f)) if root.is_dir() else []
+    else:
+        try:
+            with open(csv_path, newline="") as f:
+                names = sorted({v.strip() for row in csv.reader(f) for v in row[:8] if v.strip()})
+        except (OSError, UnicodeDecodeError, csv.Error):
+            names = []  # the build names the problem
+        files = sorted({f for n in names for f in (root / n, *((root / n).with_name((root / n).name + s)
+                                                               for s in SUFFIXES)) if _is_image(f)})
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

@@ -62,9 +62,11 @@ def to_rgb(im, path="image") -> np.ndarray:
 
 
 def fit_image(img: np.ndarray, size: tuple[int, int], fit: str = "reject", name: str = "image") -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) uint8 at `size` (bicubic); non-square inputs follow `fit`."""
+    """(H, W, C) uint8 -> (h, w, C) uint8 at `size` (bicubic); non-square inputs follow `fit`."""
     from PIL import Image
 
+    if img.ndim == 3 and img.shape[-1] == 1:  # grey: PIL takes it without the channel axis
+        return fit_image(img[..., 0], size, fit, name)[..., None]
     if fit not in FITS:
         raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
     H, W = img.shape[:2]

@@ -80,6 +80,9 @@ def describe(p, splits: dict[str, "Split"], stored: list[str] | None, where: str
     if len(classes) < k:
         raise DataError(f"{where}: labels go up to {k - 1} but {origin} names {len(classes)} classes {classes}; "
                         f"give one name per class in label order (data.classes), or null to take them from the source")
+    if d.task == "ordinal" and d.classes is None and not all(c.isdecimal() for c in classes):
+        raise DataError(f"{where}: data.task is ordinal but the class names {classes} (from {origin}) have no numeric "
+                        f"order; list them in grade order in data.classes")
     check_classes(splits, where, classes)
     task = d.task if d.task != "auto" else ("binary" if len(classes) == 2 else "multiclass")
     if task == "binary" and len(classes) != 2:
@@ -128,21 +131,22 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
     elif given:
         fetch(target, given, what, p)
         origin = {"source": "file", "path": str(Path(given).resolve())}
-    elif p.data.source == "npz":
-        raise DataError(f"data.source is npz but data.npz is not set (nor ${ENV_DATA_PATH}): point it at your "
-                        f"MedMNIST-layout npz ({{split}}_images, {{split}}_labels)")
     else:
         flag, last = p.data.medmnist, _record(lay)
         cached = medmnist_root() / f"{flag}.npz"
+        # an earlier fetch's file of this flag (a record from before flags were recorded was DermaMNIST's)
+        same = last.get("medmnist", "dermamnist" if last.get("source") != "folder" else None) == flag
         if cached.is_file():
             fetch(target, str(cached), f"data.medmnist={flag} ({cached})", p)
             origin = {"source": "medmnist folder", "path": str(cached)}
-        elif target.is_file() and last.get("medmnist") == flag and last.get("md5") == md5sum(target):
+        elif target.is_file() and same and last.get("md5") == md5sum(target):
+            validate_raw(target, p, "data.path")
             origin = {k: v for k, v in last.items() if k != "md5"}
         else:
             download_medmnist(flag, target, p)
             origin = {"source": "medmnist download", "path": None}
-        origin["medmnist"] = flag
+    if p.data.source == "medmnist" and not source:
+        origin["medmnist"] = p.data.medmnist
     write_json(lay.data_source, {**origin, "md5": md5sum(target), "data_path": str(p.data.path)})
     return target
 
@@ -171,7 +175,10 @@ def _fetch_built(p, target: Path, lay) -> dict:
         where = str(Path(cfg.images if d.source == "folder" else cfg.file))
         describe(p, built.splits, built.classes, where)  # class names and task fit before anything is written
         write_npz(built, target)
-    out = {"source": d.source, "path": str(Path(files).resolve()), "fingerprint": mark}
+        seen = {"grey_images": built.grey_images, "grouped": built.grouped}
+    else:
+        seen = {k: last[k] for k in ("grey_images", "grouped") if k in last}
+    out = {"source": d.source, "path": str(Path(files).resolve()), "fingerprint": mark, **seen}
     if d.source == "csv":
         out["csv"] = str(Path(cfg.file).resolve())
     return out
