@@ -150,8 +150,9 @@ def test_refusals_name_what_to_fix_and_keep_the_good_file(tmp_path):
     grades = class_folder(tmp_path / "grades", ["mild", "moderate", "none", "severe"], 12)
     cases.append(({"source": "folder", "folder": {"images": str(grades)}, "task": "ordinal"},
                   "data.task is ordinal but the class names ['mild', 'moderate', 'none', 'severe']"))
-    (split / "valid").mkdir()
-    cases.append(({"source": "folder", "folder": {"images": str(split)}}, "folder(s) ['valid'] beside train/"))
+    extra = class_folder(tmp_path / "extra", ["a", "b"], 10, {"train": 0.6, "val": 0.2, "test": 0.2})
+    (extra / "valid").mkdir()
+    cases.append(({"source": "folder", "folder": {"images": str(extra)}}, "folder(s) ['valid'] beside train/"))
     tiny = class_folder(tmp_path / "tiny", ["a", "b"], 2)
     cases.append(({"source": "folder", "folder": {"images": str(tiny)}}, "cannot hold out 20% of 4 images"))
     for data, message in cases:
