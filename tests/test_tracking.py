@@ -57,3 +57,45 @@ def test_content_store_fetches_a_published_file_from_the_tracking_server(mlflow_
         assert cas.get(r) == got and cas.md5(got) == r.digest
     finally:
         mlflow.set_tracking_uri(mlflow_server)
+
+
+def test_stages_side_by_side_log_a_new_dataset_without_failing(mlflow_server, tmp_path, monkeypatch):
+    """Two pretraining stages start at once in a new experiment and both log `<data>-train`: the server inserts
+    the dataset twice and one request fails on its unique key (a pipeline failed on it); log_datasets retries and
+    both runs list the input."""
+    import threading
+
+    import mlflow
+    import numpy as np
+
+    from medssl.config import load_params
+    from medssl.tracking import log_datasets
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    raw = tmp_path / "raw.npz"
+    np.savez(raw, x=np.zeros(1))
+    meta = {"raw_md5": "0" * 32, "classes": ["a", "b"], "channels": 1, "task": "binary"}
+    client, errors, runs = mlflow.MlflowClient(), [], []
+    for round_ in range(4):
+        p = load_params("params.yaml", {"mlflow.experiment": f"race-{round_}", "data.name": f"race{round_}"})
+        exp = client.create_experiment(p.mlflow.experiment)
+        barrier = threading.Barrier(4)
+
+        def stage():
+            try:
+                with mlflow.start_run(experiment_id=exp) as run:
+                    runs.append((round_, run.info.run_id))
+                    barrier.wait()
+                    log_datasets(p, meta, {"train": 10}, raw)
+            except Exception as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=stage) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert len(runs) == 16 and all([i.dataset.name for i in client.get_run(r).inputs.dataset_inputs] == [f"race{k}-train"]
+                                   for k, r in runs)

@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -140,8 +141,6 @@ def log_epoch(row: dict, group: str | None = None) -> None:
 
 def log_curves(curves: list[dict], group: str | None = None) -> None:
     """Every per-epoch row of a finished fit into the active run, in one request."""
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -183,8 +182,6 @@ def log_curves_figure(curves: list[dict], title: str, metric: str = "balanced_ac
 def unique_name(name: str) -> str:
     """`finetune-imagenet` -> `finetune-imagenet-1123-091204`: run names that tell runs apart in tables and chart
     legends (the stable name is the tag `medssl.run`)."""
-    import time
-
     return f"{name}-{time.strftime('%m%d-%H%M%S')}"
 
 
@@ -306,8 +303,19 @@ def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> No
         source = resolve_dataset_source(str(Path(raw).resolve()))
     for split, n in splits.items():
         ds = MetaDataset(source, name=f"{p.data.name}-{split}", digest=meta["raw_md5"], schema=schema)
-        mlflow.log_input(ds, context=split, tags={"n": str(n), "image_size": str(size), "channels": str(meta.get("channels", 3)),
-                                                  "task": meta.get("task", "multiclass"), "classes": ", ".join(meta["classes"])[:500]})
+        tags = {"n": str(n), "image_size": str(size), "channels": str(meta.get("channels", 3)),
+                "task": meta.get("task", "multiclass"), "classes": ", ".join(meta["classes"])[:500]}
+        for attempt in range(3):
+            try:
+                mlflow.log_input(ds, context=split, tags=tags)
+                break
+            except mlflow.exceptions.MlflowException as e:
+                # two stages side by side logging a dataset that is new to the experiment: the server inserts it
+                # twice and one request fails on its unique key; again, it finds the row the other one wrote
+                race = "UNIQUE constraint failed: datasets" in str(e) or "duplicate key value" in str(e)
+                if not race or attempt == 2:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
 
 def run_link(exp: str, run_id: str) -> str:
