@@ -84,14 +84,15 @@ def validate(params: Path = PARAMS):
 def fetch(params: Path = PARAMS):
     """Place the raw npz at data.path from data.source: a MedMNIST flag (~/.medmnist, $MEDSSL_DATA_PATH or the
     download), your own npz, a folder of class sub-folders or a CSV of path,label[,group], validated first."""
-    from medssl.data.sources import run_fetch, validate_raw
+    from medssl.data.sources import run_fetch
+    from medssl.io import read_json
+    from medssl.layout import Layout
 
-    p = _params(params)
-    path = run_fetch(p)
-    splits, info = validate_raw(path, p, "data.path")
-    err.print(f"{path}: {p.data.name}, {info.task}, {len(info.classes)} classes ({', '.join(info.classes)}), "
-              f"{'grey' if info.channels == 1 else 'RGB'} {splits['train'].images.shape[1]}px; "
-              + ", ".join(f"{s} {len(v.labels)}" for s, v in splits.items()), highlight=False)
+    path = run_fetch(_params(params))
+    d = read_json(Layout().data_source)["data"]  # what fetch validated
+    err.print(f"{path}: {d['name']}, {d['task']}, {len(d['classes'])} classes ({', '.join(d['classes'])}), "
+              f"{'grey' if d['channels'] == 1 else 'RGB'} {d['size']}px; "
+              + ", ".join(f"{s} {n}" for s, n in d["n"].items()), highlight=False)
 
 
 @app.command()

@@ -140,14 +140,16 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
             fetch(target, str(cached), f"data.medmnist={flag} ({cached})", p)
             origin = {"source": "medmnist folder", "path": str(cached)}
         elif target.is_file() and same and last.get("md5") == md5sum(target):
-            validate_raw(target, p, "data.path")
-            origin = {k: v for k, v in last.items() if k != "md5"}
+            origin = {k: v for k, v in last.items() if k not in ("md5", "data")}
         else:
             download_medmnist(flag, target, p)
             origin = {"source": "medmnist download", "path": None}
     if p.data.source == "medmnist" and not source:
         origin["medmnist"] = p.data.medmnist
-    write_json(lay.data_source, {**origin, "md5": md5sum(target), "data_path": str(p.data.path)})
+    splits, info = validate_raw(target, p, "data.path")  # once, whichever way it came (settings may be new)
+    data = {"name": p.data.name, "task": info.task, "classes": info.classes, "channels": info.channels,
+            "size": int(splits["train"].images.shape[1]), "n": {s: len(v.labels) for s, v in splits.items()}}
+    write_json(lay.data_source, {**origin, "md5": md5sum(target), "data_path": str(p.data.path), "data": data})
     return target
 
 
@@ -201,8 +203,6 @@ def fetch(target: str | Path, source: str | None = None, what: str = "data sourc
     if not (target.is_file() and md5sum(target) == md5sum(src)):
         validate_raw(src, p, what)  # a bad source never replaces a good file
         _atomic_copy(src, target)
-    elif p is not None:
-        validate_raw(target, p, what)  # the same file under other settings (data.classes, data.task)
     return target
 
 
