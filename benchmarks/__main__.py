@@ -141,6 +141,32 @@ def features(n: int, d: int, device, seed: int = 0):
     return x.astype(np.float32), y
 
 
+def grid_cell(x, y, device, fraction: float):
+    """One grid fine-tune cell on `fraction` of the pool, scored on a 1,024-image validation set: medssl's (a fixed
+    number of optimizer steps, the train-val gap on a fixed 256-image part) against the naive one (epochs over the
+    subset, the whole subset scored after each). Seconds per cell."""
+    from medssl.core.train import finetune
+
+    n = max(32, int(len(x) * fraction))
+    tr = (x[:n].to(device), y[:n].to(device))
+    val = (x[:1024].to(device), y[:1024].numpy())
+    cfg = NS(lr=1e-3, weight_decay=1e-4, batch_size=32, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
+             augment=AUG)
+    classes = [str(i) for i in range(7)]
+    run = lambda sub, epochs, steps: finetune(make("finetune", x.shape[1]), tr, val, sub, cfg, epochs, "balanced_accuracy",  # noqa: E731
+                                              classes, 0, device, quiet=True, steps=steps)
+    fast = timed(lambda: run((tr[0][:256], tr[1][:256]), 3, 96), device)
+    naive = timed(lambda: run(tr, 3, None), device)
+    return fast, naive
+
+
+def shard_features(x, device, shards: int = 3):
+    """Frozen features of one encoder for `shards` grid seeds: extracted once and shared (medssl) vs once per shard."""
+    enc = prepare_model(make("finetune", x.shape[1]).backbone, device)
+    xd = x.to(device)
+    return timed(lambda: extract_features(enc, xd), device), timed(lambda: [extract_features(enc, xd) for _ in range(shards)], device)
+
+
 def probes(n_train: int, n_eval: int, d: int, device):
     from sklearn.linear_model import LogisticRegression
     from sklearn.neighbors import KNeighborsClassifier
@@ -149,6 +175,9 @@ def probes(n_train: int, n_eval: int, d: int, device):
     x, y = features(n_train + n_eval, d, device)
     tx, ty, ex = torch.from_numpy(x[:n_train]).to(device), torch.from_numpy(y[:n_train]).to(device), torch.from_numpy(x[n_train:]).to(device)
     out = {}
+    out["linear_torch"] = (timed(lambda: linear_probe(tx, ty, ex, 7, 1.0, "balanced", "torch"), device),
+                           timed(lambda: LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(
+                               StandardScaler().fit_transform(x[:n_train]), y[:n_train]), device))
     out["linear"] = (timed(lambda: linear_probe(tx, ty, ex, 7, 1.0, "balanced"), device),
                      timed(lambda: LogisticRegression(C=1.0, max_iter=2000, class_weight="balanced").fit(
                          StandardScaler().fit_transform(x[:n_train]), y[:n_train]), device))
@@ -191,12 +220,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=None, help="images per training epoch (default: 1024 on CPU, 7168 on GPU)")
     ap.add_argument("--batch", type=int, default=None, help="training batch (default: 128 on CPU, 512 on GPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    ap.add_argument("--only", nargs="*", default=None, help="subset of: finetune vae simclr mim eval features probes onnx")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="subset of: finetune vae simclr mim eval features cells shared probes onnx")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = a.n or (7168 if device.type == "cuda" else 1024)
     bs = a.batch or (512 if device.type == "cuda" else 128)
-    want = set(a.only or ["finetune", "vae", "simclr", "mim", "eval", "features", "probes", "onnx"])
+    want = set(a.only or ["finetune", "vae", "simclr", "mim", "eval", "features", "cells", "shared", "probes", "onnx"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     x, y = data(n, a.size)
@@ -213,11 +243,26 @@ def main() -> None:
             res[kind] = {"fast_images_per_s": fast, "naive_images_per_s": naive}
             rows.append((f"{'evaluation (probabilities)' if kind == 'eval' else 'feature extraction'} (batch 1024)", fast, naive, "images/s"))
             print(rows[-1], flush=True)
+    if "cells" in want:
+        for f in (0.01, 1.0):
+            fast, naive = grid_cell(x, y, device, f)
+            res[f"grid_cell_f{f:g}"] = {"fast_seconds": fast, "naive_seconds": naive}
+            rows.append((f"grid fine-tune cell at {100 * f:g} % of {n} images (96 steps of batch 32, gap on 256; naive: "
+                         f"3 epochs, the whole subset scored each)", fast, naive, "seconds"))
+            print(rows[-1], flush=True)
+    if "shared" in want:
+        fast, naive = shard_features(x, device)
+        res["shard_features"] = {"fast_seconds": fast, "naive_seconds": naive}
+        rows.append((f"frozen features of one encoder for 3 grid seeds, {n} images (shared; naive: per shard)", fast,
+                     naive, "seconds"))
+        print(rows[-1], flush=True)
     if "probes" in want:
         for name, (fast, naive) in probes(7007, 2005, 1280, device).items():
             res[f"probe_{name}"] = {"fast_seconds": fast, "naive_seconds": naive}
-            what = ("linear probe (torch L-BFGS to gradient 1e-6; naive: scikit-learn lbfgs, its default tol 1e-4)"
-                    if name == "linear" else "k-NN probe, k = 20 cosine (naive: scikit-learn)")
+            what = {"linear": "linear probe as the grid runs it (scikit-learn on a CPU, torch L-BFGS on a GPU; naive: "
+                              "scikit-learn lbfgs, default tol 1e-4)",
+                    "linear_torch": "linear probe, torch L-BFGS to gradient 1e-6 (naive: scikit-learn lbfgs, default tol 1e-4)",
+                    "knn": "k-NN probe, k = 20 cosine (naive: scikit-learn)"}[name]
             rows.append((f"{what}, 7,007 x 1,280 train, 2,005 eval", fast, naive, "seconds"))
             print(rows[-1], flush=True)
     if "onnx" in want:

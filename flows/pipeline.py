@@ -27,7 +27,7 @@ from medssl.config import Params, load_params, run_overrides
 from medssl.data.prepare import run_prepare
 from medssl.data.sources import run_fetch
 from medssl.evaluate import inline_images, run_evaluate
-from medssl.export import run_export
+from medssl.export import champion_line, run_export
 from medssl.finetune import run_finetune
 from medssl.grid import Shard, grid_data, grid_tags, save_grid_data, write_grid
 from medssl.scale import grid_flow, task_runner
@@ -147,7 +147,8 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
                else f"`{model}` v{export['version']}")
     moved = (f"→ `{export['model_uri']}` = {version}" if export["promoted"]
              else f"registered as {version}, not promoted (`{export['model_uri']}` unchanged)")
-    lines += ["", f"**Champion:** {export['champion']} {moved}: {export['reason']}; "
+    lines += ["", f"**Champion:** {export['champion']} (chosen on validation `{p.export.select_metric}` of the grid's "
+              f"100 % fine-tune cells) {moved}: {export['reason']}; "
               f"ONNX parity max |diff| {export['parity_max_abs_diff']:.2e} on {export['parity_images']} images.",
               "", f"Parent MLflow run: {run_link(parent_id)} ({uri})"]
     return "\n".join(lines)
@@ -217,8 +218,11 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             create_markdown_artifact(report, key="medssl-report",
                                      description="init x protocol x label fraction x seed comparison, mean ± 95 % CI")
             mlflow.log_text(md, "prefect/results.md")
-            mlflow.set_tags({"champion": export["champion"], "model_version": str(export["version"])})
-            logger.info("champion %s -> %s v%s", export["champion"], export["model_uri"], export["version"])
+            mlflow.set_tags({"champion": export["champion"], "model_version": str(export["version"]),
+                             "promoted": str(export["promoted"])})
+            logger.info("%s", champion_line(export))
+            if export.get("verdict"):
+                logger.info("the comparison, %s", export["verdict"])
             return {"champion": export["champion"], "version": export["version"], "parent_run_id": parent.info.run_id,
                     "test_accuracy": export["test_accuracy"], "test_auc_macro": export["test_auc_macro"]}
         finally:

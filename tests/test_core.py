@@ -15,6 +15,7 @@ CLASSES = [str(i) for i in range(7)]
 CFG = NS(lr=1e-3, weight_decay=1e-4, batch_size=16, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
          augment=NS(hflip=True, vflip=True, rot90=True, strength=0.5))
 GRID = NS(linear_c=1.0, linear_class_weight="balanced", knn_k=5)
+BUDGET = NS(epochs=1, steps=None, max_eval=16)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def cells_of(seed: int, x, y) -> list[dict]:
     jobs = [j for j in plan(y["pool"], [0.5, 1.0], [], [seed])]
     out = []
     for j in jobs:
-        cell, _, probas = finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, 1, 16, "balanced_accuracy",
+        cell, _, probas = finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, BUDGET, "balanced_accuracy",
                                         CLASSES, torch.device("cpu"))
         out.append((cell, probas["test"].tolist()))
     feats = {s: extract_features(model(seed).backbone, v) for s, v in x.items()}
@@ -87,3 +88,34 @@ def test_resumed_finetune_equals_uninterrupted(data):
     resumed = finetune(model(7), *args, resume=saved["state"])
     assert resumed.curves == full.curves and resumed.best_epoch == full.best_epoch and resumed.val == full.val
     assert all(torch.equal(resumed.state[k], full.state[k]) for k in full.state)
+
+
+@pytest.mark.parametrize("n", [10, 70])
+def test_fixed_steps_train_the_same_number_of_steps_at_any_subset_size(data, n):
+    """With `steps`, a cell takes exactly that many optimizer steps (batches of the configured size) whether
+    its subset holds 10 images or 70, with full batches, and evaluates `epochs` times."""
+    x, y = data
+    seen, taken = [], []
+    m = model(0)
+    forward = m.forward
+
+    def counting(inp):
+        seen.append(len(inp))
+        return forward(inp)
+
+    m.forward = counting
+    train = (x["pool"][:n], torch.as_tensor(y["pool"][:n]).long())
+    orig = torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        taken.append(1)
+        return orig(self, *a, **k)
+
+    torch.optim.AdamW.step = step
+    try:
+        fit = finetune(m, train, (x["val"], y["val"]), train, CFG, 3, "balanced_accuracy", CLASSES, 0,
+                       torch.device("cpu"), quiet=True, steps=12)
+    finally:
+        torch.optim.AdamW.step = orig
+    assert len(taken) == 12 and len(fit.curves) == 3
+    assert seen.count(min(CFG.batch_size, n)) >= 12  # every training batch full-sized (the rest: evaluation)

@@ -32,3 +32,29 @@ def test_plan_is_nested_and_independent_of_order():
         assert set(by[f"fractions_f0.1_s{s}"]) <= set(by[f"fractions_f0.5_s{s}"]) <= set(by[f"fractions_f1_s{s}"])
     again = {j.key: j.idx for j in plan(y, [1.0, 0.5, 0.1], [1, 10], [2, 1, 0])}
     assert all(np.array_equal(by[k], again[k]) for k in by)
+
+
+def test_one_class_cells_are_marked_in_the_report_tables():
+    """A cell whose model predicts one class on test in some seeds says so beside its scores; others do not."""
+    from medssl.report import aggregate, protocol_table
+
+    def cell(seed, n_pred, ba):
+        return {"init": "random", "protocol": "finetune", "regime": "fractions", "fraction": 1.0, "seed": seed,
+                "n_train": 10, "gap_accuracy": 0.0, "test_classes_predicted": n_pred,
+                "test": {"balanced_accuracy": ba, "auc_macro": 0.5}}
+
+    agg = aggregate([cell(0, 1, 1 / 7), cell(1, 1, 1 / 7), cell(2, 3, 0.3)])
+    assert agg[("fractions", "finetune", "random", 1.0)]["one_class"] == 2
+    assert "**one class** (2 of 3 seeds)" in protocol_table(agg, "fractions", "finetune", ["random"], [1.0])
+    agg = aggregate([cell(s, 4, 0.3) for s in range(3)])
+    assert "one class" not in protocol_table(agg, "fractions", "finetune", ["random"], [1.0])
+
+
+def test_champion_line_says_how_it_was_chosen_and_whether_the_alias_moved():
+    from medssl.export import champion_line
+
+    ex = {"champion": "imagenet", "select_metric": "balanced_accuracy", "model_uri": "models:/m@champion",
+          "version_uri": "models:/m/2", "promoted": False, "reason": "does not beat the current champion"}
+    line = champion_line(ex)
+    assert "chosen on validation balanced_accuracy" in line and "not promoted, models:/m@champion unchanged" in line
+    assert "now points at it" in champion_line({**ex, "promoted": True})

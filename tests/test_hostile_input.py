@@ -172,3 +172,23 @@ def test_debug_shows_the_traceback_of_a_user_error(tmp_path):
     debug = subprocess.run(cmd + ["--debug", *args], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert plain.returncode == 2 and "Traceback" not in plain.stderr and len(plain.stderr.strip().splitlines()) <= 3, plain.stderr
     assert debug.returncode == 1 and "Traceback" in debug.stderr, debug.stderr
+
+
+def test_pipeline_set_writes_params_keeping_comments_and_refuses_bad_values(tmp_path):
+    """`medssl pipeline -S budget=cpu` sets the value in params.yaml as `dvc exp run -S` does (every comment and every
+    other line kept); an invalid value stops with the field named and leaves the file byte for byte."""
+    from medssl.config import write_params
+
+    path = tmp_path / "params.yaml"
+    before = open("params.yaml").read()
+    path.write_text(before)
+    write_params(path, {"budget": "cpu", "grid.seeds": [0, 1, 3]})
+    after = path.read_text()
+    changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines()) if a != b]
+    assert len(before.splitlines()) == len(after.splitlines()) and len(changed) == 2
+    assert changed[0][1].startswith("budget: cpu ") and changed[0][1].split("#")[1] == changed[0][0].split("#")[1]
+    assert changed[1][1].startswith("  seeds: [0, 1, 3] ") and load_params(path).budget == "cpu"
+    r = subprocess.run([sys.executable, "-m", "medssl.cli", "pipeline", "--params", str(path), "-S", "budget=huge"],
+                       cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 2 and "budget 'huge' is not one of budgets" in r.stderr and "Traceback" not in r.stderr
+    assert path.read_text() == after

@@ -97,7 +97,7 @@ def test_verdict_answers_per_label_budget():
     rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
             _row("simclr", 0.1, 0.04, "better"), _row("vae", 0.1, 0.0, "no difference"),
             _row("simclr", 1.0, -0.05, "worse"), _row("vae", 1.0, -0.08, "worse")]
-    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.01, 0.1, 1.0], "full", 2005, 3, 30)
+    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.01, 0.1, 1.0], "full", 2005, 3, "30 epochs of batch 128")
     assert "at 1–10 % labels, **SimCLR beats ImageNet** (+0.060 [+0.030, +0.090] at 1 %; +0.040 [+0.010, +0.070] at 10 %)" in text
     assert "at 100 % labels, **ImageNet leads every self-supervised init** (closest: SimCLR -0.050" in text
     assert "The VAE never beats ImageNet." in text and "too small to decide" not in text
@@ -107,6 +107,7 @@ def test_verdict_says_when_the_budget_cannot_decide():
     from medssl.compare import verdict
 
     rows = [_row(i, f, 0.01, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
-    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0], "demo", 200, 3, 3)
+    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0], "demo", 200, 3, "2 epochs of batch 32")
     assert text.startswith("**The `demo` budget is too small to decide**") and "200 test images, 3 seeds" in text
+    assert "fine-tune cells of 2 epochs of batch 32" in text and "make answer" in text
     assert "at 10–100 % labels, no self-supervised init beats ImageNet at this budget" in text

@@ -84,7 +84,8 @@ def _linear_probe_at_full_labels(p, prepared, init: str, seed: int) -> dict:
     backbone = frozen_encoder(p, init, meta, torch.device("cpu"), seed)
     feats = {s: extract_features(backbone, torch.from_numpy(splits[s].images)) for s in ("train", "test")}
     proba = linear_probe(feats["train"], torch.from_numpy(splits["train"].labels.astype(np.int64)), feats["test"],
-                         len(meta["classes"]), p.grid.linear_c, p.grid.linear_class_weight)
+                         len(meta["classes"]), p.grid.linear_c, p.grid.linear_class_weight,
+                         solver="torch")  # the solver these margins were measured with (test_probes checks both)
     return scores(splits["test"].labels, proba, meta["classes"])
 
 

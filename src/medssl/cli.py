@@ -179,7 +179,9 @@ def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.htm
 @app.command()
 @_clear_errors
 def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)"),
-             jobs: Optional[int] = typer.Option(None, min=1, help="stages at once (default: one per CPU core; 4 on a GPU)")):
+             jobs: Optional[int] = typer.Option(None, min=1, help="stages at once (default: one per CPU core; 4 on a GPU)"),
+             sets: Optional[list[str]] = typer.Option(None, "--set", "-S", help="set a params.yaml value first, as "
+                                                      "`dvc exp run -S` does (kept in the file), e.g. -S budget=cpu")):
     """Run `dvc repro` inside one parent MLflow run, independent stages side by side (medssl.repro); every stage
     nests its runs under the parent.
 
@@ -193,6 +195,11 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
     from medssl.io import read_json
     from medssl.layout import Layout
 
+    if sets:
+        from medssl.config import write_params
+
+        write_params(params, _overrides(sets))  # validated before the file changes
+        err.print(f"{params}: " + ", ".join(sets), highlight=False)
     p = _params(params)
     exp = tracking.experiment_id(p)  # checks the tracking server first
     env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
@@ -228,12 +235,13 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
             mlflow.log_artifacts("reports", "reports")
         if Path("metrics/export.json").is_file():
             ex = read_json("metrics/export.json")
+            from medssl.export import champion_line
+
             mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"]), "promoted": str(ex["promoted"])})
             mlflow.log_metrics({tracking.metric_key(k): v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
-            moved = "now" if ex["promoted"] else "not promoted; alias stays on the current champion:"
-            err.print(f"[bold green]champion {ex['champion']}[/] v{ex['version']} {moved} {ex['reason']}; "
-                      f"test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
-                      f"parity {ex['parity_max_abs_diff']:.2e}", highlight=False)
+            err.print(f"{champion_line(ex)}; test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
+                      f"parity {ex['parity_max_abs_diff']:.2e}" + (f"\n{ex['verdict']}" if ex.get("verdict") else ""),
+                      highlight=False)
         if Path("reports/verdict.md").is_file():
             from rich.markup import escape
 

@@ -26,6 +26,10 @@ NAMES = {"random": "random init", "imagenet": "ImageNet", "vae": "the VAE", "sim
 PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)"}
 
 
+NEXT_BUDGET = {"demo": "For an answer run the `cpu` budget: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).",
+               "cpu": "For an answer run a larger budget: `budget: full` on a GPU (README, GPU)."}
+
+
 def name(init: str) -> str:
     return NAMES.get(init, init)
 
@@ -144,9 +148,28 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
     return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
 
 
+def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> bool:
+    """Whether the verdict decides anything: a self-supervised init significantly better or worse than the first
+    reference (test balanced accuracy, fine-tune / linear protocols, after Holm)."""
+    ref = next((r for r in REFERENCES if r in baselines), None)
+    return any(r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"
+               and r["reference"] == ref and r["init"] in ssl and r["protocol"] in VERDICT_PROTOCOLS
+               and r["protocol"] in protocols and r["decision"] != "no difference" for r in rows)
+
+
+def story(budget: str, is_decided: bool) -> str:
+    """The one sentence every view of a run repeats (report, parent run, registry, Prefect log): what the run says
+    about the question, so a champion is never read as an answer the comparison did not give."""
+    if is_decided:
+        return f"budget `{budget}`: the comparison decides (verdict in the report); the champion is its best init on validation"
+    return (f"budget `{budget}`: too small to decide whether self-supervision beats ImageNet; the champion is the best "
+            f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
+
+
 def verdict(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str], fractions: list[float],
-            budget: str, n_test: int, n_seeds: int, epochs: int, shift: dict | None = None) -> str:
-    """A few generated sentences: per label budget, does pretraining on the domain's images beat the baseline?"""
+            budget: str, n_test: int, n_seeds: int, training: str, shift: dict | None = None) -> str:
+    """A few generated sentences: per label budget, does pretraining on the domain's images beat the baseline?
+    training: what a fine-tune cell got, in words ("2 epochs of batch 32")."""
     ref = next((r for r in REFERENCES if r in baselines), None)
     if ref is None or not ssl:
         return ("No verdict: the comparison needs a baseline (imagenet or random in inits.baselines) and at least one "
@@ -165,8 +188,8 @@ def verdict(rows: list[dict], protocols: list[str], baselines: list[str], ssl: l
            f"correction over {m} comparisons.")
     if not decided:
         lines.insert(0, f"**The `{budget}` budget is too small to decide**: no difference between a self-supervised init "
-                        f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, {epochs} fine-tune epochs "
-                        f"per cell). Run a larger budget (`budget: full`) for an answer.")
+                        f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, fine-tune cells of "
+                        f"{training}). {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
     if ref == "imagenet" and "random" in baselines:
         vs = [r for r in test if r["init"] == "imagenet" and r["reference"] == "random" and r["protocol"] in protocols]
         wins = [r for r in vs if r["decision"] == "better"]

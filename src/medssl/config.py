@@ -49,7 +49,9 @@ def _label_fractions(v: list[float]) -> list[float]:
 
 
 class GridBudget(_Strict):
-    epochs: int = Field(default=3, ge=1)                 # fine-tune epochs of every grid cell
+    epochs: int = Field(default=3, ge=1)                 # fine-tune epochs of every grid cell (with steps: evaluations)
+    steps: int | None = Field(default=None, ge=1)        # fine-tune cells: optimizer steps, the same at every label
+                                                         # fraction (1 % cells learn too); null: `epochs` passes
     max_train: int | None = Field(default=None, ge=16)   # labelled pool (stratified subset of train); null = all
     max_eval: int | None = Field(default=None, ge=16)    # val/test subsets scored per cell; null = all
     fractions: list[float] | None = None                 # the budget's label fractions; null = grid.fractions
@@ -59,6 +61,13 @@ class GridBudget(_Strict):
     @classmethod
     def _fractions(cls, v: list[float] | None) -> list[float] | None:
         return None if v is None else _label_fractions(v)
+
+    def training(self, batch_size: int) -> str:
+        """What every fine-tune cell gets, in words (report, verdict); batch_size: finetune.batch_size."""
+        b = self.batch_size or batch_size
+        if self.steps:
+            return f"{self.steps} optimizer steps of batch {b} at every label fraction (validated {self.epochs} times)"
+        return f"{self.epochs} epochs of batch {b}"
 
 
 class Budget(_Strict):
@@ -499,6 +508,39 @@ def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | No
         out["grid.fusion"] = [g for g in base.grid.fusion if set(g) <= set(inits)]
     out = {k: v for k, v in out.items() if v is not None}
     return out | (dataset_overrides(dataset) if dataset else {})
+
+
+def write_params(path: str | Path, overrides: dict) -> None:
+    """Set dotted values in params.yaml, keeping its comments and layout (ruamel round trip, as DVC edits it), after
+    checking that the result validates: an invalid value leaves the file as it was (ConfigError names it)."""
+    import io
+
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    load_params(path, overrides)  # raises before anything is written
+    rt = YAML()
+    rt.width, rt.preserve_quotes = 4096, True  # no re-wrapped lines
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    doc = rt.load(path.read_text())
+    for key, value in overrides.items():
+        node, parts = doc, key.split(".")
+        for part in parts[:-1]:
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+        if isinstance(value, (list, dict)):  # written inline, as params.yaml writes its lists
+            from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+            value = (CommentedSeq if isinstance(value, list) else CommentedMap)(value)
+            value.fa.set_flow_style()
+        node[parts[-1]] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)
 
 
 def load_params(path: str | Path = "params.yaml", overrides: dict | None = None, tuned: bool = True) -> Params:

@@ -85,13 +85,17 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     cands = summary.get("candidates_val") or {}
     gap = summary["gap_at_best"]
     keys = table_keys(meta)
+    smoke = (f"**Smoke run (`budget: {p.budget}`), not an answer**: it checks every stage end to end in minutes. "
+             f"For the answer: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).\n\n"
+             if p.budget == "demo" else "")
     md = (
-        f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
+        smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
         f"Task: {meta.get('task', 'multiclass')}, {len(classes)} classes ({', '.join(classes)})"
         + (f", positive class `{meta['positive_class']}`" if meta.get("positive_class") else "")
         + f"; {'grey' if meta.get('channels', 3) == 1 else 'RGB'} images; champion chosen on validation `{select}`.\n\n"
         f"## Verdict\n\n{verdict}\n\n"
+        f"In one line: {comp['verdict']['story']}.\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
@@ -109,7 +113,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
     write_json(lay.headline_metrics, headline(p, init, test, summary["val"], comp))
-    _log_report(p, out, verdict)
+    _log_report(p, out, smoke + verdict, comp["verdict"])
     result["verdict"] = verdict
     return result
 
@@ -156,19 +160,22 @@ def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
             if d is not None:
                 vs[f"{init_} {_pct(f)}"] = d["diff"]
     keys = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "ece")
-    return {"champion": init, "test": {k: round(test[k], 4) for k in keys},
+    return {"budget": p.budget, "decided": comp["verdict"]["decided"], "champion": init, "test": {k: round(test[k], 4) for k in keys},
             "val": {"balanced_accuracy": round(val["balanced_accuracy"], 4)},
             **({f"vs_imagenet_{protocol}": vs} if vs else {})}
 
 
-def _log_report(p: Params, folder: Path, verdict: str) -> None:
+def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
     """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run; the verdict
-    becomes that run's description."""
+    becomes that run's description, and its tags say whether it decides (the same sentence as the report)."""
+    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_decided": str(status["decided"]).lower(),
+            "budget": p.budget}
     parent = tracking.parent_run_id()
     if parent:
         client = mlflow.MlflowClient()
         client.log_artifacts(parent, str(folder), "reports")
-        client.set_tag(parent, "mlflow.note.content", verdict)
+        for k, v in tags.items():
+            client.set_tag(parent, k, v)
         return
-    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", "mlflow.note.content": verdict}):
+    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", **tags}):
         mlflow.log_artifacts(str(folder), "reports")

@@ -112,6 +112,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     val_raw = val_all[: p.export.parity_images]
     classes = ckpt["classes"]
     test = read_json(lay.test_metrics)[champion]
+    status = read_json(lay.report_metrics).get("verdict") or {}  # what the comparison says (stage evaluate)
     val = summary["val"]
     meta = read_json(lay.meta)
     data_md5 = meta["raw_md5"]
@@ -167,7 +168,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         name = p.export.registered_model
         client.update_registered_model(name, description=registry_description(p, meta, (h, w, c)))
         client.update_model_version(name, mv.version, description=version_description(
-            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w, c), meta, val, test, check, promote, reason))
+            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w, c), meta, val, test, check, promote, reason)
+            + (f"\n\nThe comparison, {status['story']}." if status else ""))
         # tags: what one filters or sorts versions on; the full record is the description and the runs
         version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
                         **({"compared_with_version": str(held_by.version),
@@ -185,7 +187,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         mlflow.set_tags({"registered_model": p.export.registered_model, "model_version": mv.version,
                          "promoted": str(promote).lower(), "promotion_reason": reason})
 
-    result = {"champion": champion, "version": int(mv.version), "promoted": promote, "reason": reason,
+    result = {"champion": champion, "select_metric": p.export.select_metric, "version": int(mv.version),
+              "promoted": promote, "reason": reason, **({"verdict": status["story"]} if status else {}),
               "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
               "version_uri": f"models:/{p.export.registered_model}/{mv.version}",
               f"onnx_val_{metric}": onnx_val[metric], **({f"champion_val_{metric}": held[metric]} if held else {}),
@@ -194,6 +197,15 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}
     write_json(EXPORT_METRICS, result)
     return result
+
+
+def champion_line(ex: dict) -> str:
+    """What the champion's messages say (medssl pipeline, the Prefect log): how it was chosen, its version, and
+    whether the alias moved. ex: metrics/export.json."""
+    how = f"chosen on validation {ex.get('select_metric', 'balanced_accuracy')} of the grid's 100 % fine-tune cells"
+    moved = (f"{ex['model_uri']} now points at it" if ex["promoted"]
+             else f"not promoted, {ex['model_uri']} unchanged")
+    return f"champion {ex['champion']} ({how}) registered as {ex['version_uri']}; {moved} ({ex['reason']})"
 
 
 KEYS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc_macro", "macro AUC"),

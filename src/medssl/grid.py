@@ -99,14 +99,32 @@ def grid_setup(p: Params, data: dict[str, Split], device) -> tuple[dict, dict, l
     return x, y, scored, plan(y["pool"], p.grid.fractions, p.grid.imbalance, p.grid.seeds)
 
 
+class SharedFeatures:
+    """Frozen features per encoder seed, extracted once and shared by every shard that probes that encoder (every
+    init but random loads one encoder for all grid seeds): linear, k-NN and, from the saved array, fusion cells."""
+
+    def __init__(self):
+        self.lock, self.locks, self.feats = threading.Lock(), {}, {}
+
+    def get(self, es: int, extract) -> dict[str, torch.Tensor]:
+        with self.lock:
+            key_lock = self.locks.setdefault(es, threading.Lock())
+        with key_lock:  # a shard that needs it waits for the one extracting it
+            if es not in self.feats:
+                self.feats[es] = extract()
+            return self.feats[es]
+
+
 def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dict, lay: Layout, device,
-              parent: str | None, done: dict | None = None, on_cell=None, stop: threading.Event | None = None) -> Shard:
+              parent: str | None, done: dict | None = None, on_cell=None, stop: threading.Event | None = None,
+              features: SharedFeatures | None = None) -> Shard:
     """Every cell of grid seed `seed` (all protocols, regimes, fractions), nested MLflow runs under `parent`.
 
     `p` holds the values of `init` (Params.for_init). Randomness comes from the cell's own seeds, so a shard gives
     the same cells wherever and in whatever order it runs. done: cells already finished (resume; read only);
     on_cell(key, cell, curve_rows, probas) after each new cell; stop: set by the caller to end the shard before its
-    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder)."""
+    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder). features: shared
+with the shards of the same init in this process (None: this shard's own)."""
     g = p.grid
     x, y, scored, jobs = grid_setup(p, data, device)
     jobs = [j for j in jobs if j.seed == seed]
@@ -115,9 +133,12 @@ def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dic
     cells, probas = dict(done["cells"]), dict(done["probas"])
     curves = [r for r in done["curves"] if r["seed"] == seed]
     es = encoder_seed(init, seed, p.seed)
-    enc = frozen_encoder(p, init, meta, device, es, lay)
-    feats = {s: extract_features(enc, x[s]) for s in x}
-    del enc
+
+    def extract():
+        enc = frozen_encoder(p, init, meta, device, es, lay)
+        return {s: extract_features(enc, x[s]) for s in x}
+
+    feats = (features or SharedFeatures()).get(es, extract)
     todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in cells]
     total = len(jobs) * len(g.protocols)
     bar = Progress(f"grid {init} seed {seed}", total, total - len(todo), unit="cell")
@@ -245,7 +266,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
                                                       "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric,
                                                       "with": "probas"})  # states of earlier code lack them
     done = state.load() or {"cells": {}, "curves": [], "probas": {}}
-    lock, stop = threading.Lock(), threading.Event()
+    lock, stop, features = threading.Lock(), threading.Event(), SharedFeatures()
 
     def on_cell(key, cell, rows, probas):  # every finished cell into the state file, one writer at a time
         with lock:
@@ -260,7 +281,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
 
         def shard(seed):
             with slots:
-                return run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, on_cell, stop)
+                return run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, on_cell, stop, features)
 
         with one_torch_thread(device), ThreadPoolExecutor(len(g.seeds)) as pool:
             futures = [pool.submit(shard, seed) for seed in g.seeds]
@@ -285,10 +306,10 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
     cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
                                         "batch_size": b.batch_size or p.finetune.batch_size})
-    with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "seed": job.seed,
-                                            "batch_size": cfg.batch_size}, parent):
+    with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
+                                            "seed": job.seed, "batch_size": cfg.batch_size}, parent):
         cell, fit, probas = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
-                                          b.epochs, b.max_eval, p.export.select_metric, classes, device)
+                                          b, p.export.select_metric, classes, device)
         tracking.log_curves(fit.curves)
         for split in scored:
             tracking.log_scores(split, cell[split])

@@ -99,7 +99,8 @@ def aggregate(cells: list[dict], split: str = "test") -> dict:
         if split not in cs[0]:
             continue
         row = {k: ci95([c[split][k] for c in cs]) for k in cs[0][split]}
-        row |= {"gap_accuracy": ci95([c["gap_accuracy"] for c in cs]), "n_seeds": len(cs), "n_train": int(np.mean([c["n_train"] for c in cs]))}
+        row |= {"gap_accuracy": ci95([c["gap_accuracy"] for c in cs]), "n_seeds": len(cs), "n_train": int(np.mean([c["n_train"] for c in cs])),
+                "one_class": sum(c.get(f"{split}_classes_predicted", 2) == 1 for c in cs)}  # seeds whose model predicts one class
         out[key] = row
     return out
 
@@ -113,6 +114,12 @@ def _pct(f: float) -> str:
     return f"{100 * f:g} %"
 
 
+def one_class(r: dict) -> str:
+    """The mark of a cell whose model predicts a single class on test in some seeds (its balanced accuracy is
+    1 / number of classes: it learnt nothing)."""
+    return f"<br>**one class** ({r['one_class']} of {r['n_seeds']} seeds)" if r.get("one_class") else ""
+
+
 def protocol_table(agg: dict, regime: str, protocol: str, inits: list[str], fractions: list[float]) -> str:
     head = "| init | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
     rows = []
@@ -120,7 +127,7 @@ def protocol_table(agg: dict, regime: str, protocol: str, inits: list[str], frac
         cells = []
         for f in fractions:
             r = agg.get((regime, protocol, init, f))
-            cells.append("—" if r is None else f"{_fmt(r['balanced_accuracy'])}<br>AUC {_fmt(r['auc_macro'])}")
+            cells.append("—" if r is None else f"{_fmt(r['balanced_accuracy'])}<br>AUC {_fmt(r['auc_macro'])}{one_class(r)}")
         rows.append(f"| {init} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
 
@@ -273,8 +280,9 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                  "champion": (champion or {}).get("init", ""),
                  "champion_test": (champion or {}).get("test_balanced_accuracy"),
                  "champion_shift": (champion or {}).get("shift_balanced_accuracy")}
+    training = p.epochs.grid.training(p.finetune.batch_size)
     verdict = compare.verdict(rows, g.protocols, p.inits.baselines, ssl, fr, p.budget, n_pool["test"], len(seeds),
-                              p.epochs.grid.epochs, shift)
+                              training, shift)
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
     over = overfitting(inits, lay) if "finetune" in g.protocols else {}
@@ -283,8 +291,8 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
     md = [f"## Comparison: {len(inits)} inits × {len(g.protocols)} protocols × {len(fr)} label fractions × "
           f"{len(seeds)} seeds (seeds {seeds})", "",
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
-          f"kept); scored on {n_pool['test']} test images; fine-tune cells: {p.epochs.grid.epochs} epochs of batch "
-          f"{p.epochs.grid.batch_size or p.finetune.batch_size}, best epoch on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds). "
+          f"kept); scored on {n_pool['test']} test images; fine-tune cells: {training}, best evaluation on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds); **one class** marks "
+          "seeds whose model predicts a single class for every test image (balanced accuracy 1 / classes: it learnt nothing). "
           "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
           f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
           f"{g.linear_class_weight}.", ""]
@@ -294,8 +302,10 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
     if refs:
         md += ["### Paired differences", "",
                f"Each init minus {' and minus '.join(refs)}, paired over seeds (the same label subsets) and bootstrapped "
-               f"over test images ({compare.N_BOOT} stratified resamples): difference [95 % interval]; ▲ / ▼ where it is "
-               f"significant after Holm correction (α = {compare.ALPHA}). All rows, with macro AUC and p values: "
+               f"over test images ({compare.N_BOOT} stratified resamples): difference [95 % interval]. The interval is "
+               f"unadjusted (each comparison on its own); ▲ / ▼ mark the decision, which is Holm-corrected over the "
+               f"family (one reference, one metric; α = {compare.ALPHA}), so an interval that excludes 0 can carry no "
+               f"mark. All rows, with macro AUC and p values: "
                "[paired_differences.csv](paired_differences.csv); `dvc metrics diff` shows them from "
                "metrics/report.json.", ""]
         for protocol in [pr for pr in compare.VERDICT_PROTOCOLS if pr in g.protocols]:
@@ -347,7 +357,9 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
         md += ["### Embedding fusion (linear probe on concatenated frozen embeddings)", "",
                protocol_table({(("fractions" if k[0] == "fusion" else k[0]),) + k[1:]: v for k, v in agg.items()},
                               "fractions", "linear", singles + names, fr)]
-    summary = {"balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
+    is_decided = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
+    summary = {"verdict": {"budget": p.budget, "decided": is_decided, "story": compare.story(p.budget, is_decided)},
+               "balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
                "paired": compare.metrics_json(rows)}
     for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init (+ its CI)

@@ -66,6 +66,11 @@ def make_cell(init: str, protocol: str, job: Job, sc: dict, **extra) -> dict:
             "gap_accuracy": gap["accuracy"], "gap_balanced_accuracy": gap["balanced_accuracy"], **extra}
 
 
+def predicted(probas: dict[str, torch.Tensor]) -> dict[str, int]:
+    """split -> how many classes the model predicts (argmax) at least once: 1 marks a one-class predictor."""
+    return {f"{s}_classes_predicted": int(len(torch.unique(pr.argmax(1)))) for s, pr in probas.items() if s != "train"}
+
+
 def held_out(probas: dict[str, torch.Tensor], scored: list[str]) -> dict[str, np.ndarray]:
     """The probabilities the paired statistics resample: test (and shift), (N, C) float32 on the CPU."""
     return {s: probas[s].float().cpu().numpy() for s in scored if s != "val"}
@@ -88,23 +93,29 @@ def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor
         raise ValueError(f"unknown frozen-feature protocol {protocol!r}")
     labels = {"train": y["pool"][job.idx], **{s: y[s] for s in scored}}
     parts = dict(zip(labels, torch.split(proba, [len(labels[s]) for s in labels])))
-    cell = make_cell(init, protocol, job, {s: kept(scores(labels[s], part, classes)) for s, part in parts.items()})
+    cell = make_cell(init, protocol, job, {s: kept(scores(labels[s], part, classes)) for s, part in parts.items()},
+                     **predicted(parts))
     return cell, held_out(parts, scored)
 
 
 def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
-                  scored: list[str], cfg, epochs: int, max_eval: int | None, select: str, classes: list[str],
+                  scored: list[str], cfg, budget, select: str, classes: list[str],
                   device: torch.device, on_epoch=None) -> tuple[dict, FitResult, dict[str, np.ndarray]]:
     """A fine-tune cell: `model` (a Classifier built for this init and seed) trained on the job's subset, best
     epoch on validation, then scored on the held-out splits. x: split -> (N, S, S, 3) uint8 on the device.
+    budget: the grid budget (epochs, steps: a fixed number of optimizer steps for every fraction, or null;
+    max_eval); the train - val gap scores a fixed random part of the subset, max_eval (else
+    cfg.train_eval_size) images, so a cell's cost follows its steps, not its subset's size.
     Returns the cell, the fit (curves) and the held-out probabilities."""
     sel = torch.as_tensor(job.idx, device=device)
     tr_x, tr_y = x["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=device).long()
-    sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[: max_eval or len(job.idx)], device=device)
-    fit = finetune(model, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], tr_y[sub]), cfg, epochs, select, classes,
-                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch, quiet=True)  # the grid reports per cell
+    n_gap = budget.max_eval or cfg.train_eval_size
+    sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[:n_gap], device=device)
+    fit = finetune(model, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], tr_y[sub]), cfg, budget.epochs, select, classes,
+                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch, quiet=True,  # the grid reports per cell
+                   steps=budget.steps)
     model.load_state_dict(fit.state)
     # train subset and val were scored at the best epoch inside finetune; only the held-out splits remain
     probas = {s: predict_proba(model, x[s]) for s in scored if s != "val"}
     sc = {"train": kept(fit.train), "val": kept(fit.val), **{s: kept(scores(y[s], pr, classes)) for s, pr in probas.items()}}
-    return make_cell(init, "finetune", job, sc, best_epoch=fit.best_epoch), fit, held_out(probas, scored)
+    return make_cell(init, "finetune", job, sc, best_epoch=fit.best_epoch, **predicted(probas)), fit, held_out(probas, scored)

@@ -61,14 +61,18 @@ class FitResult:
 
 def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, epochs: int, select: str,
              classes: list[str], seed: int, device: torch.device, desc: str = "finetune",
-             on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False) -> FitResult:
+             on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False,
+             steps: int | None = None) -> FitResult:
     """Train a Classifier (built by the caller, on CPU) and keep its best epoch on validation.
 
     train, sub: (images (N, S, S, 3) uint8 on device, labels (N,) int64 on device); `sub` is a train subset
     scored in eval mode like validation, so the train - val gap compares like with like. val: (images, labels
     numpy). cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing, warmup_epochs, augment).
     Every draw (order, augmentation, dropout) comes from one generator on `device` seeded with `seed`.
-    Progress: a bar on a terminal, else a line per epoch on stderr (quiet: none, e.g. for the grid's short cells)."""
+    Progress: a bar on a terminal, else a line per epoch on stderr (quiet: none, e.g. for the grid's short cells).
+    steps: optimizer steps in all, whatever the size of `train` (a 70-image subset learns as long as a 7,000-image
+    one); `epochs` are then evaluation points, each after steps / epochs steps over fresh random orders of the
+    subset. None: `epochs` passes over `train`."""
     t0 = time.time()
     (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = train, val, sub
     gen = generator(seed, device)
@@ -76,7 +80,8 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
     model.set_generator(gen)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(tr_y))
-    steps_per_epoch = len(tr_y) // batch + (len(tr_y) % batch >= 2)
+    per_epoch = len(tr_y) if steps is None else -(-steps // epochs) * batch  # examples drawn between evaluations
+    steps_per_epoch = per_epoch // batch + (per_epoch % batch >= 2)
     sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
     sub_np = sub_y.cpu().numpy()
     nc = len(classes)
@@ -85,7 +90,10 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
         counts = torch.bincount(tr_y, minlength=nc).float()
         weight = torch.where(counts > 0, len(tr_y) / (int((counts > 0).sum()) * counts.clamp(min=1)), 0.0)
 
+    order = [None]  # steps: this epoch's draws, positions in train (whole random orders, one after another)
+
     def step(idx):
+        idx = idx if order[0] is None else order[0][idx]
         x = augment(tr_x[idx], cfg.augment, gen)
         x = x.permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
         return F.cross_entropy(model(x).float(), tr_y[idx], weight=weight, label_smoothing=cfg.label_smoothing), {}
@@ -95,7 +103,11 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
     start = _restore(resume, model, opt, sched, gen)
     bar = Progress(desc, epochs, start, items=len(tr_y), quiet=quiet, leave=False)
     for epoch in bar:
-        fit = train_epoch(model, step, len(tr_y), batch, opt, sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
+        if steps is not None:
+            reps = -(-per_epoch // len(tr_y))
+            order[0] = torch.cat([torch.randperm(len(tr_y), generator=gen, device=gen.device)
+                                  for _ in range(reps)])[:per_epoch].to(device)
+        fit = train_epoch(model, step, per_epoch, batch, opt, sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
         ref = fit["first_step_loss"] if ref is None else ref
         proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
         tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
