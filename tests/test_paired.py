@@ -111,3 +111,18 @@ def test_verdict_says_when_the_budget_cannot_decide():
     assert text.startswith("**The `demo` budget is too small to decide**") and "200 test images, 3 seeds" in text
     assert "fine-tune cells of 2 epochs of batch 32" in text and "make answer" in text
     assert "at 10–100 % labels, no self-supervised init beats ImageNet at this budget" in text
+
+
+def test_story_counts_the_cells_the_verdict_decides():
+    """The one line repeated by the report, the parent run, the registry and the Prefect log agrees with the
+    verdict: cells with a winner (an SSL init better, or the reference better than every one) out of all."""
+    from medssl.compare import decided, story
+
+    rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
+            _row("simclr", 0.1, 0.0, "no difference"), _row("vae", 0.1, -0.04, "worse"),
+            _row("simclr", 1.0, -0.05, "worse"), _row("vae", 1.0, -0.08, "worse")]
+    assert decided(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"]) == (2, 3)
+    assert story("cpu", 2, 3).startswith("budget `cpu`: 2 of 3 protocol × label-fraction cells name a winner")
+    none = [_row(i, f, 0.01, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
+    assert decided(none, ["finetune"], ["random", "imagenet"], ["vae", "simclr"]) == (0, 2)
+    assert "too small to decide" in story("demo", 0, 2) and "not an answer" in story("demo", 0, 2)

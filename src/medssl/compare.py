@@ -148,20 +148,26 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
     return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
 
 
-def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> bool:
-    """Whether the verdict decides anything: a self-supervised init significantly better or worse than the first
-    reference (test balanced accuracy, fine-tune / linear protocols, after Holm)."""
+def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> tuple[int, int]:
+    """How many of the verdict's protocol x label-fraction cells are decided, of how many: a self-supervised init
+    significantly better than the first reference, or the reference significantly better than every one (test
+    balanced accuracy, fine-tune / linear protocols, after Holm), as the verdict's sentences say."""
     ref = next((r for r in REFERENCES if r in baselines), None)
-    return any(r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"
-               and r["reference"] == ref and r["init"] in ssl and r["protocol"] in VERDICT_PROTOCOLS
-               and r["protocol"] in protocols and r["decision"] != "no difference" for r in rows)
+    mine = [r for r in rows if r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"
+            and r["reference"] == ref and r["init"] in ssl and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols]
+    cells = defaultdict(list)
+    for r in mine:
+        cells[(r["protocol"], r["fraction"])].append(r["decision"])
+    won = sum("better" in d or all(x == "worse" for x in d) for d in cells.values())
+    return won, len(cells)
 
 
-def story(budget: str, is_decided: bool) -> str:
+def story(budget: str, won: int, total: int) -> str:
     """The one sentence every view of a run repeats (report, parent run, registry, Prefect log): what the run says
     about the question, so a champion is never read as an answer the comparison did not give."""
-    if is_decided:
-        return f"budget `{budget}`: the comparison decides (verdict in the report); the champion is its best init on validation"
+    if won:
+        return (f"budget `{budget}`: {won} of {total} protocol × label-fraction cells name a winner (the verdict in the "
+                f"report); the champion is the best init on validation")
     return (f"budget `{budget}`: too small to decide whether self-supervision beats ImageNet; the champion is the best "
             f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
 

@@ -160,7 +160,7 @@ def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
             if d is not None:
                 vs[f"{init_} {_pct(f)}"] = d["diff"]
     keys = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "ece")
-    return {"budget": p.budget, "decided": comp["verdict"]["decided"], "champion": init, "test": {k: round(test[k], 4) for k in keys},
+    return {"budget": p.budget, "cells_decided": comp["verdict"]["decided"], "champion": init, "test": {k: round(test[k], 4) for k in keys},
             "val": {"balanced_accuracy": round(val["balanced_accuracy"], 4)},
             **({f"vs_imagenet_{protocol}": vs} if vs else {})}
 
@@ -168,7 +168,7 @@ def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
 def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
     """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run; the verdict
     becomes that run's description, and its tags say whether it decides (the same sentence as the report)."""
-    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_decided": str(status["decided"]).lower(),
+    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_decided": f"{status['decided']} of {status['cells']}",
             "budget": p.budget}
     parent = tracking.parent_run_id()
     if parent:

@@ -112,7 +112,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     val_raw = val_all[: p.export.parity_images]
     classes = ckpt["classes"]
     test = read_json(lay.test_metrics)[champion]
-    status = read_json(lay.report_metrics).get("verdict") or {}  # what the comparison says (stage evaluate)
+    # what the comparison says (stage evaluate), repeated in the version's description
+    status = (read_json(lay.report_metrics).get("verdict") or {}) if lay.report_metrics.is_file() else {}
     val = summary["val"]
     meta = read_json(lay.meta)
     data_md5 = meta["raw_md5"]

@@ -357,8 +357,8 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
         md += ["### Embedding fusion (linear probe on concatenated frozen embeddings)", "",
                protocol_table({(("fractions" if k[0] == "fusion" else k[0]),) + k[1:]: v for k, v in agg.items()},
                               "fractions", "linear", singles + names, fr)]
-    is_decided = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
-    summary = {"verdict": {"budget": p.budget, "decided": is_decided, "story": compare.story(p.budget, is_decided)},
+    won, total = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
+    summary = {"verdict": {"budget": p.budget, "decided": won, "cells": total, "story": compare.story(p.budget, won, total)},
                "balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
                "paired": compare.metrics_json(rows)}
