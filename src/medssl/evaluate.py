@@ -113,7 +113,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
     write_json(lay.headline_metrics, headline(p, init, test, summary["val"], comp))
-    _log_report(p, out, smoke + verdict, comp["verdict"])
+    _log_report(p, out, verdict, comp["verdict"])
     result["verdict"] = verdict
     return result
 
