@@ -115,14 +115,21 @@ def test_verdict_says_when_the_budget_cannot_decide():
 
 def test_story_counts_the_cells_the_verdict_decides():
     """The one line repeated by the report, the parent run, the registry and the Prefect log agrees with the
-    verdict: cells with a winner (an SSL init better, or the reference better than every one) out of all."""
-    from medssl.compare import decided, story
+    verdict: cells an SSL init wins, cells the reference leads or ties at the top, open cells; "too small to
+    decide" exactly when the verdict says it."""
+    from medssl.compare import decided, story, verdict
 
     rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
             _row("simclr", 0.1, 0.0, "no difference"), _row("vae", 0.1, -0.04, "worse"),
-            _row("simclr", 1.0, -0.05, "worse"), _row("vae", 1.0, -0.08, "worse")]
-    assert decided(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"]) == (2, 3)
-    assert story("cpu", 2, 3).startswith("budget `cpu`: 2 of 3 protocol × label-fraction cells name a winner")
+            _row("simclr", 1.0, 0.01, "no difference"), _row("vae", 1.0, 0.0, "no difference")]
+    d = decided(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"])
+    assert (d["ssl"], d["reference"], d["open"], d["cells"]) == (1, 1, 1, 3)
+    line = story("cpu", d)
+    assert "a self-supervised init beats ImageNet in 1 of 3" in line and "leads or ties at the top in 1, 1 undecided" in line
     none = [_row(i, f, 0.01, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
-    assert decided(none, ["finetune"], ["random", "imagenet"], ["vae", "simclr"]) == (0, 2)
-    assert "too small to decide" in story("demo", 0, 2) and "not an answer" in story("demo", 0, 2)
+    d = decided(none, ["finetune"], ["random", "imagenet"], ["vae", "simclr"])
+    assert d["open"] == 2 and "too small to decide" in story("demo", d) and "not an answer" in story("demo", d)
+    for rs, fs in ((rows, [0.01, 0.1, 1.0]), (none, [0.1, 1.0])):
+        said = "too small to decide" in verdict(rs, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], fs, "cpu",
+                                                  2005, 3, "96 steps")
+        assert said == ("too small to decide" in story("cpu", decided(rs, ["finetune"], ["random", "imagenet"], ["vae", "simclr"])))

@@ -148,28 +148,32 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
     return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
 
 
-def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> tuple[int, int]:
-    """How many of the verdict's protocol x label-fraction cells are decided, of how many: a self-supervised init
-    significantly better than the first reference, or the reference significantly better than every one (test
-    balanced accuracy, fine-tune / linear protocols, after Holm), as the verdict's sentences say."""
+def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> dict[str, int]:
+    """The verdict's protocol x label-fraction cells (test balanced accuracy, fine-tune / linear, vs the first
+    reference, after Holm) by what they say: `ssl` a self-supervised init beats the reference; `reference` none
+    does and at least one trails it (the reference leads or ties at the top); `open` no difference is significant.
+    The verdict calls the budget too small to decide exactly when every cell is open."""
     ref = next((r for r in REFERENCES if r in baselines), None)
     mine = [r for r in rows if r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"
             and r["reference"] == ref and r["init"] in ssl and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols]
     cells = defaultdict(list)
     for r in mine:
         cells[(r["protocol"], r["fraction"])].append(r["decision"])
-    won = sum("better" in d or all(x == "worse" for x in d) for d in cells.values())
-    return won, len(cells)
+    kinds = ["ssl" if "better" in d else "reference" if "worse" in d else "open" for d in cells.values()]
+    return {"ssl": kinds.count("ssl"), "reference": kinds.count("reference"), "open": kinds.count("open"),
+            "cells": len(kinds), "reference_init": ref or ""}
 
 
-def story(budget: str, won: int, total: int) -> str:
-    """The one sentence every view of a run repeats (report, parent run, registry, Prefect log): what the run says
-    about the question, so a champion is never read as an answer the comparison did not give."""
-    if won:
-        return (f"budget `{budget}`: {won} of {total} protocol × label-fraction cells name a winner (the verdict in the "
-                f"report); the champion is the best init on validation")
-    return (f"budget `{budget}`: too small to decide whether self-supervision beats ImageNet; the champion is the best "
-            f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
+def story(budget: str, d: dict) -> str:
+    """The one sentence every view of a run repeats (report, parent run, registry, Prefect log), from the same
+    decisions as the verdict, so a champion is never read as an answer the comparison did not give. d: decided()."""
+    ref = name(d["reference_init"]) if d.get("reference_init") else "the reference"
+    if d["ssl"] + d["reference"] == 0:
+        return (f"budget `{budget}`: too small to decide whether self-supervision beats {ref}; the champion is the best "
+                f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
+    return (f"budget `{budget}`: a self-supervised init beats {ref} in {d['ssl']} of {d['cells']} protocol × "
+            f"label-fraction cells, {ref} leads or ties at the top in {d['reference']}, {d['open']} undecided (the "
+            f"verdict in the report); the champion is the best init on validation")
 
 
 def verdict(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str], fractions: list[float],

@@ -160,7 +160,8 @@ def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
             if d is not None:
                 vs[f"{init_} {_pct(f)}"] = d["diff"]
     keys = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "ece")
-    return {"budget": p.budget, "cells_decided": comp["verdict"]["decided"], "champion": init, "test": {k: round(test[k], 4) for k in keys},
+    v = comp["verdict"]
+    return {"budget": p.budget, "verdict_cells": {k: v[k] for k in ("ssl", "reference", "open")}, "champion": init, "test": {k: round(test[k], 4) for k in keys},
             "val": {"balanced_accuracy": round(val["balanced_accuracy"], 4)},
             **({f"vs_imagenet_{protocol}": vs} if vs else {})}
 
@@ -168,7 +169,8 @@ def headline(p: Params, init: str, test: dict, val: dict, comp: dict) -> dict:
 def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
     """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run; the verdict
     becomes that run's description, and its tags say whether it decides (the same sentence as the report)."""
-    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_decided": f"{status['decided']} of {status['cells']}",
+    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_cells": f"ssl {status['ssl']} / {status['reference_init']} {status['reference']} / open {status['open']} "
+                                                                             f"of {status['cells']}",
             "budget": p.budget}
     parent = tracking.parent_run_id()
     if parent:

@@ -6,7 +6,9 @@ Called by the `evaluate` stage; reads metrics/grid/<init>.json and models/grid/<
 from __future__ import annotations
 
 import csv
+import os
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -70,22 +72,24 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict]
     for init in {i for group in p.grid.fusion for i in group}:
         with np.load(lay.grid_features(init)) as z:
             feats[init] = {k: z[k] for k in z.files}
-    cells, probas = [], {}
-    for group in p.grid.fusion:
-        name = "+".join(group)
-        first = feats[group[0]]
+    def cell(group, seed, fraction):
+        name, first = "+".join(group), feats[group[0]]
         y = {s[:-2]: first[s].astype(np.int64) for s in first if s.endswith("_y")}
-        scored = [s for s in y if s != "pool"]
-        for seed in p.grid.seeds:
-            # the probe standardises every feature, so each encoder enters with unit-variance features;
-            # a seeded encoder (random) contributes the draw its own cells of this seed probed
-            x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1))
-                 for s in y}
-            for fraction in p.grid.fractions:
-                job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
-                cell, held = probe_cell(name, "linear", job, x, y, scored, p.grid, classes)
-                cells.append({**cell, "regime": "fusion"})
-                probas |= {(name, "linear", "fusion", fraction, seed, s): pr for s, pr in held.items()}
+        # the probe standardises every feature, so each encoder enters with unit-variance features;
+        # a seeded encoder (random) contributes the draw its own cells of this seed probed
+        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1))
+             for s in y}
+        job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
+        c, held = probe_cell(name, "linear", job, x, y, [s for s in y if s != "pool"], p.grid, classes)
+        return {**c, "regime": "fusion"}, {(name, "linear", "fusion", fraction, seed, s): pr for s, pr in held.items()}
+
+    jobs = [(g, s, f) for g in p.grid.fusion for s in p.grid.seeds for f in p.grid.fractions]
+    # one probe per core (each on one BLAS thread): the evaluate stage runs alone at the end of the pipeline
+    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as pool:
+        done = list(pool.map(lambda j: cell(*j), jobs))
+    cells, probas = [c for c, _ in done], {}
+    for _, held in done:
+        probas |= held
     return cells, probas
 
 
@@ -357,8 +361,8 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
         md += ["### Embedding fusion (linear probe on concatenated frozen embeddings)", "",
                protocol_table({(("fractions" if k[0] == "fusion" else k[0]),) + k[1:]: v for k, v in agg.items()},
                               "fractions", "linear", singles + names, fr)]
-    won, total = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
-    summary = {"verdict": {"budget": p.budget, "decided": won, "cells": total, "story": compare.story(p.budget, won, total)},
+    d = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
+    summary = {"verdict": {"budget": p.budget, **d, "story": compare.story(p.budget, d)},
                "balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
                "paired": compare.metrics_json(rows)}
