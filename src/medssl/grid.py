@@ -123,8 +123,8 @@ def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dic
     `p` holds the values of `init` (Params.for_init). Randomness comes from the cell's own seeds, so a shard gives
     the same cells wherever and in whatever order it runs. done: cells already finished (resume; read only);
     on_cell(key, cell, curve_rows, probas) after each new cell; stop: set by the caller to end the shard before its
-    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder). features: shared
-with the shards of the same init in this process (None: this shard's own)."""
+    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder). features:
+    shared with the shards of the same init in this process (None: this shard's own)."""
     g = p.grid
     x, y, scored, jobs = grid_setup(p, data, device)
     jobs = [j for j in jobs if j.seed == seed]
