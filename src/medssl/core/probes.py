@@ -30,14 +30,14 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
     sum_i w_i * CE_i + ||W||^2 / (2C) (scaled by 1/N). Columns of classes absent from train_y stay zero, as
     scikit-learn fits only the classes it sees. Deterministic: no random draws.
     solver: "sklearn" (LogisticRegression, lbfgs, its default tolerance), "torch" (L-BFGS on the device), or
-    "auto": scikit-learn on a CPU, torch elsewhere."""
+    "auto": scikit-learn on a CPU when rows >= features, torch elsewhere."""
     present = torch.unique(train_y)
     if len(present) < 2:  # a single class: probability one, as scikit-learn would refuse to fit
         out = torch.zeros(len(eval_x), num_classes, device=eval_x.device)
         out[:, present] = 1.0
         return out
-    if solver == "auto":
-        solver = "sklearn" if train_x.device.type == "cpu" else "torch"
+    if solver == "auto":  # fewer rows than features: torch solves in the rows' span (below), scikit-learn in all D
+        solver = "sklearn" if train_x.device.type == "cpu" and len(train_x) >= train_x.shape[1] else "torch"
     if solver == "sklearn":
         return _sklearn_probe(train_x, train_y, eval_x, num_classes, c, class_weight)
     return _torch_probe(train_x, train_y, eval_x, num_classes, c, class_weight)
