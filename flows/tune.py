@@ -13,17 +13,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from medssl.config import load_params, run_overrides
-from medssl.data.prepare import run_prepare
-from medssl.data.sources import run_fetch
-from medssl.tune import run_tune
+from medssl.tune import prepare_search, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @task(name="prepare")
-def prepare_task(p) -> dict:
-    run_fetch(p)
-    return run_prepare(p)
+def prepare_task(p, base) -> dict:
+    return prepare_search(p, base)
 
 
 @task(name="study")
@@ -47,7 +44,7 @@ def tune(n_trials: int | None = None, storage: str | None = None, workers: int =
     if tune_inits is not None:
         over["tune.inits"] = tune_inits
     p = load_params(params_path, over, tuned=False)
-    prepared = prepare_task.submit(p)
+    prepared = prepare_task.submit(p, base)
     r = study_task.submit(p, params_path, n_trials, storage, workers, over, wait_for=[prepared]).result()
     rows = []
     for init, st in r["studies"].items():

@@ -50,6 +50,7 @@ def write_npz(path: Path, n: int = 40, size: int = 28, num_classes: int = 7, **o
             arrays.pop(k)
         else:
             arrays[k] = v
+    path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(path, **arrays)
     return path
 

@@ -61,16 +61,16 @@ def test_fetch_copies_env_file_atomically(tmp_path, monkeypatch):
 def test_fetch_offline_names_path_and_remedy(tmp_path):
     """The real medmnist download against a closed network (a dead proxy, in a child process so the
     proxy cannot leak into this one) fails with one clear error and leaves no file behind."""
-    target = tmp_path / "raw" / "dermamnist.npz"
+    target = tmp_path / "data/raw/dermamnist.npz"  # data.path, relative to the project (cwd)
     params = tmp_path / "params.yaml"
-    params.write_text(open("params.yaml").read().replace("data/raw/dermamnist.npz", str(target)))
+    params.write_text(open("params.yaml").read())
     env = {k: v for k, v in os.environ.items() if k != "MEDSSL_DATA_PATH"}
     env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")
     r = subprocess.run([sys.executable, "-m", "medssl.cli", "fetch", "--params", str(params)],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     msg = " ".join(r.stderr.split())
-    assert str(target) in msg and "MEDSSL_DATA_PATH" in msg and "medmnist" in msg and "Traceback" not in msg
+    assert "data/raw/dermamnist.npz" in msg and "MEDSSL_DATA_PATH" in msg and "medmnist" in msg and "Traceback" not in msg
     assert not target.exists()
 
 
@@ -121,9 +121,9 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
 
 
 def test_cli_reports_data_error_without_traceback(tmp_path):
-    path = write_npz(tmp_path / "bad.npz", train_images=np.zeros((40, 28, 28, 3), np.int16))
+    write_npz(tmp_path / "data/raw/dermamnist.npz", train_images=np.zeros((40, 28, 28, 3), np.int16))  # data.path
     params = tmp_path / "params.yaml"
-    params.write_text(open("params.yaml").read().replace("data/raw/dermamnist.npz", str(path)))
+    params.write_text(open("params.yaml").read())
     r = subprocess.run([sys.executable, "-m", "medssl.cli", "prepare", "--params", str(params)],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "train_images: dtype int16" in r.stderr and "Traceback" not in r.stderr

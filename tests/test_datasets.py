@@ -31,7 +31,7 @@ COUNTS = {"train": 120, "val": 40, "test": 40}
 def fetch(tmp_path: Path, data: dict, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """`medssl fetch` then `medssl prepare` with params.yaml's data section updated by `data`, in tmp_path."""
     p = yaml.safe_load(open("params.yaml"))
-    p["data"].update({"path": str(tmp_path / "raw.npz"), **data})
+    p["data"].update({"path": "data/raw.npz", **data})  # under tmp_path, the project (cwd)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     env = {k: v for k, v in os.environ.items() if k != "MEDSSL_DATA_PATH"} | (env or {})
     r = None
@@ -78,7 +78,7 @@ def test_folder_with_and_without_split_folders(tmp_path):
     fetch(tmp_path / "w2", {"source": "folder", "folder": {"images": str(split)}})
     c = card(tmp_path / "w2")
     assert c["dataset"] == "split" and c["n"] == {"train": 48, "val": 16, "test": 16}  # the folders' own split, kept
-    with np.load(tmp_path / "w2/raw.npz") as z:
+    with np.load(tmp_path / "w2/data/raw.npz") as z:
         assert all(f.startswith("test/") for f in z["test_files"]) and z["class_names"].tolist() == classes
     (tmp_path / "noval").mkdir()
     for s in ("train", "test"):  # no val/: carved from train, stratified
@@ -92,7 +92,7 @@ def test_folder_with_and_without_split_folders(tmp_path):
 def test_grouped_csv_keeps_each_patient_in_one_split(tmp_path):
     csv_path = grouped_csv(tmp_path / "ct", ["cyst", "normal", "stone"], patients=45)
     fetch(tmp_path, {"source": "csv", "csv": {"file": str(csv_path), "size": 28}})
-    with np.load(tmp_path / "raw.npz") as z:
+    with np.load(tmp_path / "data/raw.npz") as z:
         groups = {s: set(z[f"{s}_groups"]) for s in ("train", "val", "test")}
         assert z["class_names"].tolist() == ["cyst", "normal", "stone"]
         assert sum(len(z[f"{s}_labels"]) for s in groups) == 135
@@ -120,7 +120,7 @@ def test_mixed_grey_and_rgb_folder_is_stored_rgb_and_grey_only_folder_grey(tmp_p
 def test_refusals_name_what_to_fix_and_keep_the_good_file(tmp_path):
     good = medmnist_npz(tmp_path / "good.npz", COUNTS, 3)
     fetch(tmp_path, {"source": "npz", "npz": str(good)})
-    kept = (tmp_path / "raw.npz").read_bytes()
+    kept = (tmp_path / "data/raw.npz").read_bytes()
     cases = []
     multi = medmnist_npz(tmp_path / "multi.npz", COUNTS, 3)
     with np.load(multi) as z:
@@ -158,7 +158,7 @@ def test_refusals_name_what_to_fix_and_keep_the_good_file(tmp_path):
     for data, message in cases:
         msg = one_line_error(fetch(tmp_path, data, expect_ok=False))
         assert message in msg, (message, msg)
-        assert (tmp_path / "raw.npz").read_bytes() == kept  # the last good file stays
+        assert (tmp_path / "data/raw.npz").read_bytes() == kept  # the last good file stays
 
 
 def test_medmnist_flag_offline_without_the_file_names_the_flag(tmp_path):
@@ -166,7 +166,7 @@ def test_medmnist_flag_offline_without_the_file_names_the_flag(tmp_path):
     env = {"HOME": str(tmp_path / "home"), "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "https_proxy": proxy, "http_proxy": proxy}
     msg = one_line_error(fetch(tmp_path, {"source": "medmnist", "medmnist": "pneumoniamnist"}, expect_ok=False, env=env))
     assert "data.medmnist=pneumoniamnist" in msg and "python -m medmnist download --flag pneumoniamnist" in msg
-    assert "MEDSSL_DATA_PATH" in msg and not (tmp_path / "raw.npz").exists()
+    assert "MEDSSL_DATA_PATH" in msg and not (tmp_path / "data/raw.npz").exists()
     # with the file in medmnist's folder: class names from medmnist's own information
     (tmp_path / "home/.medmnist").mkdir(parents=True, exist_ok=True)
     medmnist_npz(tmp_path / "home/.medmnist/pneumoniamnist.npz", COUNTS, 2)

@@ -84,13 +84,13 @@ def test_fetch_builds_pipeline_input_from_folder(tmp_path):
     p = yaml.safe_load(open("params.yaml"))
     p["data"].update(source="csv", csv={"file": str(csv_path), "images": str(img_dir), "size": 28,
                                         "columns": {"path": "image_id", "label": "dx", "group": "lesion_id"}},
-                     path=str(tmp_path / "raw.npz"))
+                     path="data/raw.npz")  # under tmp_path, the project (cwd)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
     for cmd in ("fetch", "prepare"):
         r = subprocess.run([sys.executable, "-m", "medssl.cli", cmd, "--params", str(tmp_path / "params.yaml")],
                            cwd=tmp_path, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    with np.load(tmp_path / "raw.npz") as z:
+    with np.load(tmp_path / "data/raw.npz") as z:
         assert sum(len(z[f"{s}_labels"]) for s in ("train", "val", "test")) == len(rows)
         ids = [set(z[f"{s}_groups"]) for s in ("train", "val", "test")]
         assert z["class_names"].tolist() == CLASSES  # the dx values present, in order

@@ -159,7 +159,7 @@ def test_predict_outside_the_project_creates_no_store(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     r = subprocess.run([sys.executable, "-m", "medssl.cli", "predict", "models:/derm-classifier@champion", "x.png"],
                        cwd=tmp_path, capture_output=True, text=True, env=env)
-    assert r.returncode == 2 and "no MLflow store here" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2 and "no MLflow store at" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
 

@@ -82,17 +82,14 @@ def test_two_workers_on_postgresql_lose_and_duplicate_nothing(tmp_path, postgres
 @pytest.mark.slow
 def test_pruned_trial_is_killed_in_mlflow(tmp_path, mlflow_server, dermamnist, monkeypatch):
     from medssl.config import load_params
-    from medssl.data.prepare import run_prepare
-    from medssl.data.sources import fetch
-    from medssl.tune import objective_for
+    from medssl.tune import objective_for, prepare_search
 
     work = project_copy(tmp_path / "p", **SMALL, **{"mlflow.experiment": "tune-prune"})
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
     p = load_params("params.yaml")
-    fetch(p.data.path)
-    run_prepare(p)
+    prepare_search(p, p)
     mlflow.set_tracking_uri(mlflow_server)
     exp = mlflow.set_experiment("tune-prune")
     with mlflow.start_run(experiment_id=exp.experiment_id) as parent:

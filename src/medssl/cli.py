@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from medssl.errors import (Busy, ConfigError, DataError, Diverged, ImageReadError, ParityError, PlotsError,
-                           PromotionError, TrackingUnavailable, WeightsUnavailable)
+                           PromotionError, TrackingUnavailable, WeightsUnavailable, StaleStageError, ModelIntegrityError)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -43,7 +43,7 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
-                TrackingUnavailable, Busy, PlotsError, FileNotFoundError, ValueError) as e:
+                TrackingUnavailable, Busy, PlotsError, StaleStageError, ModelIntegrityError, FileNotFoundError, ValueError) as e:
             if DEBUG["on"]:
                 raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -254,11 +254,14 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 def predict(model_uri: str = typer.Argument(..., help="e.g. models:/dermamnist-classifier@champion"),
             paths: list[Path] = typer.Argument(..., help="image files and/or folders"),
             out: Optional[Path] = typer.Option(None, "--out", help="CSV file (default: stdout)"),
-            batch_size: int = 256,
+            batch_size: int = typer.Option(256, min=1),
             fit: str = typer.Option("reject", help="non-square images: reject | crop (centre) | stretch (as MedMNIST)")):
     """Class probabilities for PNG/JPEG images of any size, one CSV row per image."""
-    from medssl.inference import predict_files, write_rows
+    from medssl.inference import IMAGE_SUFFIXES, list_images, predict_files, write_rows
 
+    if out is not None and (out.suffix.lower() in IMAGE_SUFFIXES
+                            or out.resolve() in {f.resolve() for f in list_images(paths)}):
+        raise ImageReadError(f"--out {out}: would overwrite an image; name a .csv file")
     rows = predict_files(model_uri, paths, batch_size, fit)
     write_rows(rows, out)
     err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
@@ -272,7 +275,8 @@ def serve(model_uri: Optional[str] = typer.Argument(None, help="registered model
           port: int = 5001,
           max_request_mb: float = typer.Option(16.0, help="larger request bodies are refused (413) before they are read"),
           max_images: int = typer.Option(4096, help="more images in one request are refused (413)"),
-          concurrency: int = typer.Option(4, help="requests in flight at once; more get 503 (bounds memory)")):
+          concurrency: int = typer.Option(4, min=1, help="requests scored at once; 4x as many more wait, beyond "
+                                                          "that 503 (bounds memory)")):
     """REST endpoint: POST uint8 images as {"inputs": [...]} to /invocations; wrong input gets a 400 that says why."""
     from medssl.serve import serve as run
 
@@ -306,15 +310,12 @@ def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, hel
          sets: Optional[list[str]] = SETS):
     """One Optuna study per init (tune.inits), same space and trial budget; best values per init -> tune.output."""
     from medssl.config import load_params
-    from medssl.data.prepare import run_prepare
-    from medssl.data.sources import run_fetch
-    from medssl.tune import check_storage, run_tune
+    from medssl.tune import check_storage, prepare_search, run_tune
 
     over = _overrides(sets)
     p = load_params(params, over, tuned=False)
     check_storage(storage or p.tune.storage, workers)  # before minutes of data preparation
-    run_fetch(p)
-    run_prepare(p)
+    prepare_search(p, load_params(params, tuned=False))
     r = run_tune(p, params, n_trials, storage, workers, over)
     for init, s in r["studies"].items():
         err.print(f"{init}: study {s['study']}, {s['trials']} trials ({s['COMPLETE']} complete, {s['PRUNED']} pruned, "

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal, get_args, get_origin
 
 import yaml
@@ -119,10 +119,21 @@ class Data(_Strict):
     classes: list[str] | None = None            # class names in label order; null: from the source
     task: Literal[TASKS] = "auto"               # auto: binary for 2 classes, else multiclass; ordinal: say so
     positive: str | None = None                 # binary tasks: the positive class; null: the second class
-    path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads
+    path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads (under data/)
     image_size: int = Field(default=32, ge=16, le=512)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
+
+    @field_validator("path")
+    @classmethod
+    def _under_data(cls, v: str) -> str:
+        """fetch replaces this file, so it must be one of the project's own: never README.md, never outside."""
+        parts = PurePosixPath(v).parts
+        if (PurePosixPath(v).is_absolute() or ".." in parts or len(parts) < 2 or parts[0] != "data"
+                or parts[1] == "prepared" or not v.endswith(".npz")):
+            raise ValueError(f"{v!r}: fetch writes this file, so it must be an .npz under the project's data/ folder "
+                             f"(not data/prepared/), e.g. data/raw/<name>.npz")
+        return v
 
     @model_validator(mode="before")
     @classmethod
@@ -296,8 +307,8 @@ class Grid(_Strict):
 
 class Export(_Strict):
     select_metric: Literal[("auto", *METRICS)] = "auto"  # auto: kappa_quadratic for ordinal tasks, else balanced_accuracy
-    registered_model: str | None = Field(default=None, min_length=1)  # null: <data.name>-classifier
-    alias: str = Field(default="champion", min_length=1)
+    registered_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # null: <data.name>-classifier
+    alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]{1,64}$")  # MLflow's alias characters
     parity_images: int = Field(default=256, ge=64)
     parity_tolerance: float = Field(default=1e-4, gt=0.0)
 
@@ -432,9 +443,21 @@ class Params(_Strict):
         return Params.model_validate(raw)
 
 
+MAX_YAML_ALIASES = 50  # params.yaml uses none; a few KB of nested aliases expand to gigabytes ("billion laughs")
+
+
+def _safe_yaml(text: str, path: Path):
+    """yaml.safe_load, refusing documents with more than MAX_YAML_ALIASES aliases (*name) before building them."""
+    aliases = sum(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader))
+    if aliases > MAX_YAML_ALIASES:
+        raise ConfigError(f"{path}: {aliases} YAML aliases (*name); at most {MAX_YAML_ALIASES} are read (nested "
+                          f"aliases can expand a small file into gigabytes)")
+    return yaml.safe_load(text)
+
+
 def _read_yaml(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = _safe_yaml(path.read_text(), path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found (run from the project root or pass --params)") from None
     except yaml.YAMLError as e:

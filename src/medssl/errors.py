@@ -42,3 +42,11 @@ class PromotionError(RuntimeError):
 
 class PlotsError(RuntimeError):
     """A plot's input is missing or DVC could not render it."""
+
+
+class StaleStageError(RuntimeError):
+    """A stage's input was written for another version of its upstream output: rerun the named stage."""
+
+
+class ModelIntegrityError(RuntimeError):
+    """A registered model's file is not the one registered, or it answers non-finite probabilities."""

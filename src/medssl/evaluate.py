@@ -13,6 +13,7 @@ from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
 from medssl.core.train import scores
 from medssl.data.prepare import load_prepared
+from medssl.data.sources import md5sum
 from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json, write_text
 from medssl.guard import one_writer
@@ -52,11 +53,10 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     out = lay.reports
     out.mkdir(parents=True, exist_ok=True)
 
-    model, _ = load_classifier(lay, device)
+    model, summary = load_classifier(lay, device)  # its provenance (init, run, validation) travels in the file
     proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
     test = scores(te_y, proba, classes)
     test |= task_metrics(test, meta)
-    summary = read_json(lay.finetune_metrics)
     init, curves = summary["init"], read_curves(lay.finetune_curves)
     figures.save(figures.confusion_figure(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)"),
                  out / "confusion.png", dpi=110)
@@ -67,7 +67,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
     result = {"init": init, "test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
               "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
-    write_json(lay.test_metrics, {init: test})
+    write_json(lay.test_metrics, {init: {**test, "model_md5": md5sum(lay.classifier)}})  # export checks it scored this file
 
     from medssl.grid import load_shift
     from medssl.report import comparison

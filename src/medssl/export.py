@@ -7,6 +7,7 @@ same images), or with `--force`; its tags and description say why it was or was 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from medssl import tracking
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
 from medssl.data.sources import nhwc
-from medssl.errors import ParityError, PromotionError
+from medssl.errors import ParityError, PromotionError, StaleStageError
 from medssl.finetune import load_classifier
 from medssl.io import read_json, write_json
 from medssl.guard import one_writer
@@ -103,28 +104,26 @@ def promotion(p: Params, candidate: dict, champion_version, images, labels, clas
 def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity and sanity gates ->
     registry; the alias moves only to a model that beats the current one on validation (or with `force`)."""
-    summary = read_json(lay.finetune_metrics)
-    champion = summary["init"]
-    model, ckpt = load_classifier(lay, torch.device("cpu"))
+    model, ckpt = load_classifier(lay, torch.device("cpu"))  # with its provenance: init, run, validation scores
+    champion = ckpt["init"]
     export_model = ExportModel(model, ckpt["image_size"]).eval()
     with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
         val_all, val_labels = nhwc(z["val_images"]), z["val_labels"].reshape(-1).astype(np.int64)
     val_raw = val_all[: p.export.parity_images]
     classes = ckpt["classes"]
-    test = read_json(lay.test_metrics)[champion]
+    test = scored_test(lay, champion)
     # what the comparison says (stage evaluate), repeated in the version's description
     status = (read_json(lay.report_metrics).get("verdict") or {}) if lay.report_metrics.is_file() else {}
-    val = summary["val"]
+    val = ckpt["val"]
     meta = read_json(lay.meta)
     data_md5 = meta["raw_md5"]
-    ONNX_PATH, EXPORT_METRICS = lay.onnx, lay.export_metrics
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
-            "source_run_id": summary["run_id"]}
-    tmp = ONNX_PATH.with_name(f".{ONNX_PATH.name}.tmp")
-    ONNX_PATH.parent.mkdir(parents=True, exist_ok=True)
+            "source_run_id": ckpt["run_id"]}
+    tmp = lay.onnx.with_name(f".{lay.onnx.name}.candidate.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     with tracking.model_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
-                                                **{f"candidate_val_{i}": v for i, v in (summary.get("candidates_val") or {}).items()},
+                                                **{f"candidate_val_{i}": v for i, v in (ckpt.get("candidates_val") or {}).items()},
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
         try:
             export_onnx(export_model, val_raw[:2], tmp)
@@ -145,9 +144,9 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                     f"majority-class predictor ({floor[metric]:.4f}) on {len(val_labels)} images; not registered")
             held_by = current_champion(p.export.registered_model, p.export.alias)
             promote, reason, held = promotion(p, onnx_val, held_by, val_all, val_labels, classes, force)
-            os.replace(tmp, ONNX_PATH)
+            proto = onnx.load(str(tmp))
         finally:
-            tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # the project's copy is the alias's model, written below
 
         h, w, c = val_raw.shape[1:4]
         signature = ModelSignature(
@@ -155,37 +154,43 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]),
         )
         info = mlflow.onnx.log_model(
-            onnx.load(str(ONNX_PATH)), name="model", signature=signature, input_example=val_raw[:2],
-            pip_requirements=pip_requirements(),
+            proto, name="model", signature=signature, input_example=val_raw[:2],
+            pip_requirements=pip_requirements(), save_as_external_data=False,  # one file, the digest's bytes
             # pyfunc/serve sessions stay on CPU without CUDA-provider noise; `medssl predict` picks CUDA when present
             onnx_execution_providers=["CPUExecutionProvider"],
             metadata={"class_names": classes, "input_size": [int(h), int(w)], "channels": int(c), "image_size": ckpt["image_size"],
                       "dataset": p.data.name, "task": meta.get("task", "multiclass"),
                       **({"positive_class": meta["positive_class"]} if meta.get("positive_class") else {}),
-                      "init": champion, "backbone": ckpt["backbone"], "data_md5": data_md5},
+                      "init": champion, "backbone": ckpt["backbone"], "data_md5": data_md5,
+                      "onnx_sha256": onnx_sha256(proto)},  # medssl's loaders refuse a model.onnx that differs
         )
-        mv = mlflow.register_model(info.model_uri, p.export.registered_model)
-        client = mlflow.MlflowClient()
-        name = p.export.registered_model
-        client.update_registered_model(name, description=registry_description(p, meta, (h, w, c)))
-        client.update_model_version(name, mv.version, description=version_description(
-            p, champion, ckpt["backbone"], data_md5, mv.version, (h, w, c), meta, val, test, check, promote, reason)
-            + (f"\n\nThe comparison, {status['story']}." if status else ""))
+        name, client = p.export.registered_model, mlflow.MlflowClient()
+        try:
+            client.create_registered_model(name, description=registry_description(p, meta, (h, w, c)))
+        except mlflow.exceptions.MlflowException as e:
+            if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+            client.update_registered_model(name, description=registry_description(p, meta, (h, w, c)))
         # tags: what one filters or sorts versions on; the full record is the description and the runs
         version_tags = {"promoted": str(promote).lower(), "promotion_reason": reason,
                         **({"compared_with_version": str(held_by.version),
                             f"champion_val_{metric}": f"{held[metric]:.4f}"} if held else {}),
                         f"onnx_val_{metric}": f"{onnx_val[metric]:.4f}",
-                        "init": champion, "source_run_id": summary["run_id"], "export_run_id": run.info.run_id,
+                        "init": champion, "source_run_id": ckpt["run_id"], "export_run_id": run.info.run_id,
+                        "config_digest": ckpt["config_digest"], "onnx_sha256": onnx_sha256(proto),
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
                         f"val_{metric}": f"{val[metric]:.4f}",
                         **{f"test_{k}": f"{test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro")},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
-        for k, v in version_tags.items():
-            client.set_model_version_tag(p.export.registered_model, mv.version, k, v)
+        description = version_description(p, champion, ckpt["backbone"], data_md5, info.model_uri, (h, w, c), meta, val,
+                                          test, check, promote, reason) + (f"\n\nThe comparison, {status['story']}." if status else "")
+        # one call: a version exists complete (tags, description) or not at all
+        mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
+                                         description=description, model_id=info.model_id)
         if promote:  # last: the alias never points at a version whose record is incomplete
-            client.set_registered_model_alias(p.export.registered_model, p.export.alias, mv.version)
-        mlflow.set_tags({"registered_model": p.export.registered_model, "model_version": mv.version,
+            client.set_registered_model_alias(name, p.export.alias, mv.version)
+        alias_model = champion_file(p, lay)  # models/champion.onnx is the alias's model, moved or not
+        mlflow.set_tags({"registered_model": name, "model_version": mv.version, "champion_file_version": alias_model,
                          "promoted": str(promote).lower(), "promotion_reason": reason})
 
     result = {"champion": champion, "select_metric": p.export.select_metric, "version": int(mv.version),
@@ -193,11 +198,46 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
               "version_uri": f"models:/{p.export.registered_model}/{mv.version}",
               f"onnx_val_{metric}": onnx_val[metric], **({f"champion_val_{metric}": held[metric]} if held else {}),
-              "onnx_bytes": ONNX_PATH.stat().st_size, **check,
+              "onnx_bytes": len(proto.SerializeToString()), "onnx_sha256": onnx_sha256(proto),
+              "champion_file_version": alias_model, **check,
               **{f"val_{k}": val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")},
               **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}
-    write_json(EXPORT_METRICS, result)
+    write_json(lay.export_metrics, result)
     return result
+
+
+def onnx_sha256(proto) -> str:
+    """Digest of an ONNX model as it is written to model.onnx (its serialised bytes)."""
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+
+
+def scored_test(lay: Layout, init: str) -> dict:
+    """The test metrics `evaluate` wrote for this very checkpoint, or an error naming the stale stage."""
+    from medssl.data.sources import md5sum
+
+    if not lay.test_metrics.is_file():
+        raise FileNotFoundError(f"{lay.test_metrics} missing: run `medssl evaluate` first")
+    test = dict(read_json(lay.test_metrics).get(init) or {})
+    if test.pop("model_md5", None) != md5sum(lay.classifier):
+        raise StaleStageError(f"{lay.test_metrics} scores another {lay.classifier} than the one there now (finetune ran "
+                              f"after evaluate): run `medssl evaluate` first")
+    return test
+
+
+def champion_file(p: Params, lay: Layout) -> str:
+    """Make lay.onnx the model the alias points at (one self-contained file, replaced atomically and only when it
+    differs); returns that version, or "" when the alias is unset."""
+    mv = current_champion(p.export.registered_model, p.export.alias)
+    if mv is None:
+        return ""
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{p.export.registered_model}/{mv.version}"))
+    data = onnx.load(str(local / "model.onnx")).SerializeToString()  # with any external data files of older versions
+    if not (lay.onnx.is_file() and lay.onnx.read_bytes() == data):
+        tmp = lay.onnx.with_name(f".{lay.onnx.name}.tmp")
+        lay.onnx.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, lay.onnx)
+    return str(mv.version)
 
 
 def champion_line(ex: dict) -> str:
@@ -236,7 +276,7 @@ def registry_description(p: Params, meta: dict, size: tuple[int, int, int]) -> s
             f"(REST: POST {{\"inputs\": [...]}} to /invocations).")
 
 
-def version_description(p: Params, init: str, backbone: str, data_md5: str, version, size, meta: dict, val: dict, test: dict,
+def version_description(p: Params, init: str, backbone: str, data_md5: str, model_uri: str, size, meta: dict, val: dict, test: dict,
                         check: dict, promote: bool, reason: str) -> str:
     name, classes = p.export.registered_model, meta["classes"]
     from medssl.metrics import task_metrics
@@ -252,5 +292,5 @@ def version_description(p: Params, init: str, backbone: str, data_md5: str, vers
             f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "
             f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}.\n\n"
             f"Input {_input(size)}; output probabilities (N, {len(classes)}) in the order "
-            f"{', '.join(classes)}. Load: `mlflow.pyfunc.load_model('models:/{name}/{version}')`; batch: "
-            f"`medssl predict models:/{name}/{version} <images>`.")
+            f"{', '.join(classes)}. Load: `mlflow.pyfunc.load_model('{model_uri}')` (this version's logged model); batch: "
+            f"`medssl predict {model_uri} <images>`.")

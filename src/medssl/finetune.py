@@ -25,7 +25,7 @@ from medssl.io import read_json, save_torch, write_csv, write_json
 from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.models.classifier import Classifier
-from medssl.resume import Checkpointer
+from medssl.resume import Checkpointer, read_grid, resume_key
 
 
 def backbone_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
@@ -71,13 +71,10 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
     """init -> mean validation export.select_metric of its grid fine-tune cells at 100 % labels; the best init."""
     metric, means = p.export.select_metric, {}
     for init in p.inits.all:
-        path = lay.grid_cells(init)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
-        vals = [c["val"][metric] for c in read_json(path)["cells"]
+        vals = [c["val"][metric] for c in read_grid(p, init, lay)["cells"]
                 if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0]
         if not vals:
-            raise ValueError(f"{path}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
+            raise ValueError(f"{lay.grid_cells(init)}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
         means[init] = float(np.mean(vals))
     return max(means, key=means.get), means
 
@@ -99,8 +96,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     tr_x, tr_y = (torch.from_numpy(a).to(device) for a in (splits["train"].images, splits["train"].labels.astype(np.int64)))
     va_x = torch.from_numpy(splits["val"].images).to(device)
     sub = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]).to(device)
-    ckpt = Checkpointer(lay.resume(f"finetune-{init}"), {"init": init, "cfg": cfg.model_dump(), "epochs": epochs,
-                                                         "seed": p.seed, "md5": meta["raw_md5"], "model": p.model.model_dump()})
+    ckpt = Checkpointer(lay.resume(f"finetune-{init}"), resume_key(p, "finetune", init, meta, lay, device))
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
@@ -121,7 +117,11 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
-                    "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state},
+                    "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
+                    # provenance, read by evaluate and export from the weights themselves (never from a file beside
+                    # them that a killed stage can leave stale)
+                    "run_id": run.info.run_id, "select_metric": select, "val": fit.val, "gap_at_best": fit.gap,
+                    "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
                    lay.classifier)
         summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "val": fit.val,
                    "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
@@ -160,7 +160,16 @@ def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict
     """The trained classifier (eval mode, on `device`) and its checkpoint metadata."""
     from medssl.core.engine import prepare_model
 
-    ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
+    if not lay.classifier.is_file():
+        raise FileNotFoundError(f"{lay.classifier} missing: run `medssl finetune` first")
+    try:
+        ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or overwritten
+        raise ValueError(f"{lay.classifier}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"rerun `medssl finetune`") from None
+    if "run_id" not in ckpt:
+        raise ValueError(f"{lay.classifier}: written by an earlier medssl, without its provenance (run, validation "
+                         f"scores); rerun `medssl finetune`")
     model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     model.load_state_dict(ckpt["state_dict"])
     return prepare_model(model, device).eval(), ckpt

@@ -34,7 +34,7 @@ from medssl.finetune import build_classifier
 from medssl.io import save_npz, write_csv, write_json
 from medssl.guard import one_writer
 from medssl.layout import Layout
-from medssl.resume import Checkpointer
+from medssl.resume import Checkpointer, digests, inputs_key, resume_key
 
 
 def load_shift(p: Params, meta: dict) -> Split | None:
@@ -211,7 +211,8 @@ def write_grid(p: Params, init: str, lay: Layout, data: dict[str, Split], meta: 
         for protocol in g.protocols for f in g.fractions}
     tracking.log_summary({"seconds": seconds, **means})
     result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
-              "seconds": seconds, "run_id": run_id, "cells": cells}
+              "seconds": seconds, "run_id": run_id, "inputs": digests(inputs_key(p, "grid", init, meta, lay)),
+              "cells": cells}
     save_npz(lay.grid_probas(init), **{f"{s}_y": y[s] for s in scored if s != "val"},
              **{f"{s}/{key}": pr for key in (f"{pr}_{j.key}" for j in jobs for pr in g.protocols)
                 for s, pr in probas[key].items()})
@@ -261,10 +262,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     g, b = p.grid, p.epochs.grid
     device = pick_device()
     data, meta = grid_data(p, lay)
-    state = Checkpointer(lay.resume(f"grid-{init}"), {"init": init, "grid": g.model_dump(), "budget": b.model_dump(),
-                                                      "finetune": p.finetune.model_dump(), "model": p.model.model_dump(),
-                                                      "seed": p.seed, "md5": meta["raw_md5"], "select": p.export.select_metric,
-                                                      "with": "probas"})  # states of earlier code lack them
+    state = Checkpointer(lay.resume(f"grid-{init}"), resume_key(p, "grid", init, meta, lay, device))
     done = state.load() or {"cells": {}, "curves": [], "probas": {}}
     lock, stop, features = threading.Lock(), threading.Event(), SharedFeatures()
 

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from medssl.errors import ImageReadError
+from medssl.errors import ImageReadError, ModelIntegrityError
 from medssl.host import has_nvidia_gpu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+MAX_UPSCALE = 4  # smaller images are refused: a 1x1 file would be "predicted" with confidence
 
 
 def onnx_providers() -> list[str]:
@@ -54,11 +56,42 @@ class Predictor:
         self.channels: int = int(meta.get("channels", 3))  # 1: a grey model (colour files are read as their luma)
         self.task: str = meta.get("task", "multiclass")
         self.dataset: str | None = meta.get("dataset")
-        self.session = ort.InferenceSession(str(local / "model.onnx"), providers=onnx_providers())
+        self.uri = model_uri
+        path = local / "model.onnx"
+        if "onnx_sha256" in meta:  # versions exported before the digest was recorded load unchecked
+            found = hashlib.sha256(path.read_bytes()).hexdigest()
+            if found != meta["onnx_sha256"]:
+                raise ModelIntegrityError(f"{model_uri}: model.onnx (sha256 {found[:12]}…) is not the file registered "
+                                          f"(sha256 {meta['onnx_sha256'][:12]}…): the stored copy is damaged; "
+                                          f"export the model again")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=onnx_providers())
+        except Exception as e:  # truncated or overwritten
+            raise ModelIntegrityError(f"{model_uri}: model.onnx does not load ({str(e).splitlines()[0][:160]})") from None
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Probabilities (N, classes), each row finite; a model that answers anything else raises instead."""
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size}: must be at least 1")
         out = [self.session.run(None, {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        proba = np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+        bad = ~np.isfinite(proba).all(1)
+        if bad.any():
+            raise ModelIntegrityError(f"{self.uri}: non-finite probabilities for {int(bad.sum())} of {len(proba)} "
+                                      f"image(s) (first: #{int(bad.argmax())}); the model's weights are damaged")
+        return proba
+
+    def check(self) -> str | None:
+        """None when the model answers finite probabilities summing to 1 on a built-in check image (mid-grey),
+        else what is wrong."""
+        image = np.full((1, *self.input_size, self.channels), 128, np.uint8)
+        try:
+            proba = self.predict(image)
+        except ModelIntegrityError as e:
+            return str(e)
+        if not np.allclose(proba.sum(1), 1.0, atol=1e-3):
+            return f"{self.uri}: probabilities on the check image sum to {float(proba.sum()):.4g}, not 1"
+        return None
 
 
 def list_images(paths: list[Path]) -> list[Path]:
@@ -76,12 +109,16 @@ def list_images(paths: list[Path]) -> list[Path]:
 
 def read_images(files: list[Path], size: tuple[int, int], fit: str = "reject", channels: int = 3) -> np.ndarray:
     """(N, h, w, channels) uint8; every unreadable or unfit file is named in one error, not only the first."""
-    from medssl.data.images import read_image
+    from medssl.data.images import fit_image, open_rgb, to_channels
 
     out, bad = np.empty((len(files), *size, channels), np.uint8), []
     for i, f in enumerate(files):
         try:
-            out[i] = read_image(f, size, fit, channels)
+            img = open_rgb(f)
+            if min(img.shape[0] * MAX_UPSCALE / size[0], img.shape[1] * MAX_UPSCALE / size[1]) < 1:
+                raise ImageReadError(f"{f}: {img.shape[1]}x{img.shape[0]} is too small for the model's {size[1]}x{size[0]} "
+                                     f"input (enlarging it over {MAX_UPSCALE}x would invent the image)")
+            out[i] = to_channels(fit_image(img, size, fit, str(f)), channels)
         except ImageReadError as e:
             bad.append(str(e))
     if bad:

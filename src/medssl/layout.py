@@ -13,10 +13,17 @@ from pathlib import Path
 class Layout:
     root: Path = Path(".")
     data_root: Path | None = None  # where raw and prepared data live, if not under root (tuning trials)
+    prepared_root: Path | None = None  # where prepared data live, if not under data_root (tuning's own subsets)
 
     def __post_init__(self):  # relative roots stay relative: they follow the working directory, as DVC does
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "data_root", Path(self.root if self.data_root is None else self.data_root))
+        object.__setattr__(self, "prepared_root", Path(self.data_root if self.prepared_root is None else self.prepared_root))
+
+    def tuning(self) -> "Layout":
+        """Where `medssl tune` prepares the data it searches on (its -S data.image_size / data.max_* may differ from
+        the project's): tune/data/prepared, never the project's data/prepared (a DVC output)."""
+        return Layout(self.root / "tune", data_root=self.data_root, prepared_root=self.root / "tune")
 
     def raw(self, data_path: str) -> Path:
         """The raw npz (params data.path), relative to the data root unless absolute."""
@@ -35,11 +42,11 @@ class Layout:
     # prepare
     @property
     def prepared(self) -> Path:
-        return self.data_root / "data/prepared/dataset.npz"
+        return self.prepared_root / "data/prepared/dataset.npz"
 
     @property
     def meta(self) -> Path:
-        return self.data_root / "data/prepared/meta.json"
+        return self.prepared_root / "data/prepared/meta.json"
 
     @property
     def data_card(self) -> Path:

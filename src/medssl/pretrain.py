@@ -20,7 +20,7 @@ from medssl.io import save_torch, write_csv, write_json
 from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.models.backbones import build_backbone
-from medssl.resume import Checkpointer
+from medssl.resume import Checkpointer, resume_key
 
 
 @one_writer(lambda a: f"pretrain-{a['init']}")
@@ -39,8 +39,7 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     start = "imagenet" if init in HYBRIDS else "random"
     if start == "imagenet":  # continue from the supervised ImageNet weights (the method's head stays random)
         m.model.encoder.load_state_dict(build_backbone(p.model.backbone, meta["mean"], meta["std"], imagenet=True)[0].state_dict())
-    ckpt = Checkpointer(lay.resume(f"pretrain-{init}"), {"init": init, "cfg": cfg.model_dump(), "epochs": epochs,
-                                                         "bs": bs, "seed": p.seed, "md5": meta["raw_md5"]})
+    ckpt = Checkpointer(lay.resume(f"pretrain-{init}"), resume_key(p, "pretrain", init, meta, lay, device))
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "pretrain", "method": method, "init": init,
             "tuned": str(init in p.tuned)}

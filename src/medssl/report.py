@@ -25,6 +25,7 @@ from medssl.config import BASELINE_INITS, Params, flatten  # noqa: E402
 from medssl.core.cells import Job, encoder_seed, probe_cell  # noqa: E402
 from medssl.io import read_json, write_csv  # noqa: E402
 from medssl.layout import Layout  # noqa: E402
+from medssl.resume import read_grid  # noqa: E402
 
 PROTOCOL_NAMES = {"linear": "Linear probe (frozen encoder)", "finetune": "Fine-tune", "knn": "k-NN (frozen encoder)"}
 
@@ -41,10 +42,7 @@ def load_cells(p: Params, lay: Layout) -> tuple[list[dict], dict]:
     """Every init's cells, and the split sizes they were scored on (the same for every init)."""
     cells, sizes = [], {}
     for init in p.inits.all:
-        path = lay.grid_cells(init)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
-        grid = read_json(path)
+        grid = read_grid(p, init, lay)
         cells += grid["cells"]
         sizes = grid["n"]
     return cells, sizes

@@ -41,9 +41,16 @@ def existing_store() -> str:
     from medssl.errors import TrackingUnavailable
 
     uri = tracking_uri()
-    if uri == DEFAULT_URI and not Path("mlflow.db").is_file():
-        raise TrackingUnavailable(f"no MLflow store here ({Path('mlflow.db').resolve()} does not exist); run from the "
-                                  f"project directory or set MLFLOW_TRACKING_URI (e.g. sqlite:////abs/path/mlflow.db)")
+    if uri.startswith("sqlite:///"):  # never created (nor an empty one re-initialised) by a command that reads
+        db = Path(uri.removeprefix("sqlite:///").partition("?")[0])
+        if not db.is_file() or db.stat().st_size == 0:
+            raise TrackingUnavailable(f"no MLflow store at {db.resolve()} ({'empty file' if db.is_file() else 'no such file'}); "
+                                      f"run from the project directory or set MLFLOW_TRACKING_URI "
+                                      f"(e.g. sqlite:////abs/path/mlflow.db)")
+        with open(db, "rb") as f:
+            if f.read(16) != b"SQLite format 3\x00":
+                raise TrackingUnavailable(f"{db.resolve()} is not an SQLite database (damaged or overwritten); restore it "
+                                          f"from a backup or point MLFLOW_TRACKING_URI at another store")
     check_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri

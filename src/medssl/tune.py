@@ -23,6 +23,7 @@ from medssl import tracking
 from medssl.config import BASELINE_INITS, ConfigError, Params, method_of, set_dotted
 from medssl.core.rng import seed_of
 from medssl.finetune import run_finetune
+from medssl.guard import exclusive
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
@@ -84,10 +85,20 @@ def pruner_of(name: str) -> optuna.pruners.BasePruner:
     }[name]()
 
 
+def _sampler_seed(p: Params, init: str, storage: str, worker: int) -> int:
+    try:
+        before = len(optuna.load_study(study_name=study_name(p, init), storage=storage_of(storage)).trials)
+    except KeyError:  # no such study yet
+        before = 0
+    return seed_of("tune", init, p.seed, worker, *([before] if before else [])) % 2**32
+
+
 def load_study(p: Params, init: str, storage: str, worker: int = 0) -> optuna.Study:
     return optuna.create_study(
         study_name=study_name(p, init), storage=storage_of(storage), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed_of("tune", init, p.seed, worker) % 2**32),  # own draws per init
+        # own draws per init and worker, and per run on a study that already holds trials (a second `medssl tune`
+        # on it would otherwise repeat the first one's draws)
+        sampler=optuna.samplers.TPESampler(seed=_sampler_seed(p, init, storage, worker)),
         pruner=pruner_of(p.tune.pruner),
     )
 
@@ -101,7 +112,7 @@ def objective_for(p: Params, init: str, parent: str, root: Path):
         values = suggest(trial, init)
         pt = with_values(p, values)
         trial_root = root / f"trial_{trial.number:04d}"
-        lay = Layout(trial_root, data_root=Path("."))
+        lay = Layout(trial_root, data_root=Path("."), prepared_root=Layout().tuning().prepared_root)
         tags = {**tracking.base_tags(p), "stage": "tune-trial", "optuna_study": study_name(p, init),
                 "optuna_trial": str(trial.number), "init": init}
         with tracking.model_run(p, f"trial-{init}-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"},
@@ -149,6 +160,24 @@ def split_trials(n: int, workers: int) -> list[int]:
     return [n // workers + (i < n % workers) for i in range(workers)]
 
 
+FETCHED = ("source", "medmnist", "npz", "folder", "csv", "classes", "task", "positive")  # what fetch builds data.path from
+
+
+def prepare_search(p: Params, base: Params) -> dict:
+    """The data a search runs on: data.path fetched (rewritten only when its content changes), then prepared under
+    tune/ with the search's settings, never into the project's data/prepared. base: params.yaml without the
+    search's overrides; overrides that would rebuild the project's data.path from another source are refused."""
+    from medssl.data.prepare import run_prepare
+    from medssl.data.sources import run_fetch
+
+    changed = [f"data.{k}" for k in FETCHED if getattr(p.data, k) != getattr(base.data, k)]
+    if changed and p.data.path == base.data.path:
+        raise ConfigError(f"{', '.join(changed)} given to tune would replace {p.data.path}, the project's data (DVC's "
+                          f"fetch output): give data.path another file too, or change params.yaml and run fetch")
+    run_fetch(p)
+    return run_prepare(p, Layout().tuning())
+
+
 def check_storage(storage: str, workers: int) -> None:
     if workers > 1 and storage.startswith("sqlite"):
         raise ConfigError(f"tune.storage={storage}: SQLite serves one process; use postgresql://... or journal:<file> "
@@ -159,6 +188,12 @@ def run_tune(p: Params, params_path: Path, n_trials: int | None = None, storage:
              workers: int = 1, overrides: dict | None = None) -> dict:
     """One study per init in tune.inits, n_trials each, in one MLflow parent run; `workers` processes share
     them. Writes each init's best values to tune.output under `tuned.<init>` (other inits' entries are kept)."""
+    with exclusive(Layout().lock("tune"), "medssl tune in this project"):  # one search writes tune.output at a time
+        return _run_tune(p, params_path, n_trials, storage, workers, overrides)
+
+
+def _run_tune(p: Params, params_path: Path, n_trials: int | None, storage: str | None, workers: int,
+              overrides: dict | None) -> dict:
     n_trials = n_trials or p.tune.n_trials
     storage = storage or p.tune.storage
     check_storage(storage, workers)

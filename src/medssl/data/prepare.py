@@ -1,6 +1,7 @@
 """Stage `prepare`: raw npz -> arrays at `image_size`, normalisation stats, data card."""
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from medssl.config import Params
 from medssl.data.fractions import nested_fractions
 from medssl.io import save_npz, write_json
 from medssl.data.sources import SPLITS, Split, md5sum, validate_raw
+from medssl.errors import DataError
 from medssl.guard import one_writer
 from medssl.layout import Layout
 
@@ -52,6 +54,10 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     mean, std = x.mean(0).tolist(), x.std(0).tolist()
 
     save_npz(lay.prepared, **arrays)
+    digest = hashlib.sha256()  # of the arrays, not the npz file (whose zip entries carry write times)
+    for k in sorted(arrays):
+        digest.update(f"{k}{arrays[k].dtype}{arrays[k].shape}".encode())
+        digest.update(np.ascontiguousarray(arrays[k]).data)
 
     classes, nc = info.classes, len(info.classes)
     card = {
@@ -68,7 +74,8 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
             s: dict(zip(classes, np.bincount(arrays[f"{s}_labels"], minlength=nc).tolist())) for s in SPLITS
         },
     }
-    meta = {**card, "classes": classes, "positive": info.positive, "mean": mean, "std": std}
+    meta = {**card, "classes": classes, "positive": info.positive, "mean": mean, "std": std,
+            "prepared_digest": digest.hexdigest()}
     write_json(lay.meta, meta)
     write_json(lay.data_card, card)
     return card
@@ -78,6 +85,11 @@ def load_prepared(lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
     """Prepared splits and meta (classes, mean/std, raw md5, sizes)."""
     if not lay.prepared.is_file():
         raise FileNotFoundError(f"{lay.prepared} missing: run `medssl prepare` (or `dvc repro prepare`) first")
-    with np.load(lay.prepared) as z:
-        splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
-    return splits, json.loads(lay.meta.read_text())
+    try:
+        with np.load(lay.prepared) as z:
+            splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
+        meta = json.loads(lay.meta.read_text())
+    except Exception as e:  # truncated, overwritten, or of another layout
+        raise DataError(f"{lay.prepared}: prepared data unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                        f"run `medssl prepare` (or `dvc repro prepare`) again") from None
+    return splits, meta

@@ -1,0 +1,323 @@
+"""Faults suite, trust: resume keyed on everything a result depends on, the exported file is the champion, the
+registry's provenance is the checkpoint's own, outputs are checked, overrides never rewrite the project's data.
+
+A tiny separable dataset (a colour per class) trains in seconds, so each case runs the real stages in-process
+against an SQLite store in the test's folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pytest
+import requests
+import torch
+
+from medssl.config import load_params
+from medssl.data.prepare import run_prepare
+from medssl.data.sources import md5sum
+from medssl.layout import Layout
+from medssl.resume import Checkpointer, resume_key
+
+from conftest import BIN, ROOT, free_port, run_env, wait_http
+
+TINY = {"data.image_size": 32, "inits.baselines": ["imagenet"], "inits.ssl": [], "grid.fusion": [],
+        "grid.fractions": [1.0], "grid.imbalance": [], "grid.protocols": ["linear", "finetune"],
+        "budgets.demo.grid": {"epochs": 2, "max_train": None, "max_eval": None, "batch_size": 16},
+        "budgets.demo.finetune_epochs": 3, "finetune.batch_size": 16, "export.parity_images": 64,
+        "mlflow.experiment": "trust", "export.registered_model": "trust-classifier"}
+
+
+def colour_npz(path: Path, n: int = 70, size: int = 28, seed: int = 0) -> Path:
+    """MedMNIST-layout npz whose 7 classes differ by colour (learnable in a few steps), noise on top."""
+    rng = np.random.default_rng(seed)
+    palette = rng.integers(30, 226, (7, 3))
+    arrays = {}
+    for i, split in enumerate(("train", "val", "test")):
+        y = np.arange(n) % 7
+        x = palette[y][:, None, None, :] + rng.normal(0, 25, (n, size, size, 3))
+        x[:, :, :, :] += (i * 3 + np.arange(n) % 5)[:, None, None, None]  # no image repeats across splits
+        arrays[f"{split}_images"] = np.clip(x, 0, 255).astype(np.uint8)
+        arrays[f"{split}_labels"] = y.astype(np.uint8)[:, None]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return path
+
+
+def project(root: Path, overrides: dict | None = None):
+    """A folder with the colour npz at data.path, prepared; -> (Params, Layout)."""
+    p = load_params(ROOT / "params.yaml", {**TINY, **(overrides or {})}, tuned=False)
+    lay = Layout(root)
+    colour_npz(lay.raw(p.data.path))
+    run_prepare(p, lay)
+    return p, lay
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+
+def test_resume_state_of_other_data_model_encoder_or_device_is_discarded_with_the_reason(tmp_path, capsys):
+    """Fails on the code before the key covered the prepared data (it keyed on the raw file's md5 only): a state
+    left at 32 px was resumed at 48 px."""
+    p32, lay = project(tmp_path)
+    key = lambda p, init="vae", device="cpu": resume_key(p, "grid", init, json.loads(lay.meta.read_text()), lay, device)  # noqa: E731
+    lay.encoder("vae").parent.mkdir(parents=True)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, lay.encoder("vae"))
+    p32 = load_params(ROOT / "params.yaml", {**TINY, "inits.ssl": ["vae"]}, tuned=False)
+    state = Checkpointer(lay.resume("grid-vae"), key(p32))
+    state.save({"cells": {"linear_fractions_f1_s0": {"x": np.float32(0.5)}}, "probas": {"k": {"val": np.ones((2, 7))}}})
+    again = Checkpointer(lay.resume("grid-vae"), key(p32)).load()
+    assert again["probas"]["k"]["val"].shape == (2, 7) and isinstance(again["probas"]["k"]["val"], np.ndarray)
+
+    p48 = load_params(ROOT / "params.yaml", {**TINY, "inits.ssl": ["vae"], "data.image_size": 48}, tuned=False)
+    run_prepare(p48, lay)  # the same raw file, prepared at another size
+    cases = {"data": key(p48)}
+    run_prepare(p32, lay)  # back to the state's data
+    cases["model"] = key(p32.model_copy(update={"model": p32.model.model_copy(update={"dropout": 0.5})}))
+    cases["device"] = key(p32, device="cuda")
+    torch.save({"state_dict": {"w": torch.ones(2)}}, lay.encoder("vae"))  # the encoder retrained since
+    cases["encoder"] = key(p32)
+    for changed, k in cases.items():
+        capsys.readouterr()
+        assert Checkpointer(lay.resume("grid-vae"), k).load() is None, changed
+        line = capsys.readouterr().err.strip()
+        assert line.endswith("starting over") and f"other {changed}" in line and len(line.splitlines()) == 1, line
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["MEDSSL_TEST_MARKER"]),))
+
+
+def test_resume_file_is_read_without_running_its_code(tmp_path, monkeypatch, capsys):
+    """Fails on the code that unpickled the state (torch.load(weights_only=False)) before checking its key."""
+    marker = tmp_path / "code-ran"
+    monkeypatch.setenv("MEDSSL_TEST_MARKER", str(marker))
+    path = tmp_path / "grid-random.pt"
+    torch.save({"key": "anything", "state": _Payload()}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert Checkpointer(path, {"a": 1}).load() is None
+    assert not marker.exists() and "not a resume state this version reads" in capsys.readouterr().err
+
+
+# ---- export, registry, inference ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two classifiers of the same data and init (ImageNet's, fine-tuned 3 epochs: "long", and 1: "short"; a
+    random init does not beat the constant predictor in so few steps), each evaluated: their model.pt,
+    finetune.json and test.json kept aside for the export cases."""
+    from medssl import grid, finetune, evaluate
+
+    root = tmp_path_factory.mktemp("trust")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(root)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    p, lay = project(root)
+    for init in p.inits.all:
+        grid.run_grid(p, init, lay)
+    kept = {}
+    for label, epochs in (("short", 1), ("long", 3)):
+        variant = load_params(ROOT / "params.yaml", {**TINY, "budgets.demo.finetune_epochs": epochs}, tuned=False)
+        finetune.run_finetune(variant, "imagenet", lay, log_model=False)
+        evaluate.run_evaluate(variant, lay)
+        kept[label] = root / "kept" / label
+        kept[label].mkdir(parents=True)
+        for f in (lay.classifier, lay.finetune_metrics, lay.test_metrics):
+            shutil.copy(f, kept[label] / f.name)
+    yield {"root": root, "p": p, "lay": lay, "kept": kept}
+    mp.undo()
+
+
+def use(t, label: str, finetune_json_of: str | None = None) -> dict:
+    """Put the kept outputs of `label` in place (with another's finetune.json: a kill between the two files)."""
+    lay, kept = t["lay"], t["kept"]
+    shutil.copy(kept[label] / "model.pt", lay.classifier)
+    shutil.copy(kept[label] / "test.json", lay.test_metrics)
+    shutil.copy(kept[finetune_json_of or label] / "finetune.json", lay.finetune_metrics)
+    return torch.load(lay.classifier, weights_only=True)
+
+
+def registered_onnx(name: str, version) -> bytes:
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
+    return onnx.load(str(local / "model.onnx")).SerializeToString()
+
+
+def test_champion_onnx_is_the_alias_model_and_provenance_is_the_checkpoints(trained):
+    """Fails on the code that replaced models/champion.onnx before the promotion decision and read the init, run and
+    validation scores from metrics/finetune.json (here a stale one, as a kill right after model.pt leaves)."""
+    from medssl.export import run_export
+
+    p, lay = trained["p"], trained["lay"]
+    vals = {label: torch.load(trained["kept"][label] / "model.pt", weights_only=True)["val"]["balanced_accuracy"]
+            for label in trained["kept"]}
+    better, worse = sorted(vals, key=vals.get, reverse=True)
+    assert vals[better] > vals[worse] > 1 / 7, vals  # both above the export's constant-predictor floor
+    use(trained, better)
+    first = run_export(p, lay)
+    assert first["promoted"] and lay.onnx.read_bytes() == registered_onnx(p.export.registered_model, first["version"])
+
+    ckpt = use(trained, worse, finetune_json_of=better)
+    second = run_export(p, lay)
+    assert not second["promoted"] and second["champion"] == "imagenet"
+    assert lay.onnx.read_bytes() == registered_onnx(p.export.registered_model, first["version"])  # still the alias's
+    mv = mlflow.MlflowClient().get_model_version(p.export.registered_model, second["version"])
+    assert mv.tags["source_run_id"] == ckpt["run_id"] and mv.tags["init"] == "imagenet"
+    assert mv.tags[f"val_balanced_accuracy"] == f"{vals[worse]:.4f}" and mv.tags["onnx_sha256"]
+    use(trained, better)
+
+
+def test_killed_registration_leaves_no_version_without_its_record(trained, monkeypatch):
+    """Fails on the code that registered first and set the description and tags in later calls: a kill right
+    after the version was created left it READY with neither."""
+    from mlflow.tracking.client import MlflowClient
+
+    from medssl.export import run_export
+
+    p, lay = trained["p"], trained["lay"]
+    use(trained, "long")
+    before = lay.onnx.read_bytes() if lay.onnx.is_file() else None
+    real = MlflowClient._create_model_version
+
+    def killed_after(self, *a, **k):
+        real(self, *a, **k)
+        raise KeyboardInterrupt("killed right after the version was created")
+
+    monkeypatch.setattr(MlflowClient, "_create_model_version", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(p, lay)
+    monkeypatch.undo()
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{p.export.registered_model}'")
+    assert versions
+    for v in versions:
+        assert v.status == "READY" and "source_run_id" in v.tags and "promoted" in v.tags and v.description, v
+    assert (lay.onnx.read_bytes() if lay.onnx.is_file() else None) == before
+
+
+def test_export_refuses_test_scores_of_another_checkpoint(trained):
+    """Fails on the code that took metrics/test.json as it found it (scores of the model finetune replaced)."""
+    from medssl.errors import StaleStageError
+    from medssl.export import run_export
+
+    lay = trained["lay"]
+    use(trained, "short")
+    shutil.copy(trained["kept"]["long"] / "test.json", lay.test_metrics)
+    with pytest.raises(StaleStageError, match="run `medssl evaluate` first"):
+        run_export(trained["p"], lay)
+    use(trained, "long")
+
+
+def test_damaged_or_non_finite_models_are_refused_everywhere(trained, tmp_path):
+    """Fails on the code that served and predicted whatever the registered file answered: a bit-rotted model.onnx
+    answered NaN for every image and exited 0, and /ping said ok for a model answering NaN."""
+    from medssl.errors import ModelIntegrityError
+    from medssl.inference import Predictor
+
+    p, root = trained["p"], trained["root"]
+    name = p.export.registered_model
+    uri = f"models:/{name}@{p.export.alias}"
+    good = Predictor(uri)
+    assert good.check() is None
+    # 4 KB of bit rot in the stored copy of the registered weights
+    copy = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "dl"))) / "model.onnx"
+    original = copy.read_bytes()
+    stored = [f for f in root.rglob("mlartifacts/**/model.onnx") if f.read_bytes() == original]
+    assert stored
+    rotted = bytearray(original)
+    rotted[len(rotted) // 2 : len(rotted) // 2 + 4096] = os.urandom(4096)
+    for f in stored:
+        f.write_bytes(bytes(rotted))
+    try:
+        with pytest.raises(ModelIntegrityError, match="is not the file registered"):
+            Predictor(uri)
+        (tmp_path / "img").mkdir()
+        from PIL import Image
+        Image.fromarray(np.full((28, 28, 3), 90, np.uint8)).save(tmp_path / "img/a.png")
+        r = subprocess.run([str(BIN / "medssl"), "predict", uri, str(tmp_path / "img")], cwd=root, capture_output=True,
+                           text=True, env=run_env(MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db"))
+        assert r.returncode == 2 and "is not the file registered" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert not r.stdout
+    finally:
+        for f in stored:
+            f.write_bytes(original)
+
+    # a model whose file is intact but whose outputs are not finite: refused by predict, unhealthy at /ping
+    nan_uri = register_nan_model(p, root)
+    with pytest.raises(ModelIntegrityError, match="non-finite probabilities"):
+        Predictor(nan_uri).predict(np.zeros((3, 28, 28, 3), np.uint8))
+    port = free_port()
+    env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    proc = subprocess.Popen([str(BIN / "medssl"), "serve", nan_uri, "--port", str(port)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                ping = requests.get(f"http://127.0.0.1:{port}/ping", timeout=5)
+                break
+            except requests.ConnectionError:
+                assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "no answer"
+                time.sleep(0.5)
+        assert ping.status_code == 503 and ping.json()["status"] == "unhealthy" and "non-finite" in ping.json()["reason"]
+        r = requests.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": np.zeros((1, 28, 28, 3), int).tolist()})
+        assert r.status_code == 500 and "non-finite" in r.json()["message"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def register_nan_model(p, root: Path) -> str:
+    """An ONNX graph with medssl's input and output that answers NaN, registered with medssl's metadata."""
+    from onnx import TensorProto, helper
+
+    from medssl.export import onnx_sha256
+
+    c = 7
+    nodes = [helper.make_node("Cast", ["images"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("ReduceMean", ["f"], ["m"], keepdims=0, axes=[1, 2, 3]),
+             helper.make_node("Unsqueeze", ["m", "ax"], ["u"]),
+             helper.make_node("Mul", ["u", "zeros"], ["z"]),
+             helper.make_node("Div", ["z", "zeros"], ["probabilities"])]
+    graph = helper.make_graph(nodes, "nan", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 28, 28, 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", c])],
+                              [helper.make_tensor("zeros", TensorProto.FLOAT, [1, c], [0.0] * c),
+                               helper.make_tensor("ax", TensorProto.INT64, [1], [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # one onnxruntime reads
+    meta = {"class_names": [str(i) for i in range(c)], "input_size": [28, 28], "channels": 3, "onnx_sha256": onnx_sha256(model)}
+    with mlflow.start_run():
+        info = mlflow.onnx.log_model(model, name="nan", metadata=meta, save_as_external_data=False)
+    mv = mlflow.register_model(info.model_uri, "trust-nan")
+    return f"models:/trust-nan/{mv.version}"
+
+
+# ---- overrides ------------------------------------------------------------------------------------------------
+
+def test_tune_overrides_never_rewrite_the_projects_prepared_data(tmp_path):
+    """Fails on the code whose `medssl tune -S data.max_train=...` prepared the subset into data/prepared (the DVC
+    output every later stage reads)."""
+    from medssl.tune import prepare_search
+    from medssl.errors import ConfigError
+
+    p, lay = project(tmp_path)
+    before = {f: md5sum(f) for f in (lay.prepared, lay.meta, lay.data_card)}
+    os.chdir(tmp_path)
+    try:
+        search = load_params(ROOT / "params.yaml", {**TINY, "data.max_train": 35}, tuned=False)
+        card = prepare_search(search, p)
+        assert card["n"]["train"] < 70 and Layout().tuning().prepared.is_file()
+        assert {f: md5sum(f) for f in before} == before
+        with pytest.raises(ConfigError, match="data.medmnist given to tune would replace"):
+            prepare_search(load_params(ROOT / "params.yaml", {**TINY, "data.medmnist": "bloodmnist",
+                                                              "data.path": p.data.path}, tuned=False), p)
+    finally:
+        os.chdir(ROOT)
