@@ -121,6 +121,10 @@ def trained(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.chdir(root)
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # left by earlier tests' runs
+        mp.delenv(var, raising=False)
+    # an earlier test in this worker may have left MLflow's active experiment set to another store's
+    mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     p, lay = project(root)
     for init in p.inits.all:
@@ -321,3 +325,176 @@ def test_tune_overrides_never_rewrite_the_projects_prepared_data(tmp_path):
                                                               "data.path": p.data.path}, tuned=False), p)
     finally:
         os.chdir(ROOT)
+
+
+# ---- hostile input: one-line refusals, in seconds ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def champion(trained) -> str:
+    """models:/<name>@<alias> of the fixture's project (exported here unless an earlier case did)."""
+    from medssl.export import run_export
+
+    p = trained["p"]
+    try:
+        mlflow.MlflowClient().get_model_version_by_alias(p.export.registered_model, p.export.alias)
+    except mlflow.exceptions.MlflowException:
+        use(trained, "long")
+        run_export(p, trained["lay"])
+    return f"models:/{p.export.registered_model}@{p.export.alias}"
+
+
+def serve_process(trained, uri: str, *args: str):
+    """`medssl serve` as a real process on a free loopback port -> (process, base URL), once /ping answers."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "medssl"), "serve", uri, "--port", str(port), *args], cwd=trained["root"],
+                            env=run_env(MLFLOW_TRACKING_URI=f"sqlite:///{trained['root']}/mlflow.db"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def loopback() -> requests.Session:
+    s = requests.Session()
+    s.trust_env = False  # no proxy for 127.0.0.1
+    return s
+
+
+def test_config_refusals_name_the_field(tmp_path):
+    """Fails on the code that validated `data.path: README.md` (fetch then replaced README.md with the npz),
+    `registered_model: a/b` (refused by the registry after all the work) and read a 1 KB YAML alias bomb for 44 s
+    and 3.1 GB."""
+    from medssl.errors import ConfigError
+
+    for path in ("README.md", "/etc/hosts.npz", "../elsewhere/data/x.npz", "data/prepared/x.npz", "data/raw/x.csv"):
+        with pytest.raises(ConfigError, match=r"data\.path.*fetch writes this file"):
+            load_params(ROOT / "params.yaml", {"data.path": path}, tuned=False)
+    with pytest.raises(ConfigError, match=r"export\.registered_model"):
+        load_params(ROOT / "params.yaml", {"export.registered_model": "a/b"}, tuned=False)
+    with pytest.raises(ConfigError, match=r"export\.alias"):
+        load_params(ROOT / "params.yaml", {"export.alias": "the champion"}, tuned=False)
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text() + "\n".join(bomb) + "\n")
+    assert len((tmp_path / "params.yaml").read_text()) - len((ROOT / "params.yaml").read_text()) < 1024
+    with pytest.raises(ConfigError, match="72 YAML aliases"):
+        load_params(tmp_path / "params.yaml", tuned=False)
+
+
+def test_rest_refusals_are_named_and_coded(trained, champion):
+    """Fails on the code that answered NaN in JSON with a message not naming it, a text/plain body with error code
+    REQUEST_TOO_LARGE and 100k-deep JSON with 500."""
+    proc, url = serve_process(trained, champion)
+    s = loopback()
+    try:
+        ok = s.post(f"{url}/invocations", json={"inputs": np.full((2, 28, 28, 3), 90, int).tolist()})
+        assert ok.status_code == 200 and np.allclose(np.sum(ok.json()["predictions"], 1), 1, atol=1e-5)
+        nan = s.post(f"{url}/invocations", data=b'{"inputs": [[[[NaN, 1, 2]]]]}', headers={"content-type": "application/json"})
+        assert nan.status_code == 400 and "NaN is not a JSON number" in nan.json()["message"], nan.text
+        deep = s.post(f"{url}/invocations", data=b"[" * 100_000 + b"]" * 100_000, headers={"content-type": "application/json"})
+        assert deep.status_code == 400 and "nested too deeply" in deep.json()["message"], deep.text
+        text = s.post(f"{url}/invocations", data=b"hello", headers={"content-type": "text/plain"})
+        assert text.status_code == 415 and text.json()["error_code"] == "UNSUPPORTED_MEDIA_TYPE", text.text
+        assert s.get(f"{url}/ping").json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_predict_refusals_lose_nothing(trained, champion, tmp_path):
+    """Fails on the code that accepted `--batch-size 0`, overwrote an input image with `--out` onto it, predicted a
+    1x1 image with confidence and re-initialised a 0-byte mlflow.db."""
+    root = trained["root"]
+    env = run_env(MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db")
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    img = tmp_path / "img/a.png"
+    Image.fromarray(np.full((28, 28, 3), 90, np.uint8)).save(img)
+    kept = img.read_bytes()
+    medssl = lambda *a, e=env, cwd=root: subprocess.run([str(BIN / "medssl"), "predict", *a], cwd=cwd, env=e,  # noqa: E731
+                                                          capture_output=True, text=True, timeout=300)
+    for args, says in (((champion, str(img), "--batch-size", "0"), "--batch-size"),
+                       ((champion, str(tmp_path / "img"), "--out", str(img)), "would overwrite an image")):
+        r = medssl(*args)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert img.read_bytes() == kept
+    Image.fromarray(np.full((1, 1, 3), 90, np.uint8)).save(tmp_path / "dot.png")
+    r = medssl(champion, str(tmp_path / "dot.png"))
+    assert r.returncode == 2 and "1x1 is too small" in r.stderr and not r.stdout, r.stderr
+
+    bare = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}
+    for content, says in ((b"", "empty file"), (b"not a database, just bytes", "not an SQLite database")):
+        (tmp_path / "mlflow.db").write_bytes(content)
+        r = medssl(champion, str(img), e=bare, cwd=tmp_path)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert (tmp_path / "mlflow.db").read_bytes() == content
+
+
+def test_stale_grid_and_damaged_checkpoint_are_named(trained, tmp_path):
+    """Fails on the code whose evaluate, over grid outputs of a run with other fractions, died with
+    KeyError: 'subset_fractions_f0.01_s0', and whose export of a truncated model.pt printed a traceback."""
+    from medssl.errors import StaleStageError
+    from medssl.finetune import choose_champion, load_classifier
+
+    p, lay = trained["p"], trained["lay"]
+    other = load_params(ROOT / "params.yaml", {**TINY, "grid.fractions": [0.5, 1.0]}, tuned=False)
+    with pytest.raises(StaleStageError, match=r"imagenet\.json was computed with other .*grid.*run `medssl grid imagenet`"):
+        choose_champion(other, lay)
+    assert choose_champion(p, lay)[0] == "imagenet"
+    use(trained, "long")
+    good = lay.classifier.read_bytes()
+    try:
+        lay.classifier.write_bytes(good[: len(good) // 3])
+        with pytest.raises(ValueError, match="not a readable checkpoint.*rerun `medssl finetune`"):
+            load_classifier(lay, torch.device("cpu"))
+    finally:
+        lay.classifier.write_bytes(good)
+
+
+@pytest.mark.slow
+def test_serve_keeps_answering_with_idle_and_slow_sockets_open(trained, champion):
+    """Fails on the code that passed --concurrency to uvicorn's limit_concurrency, which counts connections: three
+    idle sockets made every request 503 (400 requests from 4 threads at --concurrency 4: 173 x 503), and
+    `--concurrency 0` answered everything 503. Bounded: at most 800 requests within 60 s, on loopback."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    r = subprocess.run([str(BIN / "medssl"), "serve", champion, "--concurrency", "0"], cwd=trained["root"],
+                       env=run_env(MLFLOW_TRACKING_URI=f"sqlite:///{trained['root']}/mlflow.db"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--concurrency" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+    proc, url = serve_process(trained, champion, "--concurrency", "4")
+    port = int(url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]  # connect, send nothing
+    slow = socket.create_connection(("127.0.0.1", port))
+    slow.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # headers that never finish
+    body = json.dumps({"inputs": np.full((2, 28, 28, 3), 90, int).tolist()})
+    deadline, statuses, lock = time.time() + 60, {}, threading.Lock()
+
+    def client(n: int) -> None:
+        s = loopback()
+        for _ in range(n):
+            if time.time() > deadline:
+                return
+            code = s.post(f"{url}/invocations", data=body, headers={"content-type": "application/json"}, timeout=30).status_code
+            with lock:
+                statuses[code] = statuses.get(code, 0) + 1
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(client, [200] * 4))
+        assert set(statuses) == {200} and sum(statuses.values()) >= 100, statuses
+        for s in idle:  # closed by the server once idle (serve.IDLE_SECONDS), not held for ever
+            s.settimeout(15)
+            assert s.recv(1) == b""
+        assert proc.poll() is None and loopback().get(f"{url}/ping").status_code == 200
+    finally:
+        for s in (*idle, slow):
+            s.close()
+        proc.terminate()
+        proc.wait(30)
