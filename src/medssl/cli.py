@@ -12,8 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from medssl.errors import (Busy, ConfigError, DataError, Diverged, ImageReadError, ParityError, PlotsError,
-                           PromotionError, TrackingUnavailable, WeightsUnavailable, StaleStageError, ModelIntegrityError)
+from medssl.errors import (Busy, ConfigError, DataError, DeviceUnavailable, Diverged, ImageReadError, ParityError,
+                           PlotsError, PromotionError, TrackingUnavailable, WeightsUnavailable, StaleStageError, ModelIntegrityError)
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -43,7 +43,8 @@ def _clear_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
-                TrackingUnavailable, Busy, PlotsError, StaleStageError, ModelIntegrityError, FileNotFoundError, ValueError) as e:
+                TrackingUnavailable, Busy, PlotsError, StaleStageError, ModelIntegrityError, DeviceUnavailable,
+                FileNotFoundError, ValueError) as e:
             if DEBUG["on"]:
                 raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -284,6 +285,24 @@ def serve(model_uri: Optional[str] = typer.Argument(None, help="registered model
         p = _params(Path("params.yaml"))
         model_uri = f"models:/{p.export.registered_model}@{p.export.alias}"
     run(model_uri, host, port, max_request_mb, max_images, concurrency)
+
+
+@app.command()
+@_clear_errors
+def doctor():
+    """What this host gives the stages: device, ONNX Runtime's session providers, training throughput. Exit 1 when a
+    GPU is claimed (NVIDIA driver, MEDSSL_DEVICE=cuda) but torch, ONNX Runtime or the throughput says it is not used."""
+    from medssl.doctor import diagnose
+
+    r = diagnose()
+    for f in r.findings:
+        err.print(f"{'[green]ok[/]  ' if f.ok else '[bold red]FAIL[/]'} {f.name}: {f.value}", highlight=False, soft_wrap=True)
+    if r.failures:
+        err.print(f"[bold red]error:[/] a GPU is claimed but would not be used: "
+                  + "; ".join(f"{f.name}: {f.value}" for f in r.failures), highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+    err.print(f"{'GPU' if r.gpu_claimed else 'CPU'} host: the stages run on {next(f.value for f in r.findings if f.name == 'device')}",
+              highlight=False)
 
 
 def _overrides(sets: list[str] | None) -> dict:

@@ -50,3 +50,7 @@ class StaleStageError(RuntimeError):
 
 class ModelIntegrityError(RuntimeError):
     """A registered model's file is not the one registered, or it answers non-finite probabilities."""
+
+
+class DeviceUnavailable(RuntimeError):
+    """The host claims a GPU (driver, MEDSSL_DEVICE=cuda) that torch or ONNX Runtime cannot use."""

@@ -64,10 +64,14 @@ class Predictor:
                 raise ModelIntegrityError(f"{model_uri}: model.onnx (sha256 {found[:12]}…) is not the file registered "
                                           f"(sha256 {meta['onnx_sha256'][:12]}…): the stored copy is damaged; "
                                           f"export the model again")
+        asked = onnx_providers()
         try:
-            self.session = ort.InferenceSession(str(path), providers=onnx_providers())
+            self.session = ort.InferenceSession(str(path), providers=asked)
         except Exception as e:  # truncated or overwritten
             raise ModelIntegrityError(f"{model_uri}: model.onnx does not load ({str(e).splitlines()[0][:160]})") from None
+        if asked[0] not in self.session.get_providers():  # CUDA compiled in but its libraries did not load
+            print(f"warning: {model_uri}: onnxruntime could not load {asked[0]} and runs on the CPU "
+                  f"(`medssl doctor` says why)", file=sys.stderr)
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, classes), each row finite; a model that answers anything else raises instead."""

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from medssl.errors import Diverged
+from medssl.errors import DeviceUnavailable, Diverged
 from medssl.models.classifier import to_input
 
 # step(idx) -> (loss, {name: scalar tensor}); idx: (B,) int64 positions on the data's device
@@ -101,12 +101,14 @@ def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, opt
 
 @torch.no_grad()
 def forward_all(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """fn over images (N, S, S, 3) uint8 in batches, as float in [0, 1] -> (N, ...) float32 on the device."""
+    """fn over images (N, S, S, 3) uint8 in batches, as float in [0, 1] -> (N, ...) float32 on the device.
+
+    In fp32 on every device, never under autocast: frozen features and scored probabilities are what the probes,
+    k-NN, selection and reports read, and bf16 rounding (8 bits of mantissa) would make a GPU's scores differ from
+    a CPU's by more than rounding. Scoring is a small part of a run; training steps keep bf16 on CUDA."""
     out = []
     for idx in batches(len(images), batch_size, None, images.device):
-        x = to_input(images[idx]).contiguous(memory_format=torch.channels_last)
-        with autocast(images.device):
-            out.append(fn(x).float())
+        out.append(fn(to_input(images[idx]).contiguous(memory_format=torch.channels_last)).float())
     return torch.cat(out)
 
 
@@ -133,8 +135,31 @@ def warmup_cosine(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+DEVICE_ENV = "MEDSSL_DEVICE"  # cpu | cuda: the device a stage must run on; unset: CUDA when usable, else the CPU
+
+
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device the stages train on. Never a silent CPU run on a GPU host: when the NVIDIA driver lists a GPU
+    (or MEDSSL_DEVICE=cuda) but torch cannot use CUDA, a one-line error says so; MEDSSL_DEVICE=cpu runs on the
+    CPU on purpose. On CUDA, cuDNN picks its fastest kernels for the run's fixed shapes (cudnn.benchmark)."""
+    import os
+
+    from medssl.host import has_nvidia_gpu
+
+    want = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if want not in ("", "cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV}={want!r}: expected cpu or cuda (unset: CUDA when usable, else the CPU)")
+    if want == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda")
+    if want == "cuda" or has_nvidia_gpu():
+        why = f"torch {torch.__version__} built without CUDA" if torch.version.cuda is None \
+            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot initialise the GPU (driver too old, or CUDA_VISIBLE_DEVICES empty)"
+        src = f"{DEVICE_ENV}=cuda" if want == "cuda" else "the NVIDIA driver lists a GPU"
+        raise DeviceUnavailable(f"{src} but {why}; `medssl doctor` says more, {DEVICE_ENV}=cpu trains on the CPU")
+    return torch.device("cpu")
 
 
 @contextlib.contextmanager

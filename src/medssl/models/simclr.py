@@ -25,13 +25,18 @@ class SimCLR(nn.Module):
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Normalised temperature-scaled cross entropy over 2N views; z1, z2: (N, D) unit vectors."""
-    z = torch.cat([z1, z2]).float()
+    """Normalised temperature-scaled cross entropy over 2N views; z1, z2: (N, D) unit vectors.
+
+    In fp32 even inside an autocast region (the training step runs in one on CUDA): there `.float()` alone would
+    not stop `z @ z.T` from being computed in bf16, whose spacing near 1 / temperature (~0.008 at 0.5) is as wide
+    as the differences the loss learns from. The targets are made on z's device (no host-to-device copy a step)."""
     n = z1.shape[0]
-    sim = z @ z.T / temperature
-    sim.fill_diagonal_(float("-inf"))  # a view is not its own positive
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, target)
+    with torch.autocast(z1.device.type, enabled=False):
+        z = torch.cat([z1, z2]).float()
+        sim = z @ z.T / temperature
+        sim.fill_diagonal_(float("-inf"))  # a view is not its own positive
+        target = (torch.arange(2 * n, device=z.device) + n) % (2 * n)  # view i's positive: i + n, and n + i's: i
+        return F.cross_entropy(sim, target)
 
 
 def random_view(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float], jitter: float,

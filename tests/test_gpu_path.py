@@ -1,0 +1,177 @@
+"""Faults of the CUDA path that a CPU can catch: tensors a training step makes off the model's device, host syncs
+inside the step loop, bf16 where the loss needs fp32, scoring under autocast, a GPU host that would train on the
+CPU without saying so."""
+from types import SimpleNamespace as NS
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from medssl.core import engine
+from medssl.core.engine import augment, pick_device, train_epoch, warmup_cosine
+from medssl.core.methods import METHODS
+from medssl.core.train import finetune
+from medssl.errors import DeviceUnavailable
+from medssl.models.classifier import Classifier
+from medssl.models.simclr import nt_xent
+
+FACTORIES = {torch.arange, torch.rand, torch.randn, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.full,
+             torch.empty, torch.tensor, torch.eye, torch.linspace, torch.as_tensor}
+SYNCS = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero"}
+AUG = NS(hflip=True, vflip=True, rot90=True, strength=0.5)
+CFGS = {"vae": NS(latent_dim=16, beta=1.0, lr=1e-3, weight_decay=0.0),
+        "simclr": NS(proj_dim=16, temperature=0.5, min_scale=0.2, jitter=0.1, grayscale=0.0, lr=1e-3, weight_decay=0.0),
+        "mim": NS(patch=8, mask_ratio=0.6, lr=1e-3, weight_decay=0.0)}
+
+
+class Recorder(TorchFunctionMode):
+    """Every torch factory called without a device (on CUDA: made on the CPU, copied to the GPU every step) and every
+    device-to-host read (a sync that stalls the GPU's queue), by the line of medssl code that made it."""
+
+    def __init__(self):
+        super().__init__()
+        self.off_device, self.syncs = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        where = _caller()
+        if where and func in FACTORIES and "device" not in kwargs and not (func in (torch.tensor, torch.as_tensor)
+                                                                           and isinstance(args[0], torch.Tensor)):
+            self.off_device.append(f"{func.__name__} at {where}")
+        if where and getattr(func, "__name__", "") in SYNCS:
+            self.syncs.append(f"{func.__name__} at {where}")
+        return func(*args, **kwargs)
+
+
+def _caller() -> str | None:
+    """'file:line' of the medssl code that called torch directly, or None when the call came from inside torch (an
+    optimizer reading its CPU step counter is no GPU sync) or from this test."""
+    import traceback
+
+    for f in reversed(traceback.extract_stack()[:-2]):
+        if "/torch/" in f.filename:
+            return None
+        if "/medssl/" in f.filename and "/tests/" not in f.filename:
+            return f"{f.filename.split('/medssl/')[-1]}:{f.lineno}"
+        if f.filename != __file__:
+            return None
+    return None
+
+
+def images(n=16, size=32, seed=0):
+    return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_pretraining_step_loop_makes_every_tensor_on_the_device_and_syncs_once_an_epoch(name):
+    gen = torch.Generator().manual_seed(0)
+    method = METHODS[name](CFGS[name], "mobilenet_v2", 32, [0.5] * 3, [0.25] * 3, gen)
+    x = images()
+    opt = torch.optim.AdamW(method.model.parameters(), lr=1e-3)
+    rec = Recorder()
+    with rec:
+        train_epoch(method.model, lambda idx: method.loss(augment(x[idx], AUG, gen), gen), len(x), 8, opt,
+                    warmup_cosine(opt, 1, 2), gen, torch.device("cpu"))
+    assert rec.off_device == [], f"{name}: tensors made off the model's device inside the step: {rec.off_device}"
+    assert rec.syncs == [f"tolist at core/engine.py:{_line_of('*means, first, peak, weight')}"], rec.syncs
+
+
+def _line_of(text: str) -> int:
+    src = engine.__file__
+    return next(i for i, line in enumerate(open(src), 1) if text in line)
+
+
+def test_finetune_step_loop_makes_every_tensor_on_the_device(monkeypatch):
+    import medssl.core.train as train
+
+    rec = Recorder()
+
+    def recorded(*a, **k):
+        with rec:
+            return train_epoch(*a, **k)
+
+    monkeypatch.setattr(train, "train_epoch", recorded)
+    x, y = images(24), torch.arange(24) % 3
+    cfg = NS(lr=1e-3, weight_decay=0.0, batch_size=8, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
+             augment=AUG)
+    model = Classifier("mobilenet_v2", 3, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(0))
+    finetune(model, (x, y), (x[:6], y[:6].numpy()), (x[:6], y[:6]), cfg, 2, "balanced_accuracy", ["a", "b", "c"], 0,
+             torch.device("cpu"), quiet=True, steps=6)
+    assert rec.off_device == [], rec.off_device
+    assert len(rec.syncs) == 2 and all(s.startswith("tolist at core/engine.py") for s in rec.syncs), rec.syncs
+
+
+def test_nt_xent_stays_fp32_under_bf16_autocast():
+    """The step runs under autocast on CUDA; CPU autocast casts matmul to bf16 the same way. The loss must be the
+    fp32 one (1e-6), not bf16's: with views that agree (late in training) at temperature 0.1 the logits near 10 have a
+    bf16 spacing of 0.06, and the loss moves by ~5e-4."""
+    g = torch.Generator().manual_seed(0)
+    z1 = F.normalize(torch.randn(64, 128, generator=g), dim=1)
+    z2 = F.normalize(z1 + 0.1 * torch.randn(64, 128, generator=g), dim=1)
+    fp32 = nt_xent(z1, z2, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = nt_xent(z1, z2, 0.1)
+        z = torch.cat([z1, z2])
+        naive = F.cross_entropy((z @ z.T / 0.1).fill_diagonal_(float("-inf")), (torch.arange(128) + 64) % 128)
+    assert mixed.dtype == torch.float32 and abs(mixed.item() - fp32.item()) < 1e-6
+    assert abs(naive.item() - fp32.item()) > 2e-4  # what the check guards against: bf16 logits move the loss
+
+
+def test_simclr_step_under_bf16_autocast_matches_fp32():
+    """One SimCLR loss of the same views and weights, fp32 vs bf16 autocast (what CUDA runs): within 2 %."""
+    losses = []
+    for amp in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        m = METHODS["simclr"](CFGS["simclr"], "mobilenet_v2", 32, [0.5] * 3, [0.25] * 3, gen)
+        m.model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            losses.append(m.loss(images(32), torch.Generator().manual_seed(1))[0].item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.02), losses
+
+
+def test_scores_and_features_are_fp32_whatever_the_device(monkeypatch):
+    """forward_all runs outside autocast: were CUDA's bf16 autocast in force, features would be bf16-rounded."""
+    monkeypatch.setattr(engine, "autocast", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    enc = Classifier("mobilenet_v2", 3, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(0)).backbone.eval()
+    x = images(8)
+    feats = engine.extract_features(enc, x)
+    with torch.no_grad():
+        ref = enc(engine.to_input(x).contiguous(memory_format=torch.channels_last))
+    assert feats.dtype == torch.float32 and torch.equal(feats, ref)
+
+
+def test_a_gpu_host_that_cannot_use_cuda_fails_in_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("MEDSSL_DEVICE", "cuda")
+    with pytest.raises(DeviceUnavailable, match="MEDSSL_DEVICE=cuda but torch .* MEDSSL_DEVICE=cpu trains on the CPU"):
+        pick_device()
+    monkeypatch.delenv("MEDSSL_DEVICE")
+    monkeypatch.setattr("medssl.host.has_nvidia_gpu", lambda: True)
+    with pytest.raises(DeviceUnavailable, match="the NVIDIA driver lists a GPU but"):
+        pick_device()
+    monkeypatch.setenv("MEDSSL_DEVICE", "cpu")
+    assert pick_device().type == "cpu"
+    monkeypatch.setenv("MEDSSL_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="MEDSSL_DEVICE='tpu': expected cpu or cuda"):
+        pick_device()
+
+
+def test_doctor_on_this_host_and_on_a_claimed_gpu(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    run = lambda env: subprocess.run([sys.executable, "-m", "medssl.cli", "doctor"], capture_output=True, text=True,  # noqa: E731
+                                     env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+    if torch.cuda.is_available():
+        r = run({})
+        assert r.returncode == 0 and "CUDAExecutionProvider" in r.stderr, r.stderr
+        return
+    r = run({"MEDSSL_DEVICE": "cpu"})
+    assert r.returncode == 0, r.stderr
+    assert "onnxruntime session providers: CPUExecutionProvider" in r.stderr and "images/s" in r.stderr
+    assert "CPU host: the stages run on cpu (CPU)" in r.stderr
+    r = run({"MEDSSL_DEVICE": "cuda"})
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: a GPU is claimed but would not be used: device: MEDSSL_DEVICE=cuda")
