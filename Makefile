@@ -79,13 +79,18 @@ clean-runs:
 	rm -rf mlflow.db mlartifacts mlruns
 
 # What a GPU host with PyTorch but no package registry needs for benchmarks/gpu_host.sh, in .gpu/ (not
-# committed): the wheels the stages import beyond PyTorch's usual company (MLflow's client, pydantic, ...),
-# at requirements.lock's versions, built for GPU_PY; DermaMNIST; MobileNetV2's ImageNet checkpoint.
+# committed): the wheels the stages import beyond GPU_HOST (what README says such a host has, with the
+# packages those install), at requirements.lock's versions, built for GPU_PY; DermaMNIST; MobileNetV2's
+# ImageNet checkpoint. tests/test_gpu_host.py starts from exactly GPU_HOST and names any module a stage
+# imports that the bundle lacks.
 GPU_PY ?= 3.12
+GPU_HOST := torch torchvision numpy scikit-learn pandas onnx onnxruntime
 GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-types typing-inspection sqlalchemy \
-  alembic mako cachetools gitpython gitdb smmap importlib-metadata opentelemetry-api opentelemetry-sdk \
-  opentelemetry-semantic-conventions opentelemetry-proto sqlparse python-dotenv fastapi starlette databricks-sdk \
-  cryptography cffi pycparser medmnist
+  alembic mako cachetools gitpython gitdb smmap importlib-metadata zipp opentelemetry-api opentelemetry-sdk \
+  opentelemetry-semantic-conventions opentelemetry-proto sqlparse python-dotenv fastapi starlette annotated-doc \
+  databricks-sdk cryptography cffi pycparser requests urllib3 idna certifi charset-normalizer psutil \
+  nvidia-ml-py medmnist pyyaml typer click shellingham rich markdown-it-py mdurl pygments tqdm markdown \
+  matplotlib contourpy cycler fonttools kiwisolver pyparsing onnxscript onnx-ir
 gpu-bundle: weights
 	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }
 	rm -rf .gpu.tmp && mkdir -p .gpu.tmp/whl .gpu.tmp/data .gpu.tmp/torch/hub/checkpoints

@@ -1,11 +1,14 @@
 """benchmarks/gpu_host.sh: the pipeline on a host with PyTorch and its usual company but no package registry,
 from the wheels `make gpu-bundle` collects, in slices that resume. The host is a fresh virtual environment
-holding only HOST (no MLflow, pydantic, DVC, Optuna or Prefect); a small budget runs on the CPU."""
+holding only what README says such a host has (Makefile's GPU_HOST: no MLflow, PyYAML, typer, tqdm, matplotlib,
+DVC, Optuna or Prefect); a small budget runs on the CPU."""
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -17,41 +20,87 @@ from conftest import BIN, ROOT, SHARED_NPZ, project_copy
 
 pytestmark = pytest.mark.slow
 
-# What the bare GPU host has that the stages use (it has more): PyTorch's data-science company.
-HOST = ("pip torch torchvision numpy scipy scikit-learn pandas pyarrow matplotlib pillow contourpy cycler fonttools "
-        "kiwisolver pyparsing python-dateutil six tzdata pytz onnx onnxruntime onnxscript onnx-ir ml-dtypes protobuf "
-        "flatbuffers packaging pyyaml rich markdown markdown-it-py mdurl pygments typer click "
-        "shellingham tqdm requests urllib3 idna certifi charset-normalizer jinja2 markupsafe werkzeug cloudpickle "
-        "psutil typing-extensions filelock fsspec networkx sympy mpmath joblib threadpoolctl anyio h11 httpx "
-        "httpcore zipp attrs annotated-doc setuptools nvidia-ml-py").split()
+
+def make_list(name: str) -> list[str]:
+    """A word list the Makefile defines (GPU_HOST, GPU_WHEELS): written there once, read here."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    return re.search(rf"^{name} := (.*)$", text, re.M).group(1).split()
+
+
+def lock_version(name: str) -> str:
+    return re.search(rf"^{name}==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M).group(1)
+
+
 # no random init: at this budget it can win the grid by a hair and then, rightly, fail the export gate
 SMALL = ["budget=demo", "data.max_train=400", "finetune.class_weight=balanced", "data.max_eval=150", "inits.baselines=[imagenet]",
          "inits.ssl=[vae]", "grid.fusion=[]", "grid.imbalance=[]", "grid.protocols=[finetune]",
          "budgets.demo.pretrain_epochs=80", "budgets.demo.finetune_epochs=2",
          "budgets.demo.grid={epochs: 1, max_train: 150, max_eval: 100, fractions: [1.0], batch_size: 32}"]
+# modules no stage on that host runs: serving, tuning, DVC's plots, the Prefect/Dask grid, and params.yaml edits
+# in place (gpu_host.sh writes its own params file)
+NOT_ON_GPU_HOST = {"serve.py": "*", "tune.py": "*", "dvcplots.py": "*", "scale.py": "*", "config.py": {"ruamel"}}
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Path:
-    """A virtual environment with PyTorch and HOST only (the project's own versions where requirements.lock pins them)."""
+    """A virtual environment holding exactly what README says such a host has: Makefile's GPU_HOST (PyTorch,
+    torchvision, numpy, scikit-learn, pandas, onnx, onnxruntime) with what those install, and pip."""
     venv = tmp_path_factory.mktemp("host") / "venv"
     subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True)
-    install = ["uv", "pip", "install", "-q", "--python", str(venv / "bin/python"), "-c", str(ROOT / "requirements.lock")]
-    subprocess.run([*install, "torch", "torchvision"], check=True)  # with the CUDA libraries they load
-    subprocess.run([*install, "--no-deps", *HOST], check=True)
-    for pkg in ("mlflow", "pydantic", "sqlalchemy", "dvc", "optuna", "prefect"):
+    pkgs = [f"onnxruntime=={lock_version('onnxruntime-gpu')}" if p == "onnxruntime" else p for p in make_list("GPU_HOST")]
+    subprocess.run(["uv", "pip", "install", "-q", "--python", str(venv / "bin/python"), "-c", str(ROOT / "requirements.lock"),
+                    "pip", *pkgs], check=True)
+    for pkg in ("mlflow", "pydantic", "sqlalchemy", "dvc", "optuna", "prefect", "yaml", "typer", "rich", "tqdm",
+                "matplotlib", "markdown"):  # what the stages import and such a host lacks: the bundle's job
         assert subprocess.run([venv / "bin/python", "-c", f"import {pkg}"], capture_output=True).returncode == 1, pkg
     return venv
 
 
-def test_full_pipeline_in_slices_on_a_bare_host(host, tmp_path):
-    proj = project_copy(tmp_path / "proj")
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory) -> Path:
+    """A project copy with the bundle built (`make gpu-bundle`, outside the project's venv)."""
+    proj = project_copy(tmp_path_factory.mktemp("gpu") / "proj")
     system = {**os.environ, "PATH": os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep) if Path(d) != BIN)}
     make = subprocess.run(["make", "-o", "weights", "gpu-bundle", f"GPU_PY={sys.version_info.major}.{sys.version_info.minor}",
                            f"MEDSSL_DATA_PATH={SHARED_NPZ}"], cwd=proj, env=system, capture_output=True, text=True)
     assert make.returncode == 0, make.stdout + make.stderr
-    assert len(list((proj / ".gpu/whl").glob("*.whl"))) == 27
+    assert len(list((proj / ".gpu/whl").glob("*.whl"))) == len(make_list("GPU_WHEELS"))
+    return proj
 
+
+def test_readme_names_the_host_the_bundle_is_built_for():
+    text = (ROOT / "README.md").read_text()
+    para = text[text.index("An air-gapped node often has"):].split("\n\n")[0]
+    named = re.findall(r"PyTorch|torchvision|numpy|scikit-learn|pandas|onnxruntime|onnx(?!runtime)", para)
+    assert sorted({"torch" if n == "PyTorch" else n for n in named}) == sorted(make_list("GPU_HOST")), para
+
+
+def test_bundle_holds_every_module_a_stage_imports(host, proj, tmp_path):
+    """Every third-party module src/medssl imports (at the top or inside a function), outside NOT_ON_GPU_HOST, is
+    importable on the host with the bundle's wheels: the failure names the modules the bundle lacks."""
+    site = tmp_path / "site"
+    subprocess.run([host / "bin/python", "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target", site,
+                    *map(str, (proj / ".gpu/whl").glob("*.whl"))], check=True)
+    wanted = {}
+    for f in sorted((ROOT / "src/medssl").rglob("*.py")):
+        skip = NOT_ON_GPU_HOST.get(f.name, set())
+        if skip == "*":
+            continue
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for top in (n.split(".")[0] for n in names):
+                if top not in sys.stdlib_module_names and top not in ("medssl", "__future__") and top not in skip:
+                    wanted.setdefault(top, f.relative_to(ROOT / "src").as_posix())
+    assert {"torch", "mlflow", "yaml", "typer", "tqdm", "matplotlib", "markdown"} <= set(wanted)  # the scan sees them
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    r = subprocess.run([host / "bin/python", "-c", probe, *sorted(wanted)], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONPATH": str(site)})
+    missing = r.stdout.split()
+    assert not missing, "the GPU bundle lacks " + ", ".join(f"{m} (imported by {wanted[m]})" for m in missing)
+
+
+def test_full_pipeline_in_slices_on_a_bare_host(host, proj, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "MLFLOW_TRACKING"))}
     env.update(PATH=f"{host / 'bin'}:{env['PATH']}", MEDSSL_SLICE="60", OUT=str(tmp_path / "out"))
     (tmp_path / "out").mkdir()

@@ -175,3 +175,29 @@ def test_doctor_on_this_host_and_on_a_claimed_gpu(tmp_path):
     r = run({"MEDSSL_DEVICE": "cuda"})
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: a GPU is claimed but would not be used: device: MEDSSL_DEVICE=cuda")
+
+
+def test_a_state_a_cuda_run_left_is_discarded_on_the_cpu_never_restored(tmp_path, capsys):
+    """A CUDA generator's state (16 bytes: seed and offset) set into a CPU generator raises: the resume key's device
+    keeps such a state from ever reaching `set_state`, and the stage starts over with one line saying why."""
+    from medssl.core.train import _restore
+    from medssl.resume import Checkpointer
+
+    cuda_gen_state = torch.tensor(list(range(16)), dtype=torch.uint8)  # what torch.Generator("cuda").get_state() holds
+    with pytest.raises(RuntimeError):
+        torch.Generator().set_state(cuda_gen_state)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = warmup_cosine(opt, 1, 4)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "generator": cuda_gen_state, "epoch": 1}
+    with pytest.raises(RuntimeError):
+        _restore(state, model, opt, sched, torch.Generator())
+    key = {"stage": "finetune", "init": "imagenet", "data": "d"}
+    Checkpointer(tmp_path / "finetune-imagenet.pt", {**key, "device": "cuda"}).save(state)
+    capsys.readouterr()
+    assert Checkpointer(tmp_path / "finetune-imagenet.pt", {**key, "device": "cpu"}).load() is None
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("left by a run with other device; starting over"), line
+    again = Checkpointer(tmp_path / "finetune-imagenet.pt", {**key, "device": "cuda"}).load()  # on its own device: resumed
+    assert torch.equal(again["generator"], cuda_gen_state)
