@@ -5,7 +5,8 @@ bf16 autocast on CUDA, no host sync inside the step loop; probes in torch on the
 Naive: a torch DataLoader over CPU tensors, a host-to-device copy per batch, fp32, NCHW, `.item()` every
 step; probes in scikit-learn. Plus ONNX Runtime against eager PyTorch for batch inference.
 Needs only PyTorch, torchvision, numpy, scikit-learn and onnxruntime (runs on a bare GPU host with
-PYTHONPATH=src). Writes benchmarks/results/<device>_<date>.{json,md} (device: cpu, cpu-avx512 or cuda-<GPU name>).
+PYTHONPATH=src). Writes benchmarks/results/<device>_<date>_<commit>.{json,md} (device: cpu, cpu-avx512 or
+cuda-<GPU name>).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -40,15 +42,18 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat: int = 1) -> float:
-    """Seconds per call, after one warm-up call."""
+def timed(fn, device, repeat: int | None = None) -> float:
+    """Median seconds per call of `repeat` timed calls after one warm-up call (default: 5 on CUDA, where a call
+    is short and launch timing noisy; 1 on a CPU, where one call of the sizes below takes tens of seconds)."""
     fn()
     sync(device)
-    t = time.perf_counter()
-    for _ in range(repeat):
+    times = []
+    for _ in range(repeat or (5 if torch.device(device).type == "cuda" else 1)):
+        t = time.perf_counter()
         fn()
-    sync(device)
-    return (time.perf_counter() - t) / repeat
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def data(n: int, size: int, seed: int = 0):
@@ -99,7 +104,7 @@ def train_naive(kind, x, y, bs, device):
             xb = augment(xb, AUG, torch.Generator().manual_seed(0)).to(device)
             yb = yb.to(device)
             if kind == "finetune":
-                loss = F.cross_entropy(model(to_input(xb)), yb)
+                loss = F.cross_entropy(model(to_input(xb).contiguous()), yb)  # NCHW (to_input's permute alone is NHWC in memory)
             else:
                 loss, _ = obj.loss(xb, gen)
             opt.zero_grad()
@@ -124,7 +129,7 @@ def infer(x, bs, device, features: bool):
     def naive():
         out = []
         for (xb,) in loader:
-            xb = to_input(xb.to(device))
+            xb = to_input(xb.to(device)).contiguous()  # NCHW in memory
             out.append((naive_m.backbone(xb) if features else naive_m(xb).softmax(1)).cpu())
         return torch.cat(out)
 
@@ -219,14 +224,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=64, help="image side (px); MobileNetV2 throughout")
     ap.add_argument("--n", type=int, default=None, help="images per training epoch (default: 1024 on CPU, 7168 on GPU)")
-    ap.add_argument("--batch", type=int, default=None, help="training batch (default: 128 on CPU, 512 on GPU)")
+    ap.add_argument("--batch", type=int, default=128, help="training batch (params.yaml's pretrain and finetune batch_size)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--stem-file", type=Path, default=None, help="also write the results' path, less .json/.md, here")
     ap.add_argument("--only", nargs="*", default=None,
                     help="subset of: finetune vae simclr mim eval features cells shared probes onnx")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = a.n or (7168 if device.type == "cuda" else 1024)
-    bs = a.batch or (512 if device.type == "cuda" else 128)
+    bs = a.batch
     want = set(a.only or ["finetune", "vae", "simclr", "mim", "eval", "features", "cells", "shared", "probes", "onnx"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -278,7 +284,8 @@ def main() -> None:
             "avx512": " avx512f" in flags, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
             "torch": torch.__version__, "image_size": a.size, "n": n, "batch": bs, "model": "mobilenet_v2"}
     host = "cuda-" + meta["gpu"].replace(" ", "-") if meta["gpu"] else "cpu-avx512" if meta["avx512"] else "cpu"
-    tag = f"{host}_{meta['date'][:10]}"  # CPUs with and without AVX-512 differ several-fold: separate files
+    meta["commit"] = commit()
+    tag = f"{host}_{meta['date'][:10]}_{meta['commit']}"  # CPUs with and without AVX-512 differ several-fold: separate files
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "results": res}, indent=2) + "\n")
     md = [f"# medssl benchmark: {meta['gpu'] or cpu} ({device}), {meta['date']}", "",
@@ -295,7 +302,23 @@ def main() -> None:
     elif "onnx_vs_eager" in res:
         md += ["", f"ONNX Runtime: {res['onnx_vs_eager']['skipped']}"]
     (a.out / f"{tag}.md").write_text("\n".join(md) + "\n")
+    if a.stem_file:
+        a.stem_file.write_text(f"{a.out / tag}\n")
     print("\n".join(md))
+
+
+def commit() -> str:
+    """The checkout's short commit (with -dirty when tracked files differ from it), or 'nogit' (a copy without .git)."""
+    import subprocess
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "nogit"
 
 
 if __name__ == "__main__":

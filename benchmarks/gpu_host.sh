@@ -5,6 +5,9 @@
 # stages need beyond PyTorch's usual company (MLflow's client, pydantic, ...) installed from the wheels
 # that `make gpu-bundle` put in .gpu/, beside DermaMNIST and MobileNetV2's ImageNet checkpoint.
 # Independent stages run side by side on the GPU: the five pretrainings, then the seven grids.
+# Before them, once: `medssl doctor` (the call fails, in one line, when a GPU is claimed but would go unused)
+# and `python -m benchmarks` (args from $MEDSSL_BENCH_ARGS). Exit 0 adds every stage's seconds and the
+# champion's test metrics to the benchmark's benchmarks/results/<device>_<date>_<commit>.{json,md}.
 #
 #   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full data.image_size=64
 #
@@ -15,7 +18,7 @@
 # Exit 0: all done; 3: out of time, call again; 4: out of time with nothing finished (no epoch, cell or stage),
 # so calling again would not help; other: a stage failed (its log is in .medssl/gpu_host/logs/).
 # Wall time per stage and call goes to .medssl/gpu_host/times.tsv; with $OUT set, results.tgz (metrics/,
-# plots/, reports/, .medssl/gpu_host/) is written there.
+# plots/, reports/, .medssl/gpu_host/, the benchmark's files) is written there.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 G=.gpu                # the bundle (read only)
@@ -62,19 +65,22 @@ EOF
 ) || exit 2
 { read -r -a SSL; read -r -a ALL; } <<<"$inits"
 
-# run NAME ARGS...: `medssl ARGS --params P`, stopped at the slice's end, unless it finished in an earlier
-# call with the same params (a mark under $R/done/<md5 of P>/: outputs committed from other runs do not count)
+MEDSSL=(python3 -c 'from medssl.cli import main; main()')
+
+# run NAME COMMAND...: COMMAND, stopped at the slice's end, unless it finished in an earlier call with the same
+# params (a mark under $R/done/<md5 of P>/: outputs committed from other runs do not count)
 run() {
   local name=$1 t0=$SECONDS rc left; shift
   [ -f "$DONE/$name" ] && return 0
   left=$((slice_end - SECONDS))
   ((left > 10)) || return 3
-  timeout -s INT -k 60 $left python3 -c 'from medssl.cli import main; main()' "$@" --params $P >>$R/logs/$name.log 2>&1
+  timeout -s INT -k 60 $left "$@" >>$R/logs/$name.log 2>&1
   rc=$?
   printf '%s\t%s\t%d\t%d\n' "$(date -u +%FT%TZ)" "$name" $((SECONDS - t0)) $rc >>$R/times.tsv
   ((rc == 0)) && touch "$DONE/$name" && return 0
   ((rc == 124 || rc == 130)) && return 3
   echo "$name failed (exit $rc): $R/logs/$name.log" >&2
+  [ "$name" = doctor ] && tail -n 1 $R/logs/$name.log >&2
   return $rc
 }
 
@@ -83,7 +89,7 @@ run() {
 together() {
   local cmd=$1 t0=$SECONDS rc=0 fail=0 r pids=(); shift
   local threads=$(( $(nproc) / $# > 0 ? $(nproc) / $# : 1 ))  # the CPU side of stages sharing the GPU
-  for i in "$@"; do { export OMP_NUM_THREADS=$threads; run "$cmd-$i" $cmd "$i"; } & pids+=($!); done
+  for i in "$@"; do { export OMP_NUM_THREADS=$threads; run "$cmd-$i" "${MEDSSL[@]}" $cmd "$i" --params $P; } & pids+=($!); done
   for pid in "${pids[@]}"; do wait $pid; r=$?; ((r == 3)) && rc=3; ((r != 0 && r != 3)) && fail=$r; done
   ((fail)) && rc=$fail
   echo "$cmd x $#: $((SECONDS - t0)) s (exit $rc)" >&2
@@ -93,7 +99,8 @@ together() {
 pack() {
   printf '%s\tslice\t%d\t-\n' "$(date -u +%FT%TZ)" $SECONDS >>$R/times.tsv
   [ -n "${OUT:-}" ] || return 0
-  tar czf "$OUT/results.tgz" --ignore-failed-read $R metrics plots reports 2>/dev/null
+  local stem; stem=$(cat $R/bench_stem 2>/dev/null)
+  tar czf "$OUT/results.tgz" --ignore-failed-read $R metrics plots reports ${stem:+$stem.json $stem.md} 2>/dev/null
 }
 trap pack EXIT
 
@@ -111,21 +118,39 @@ stop() {
 DONE=$R/done/$(md5sum <$P | cut -c1-12)
 mkdir -p $DONE
 touch $R/call-start
-run fetch fetch || stop $?
-run prepare prepare || stop $?
+run doctor "${MEDSSL[@]}" doctor || stop $?
+# shellcheck disable=SC2086  # MEDSSL_BENCH_ARGS: words for the benchmark's own options
+run benchmark python3 -m benchmarks --out benchmarks/results --stem-file $R/bench_stem ${MEDSSL_BENCH_ARGS:-} || stop $?
+run fetch "${MEDSSL[@]}" fetch --params $P || stop $?
+run prepare "${MEDSSL[@]}" prepare --params $P || stop $?
 together pretrain "${SSL[@]}" || stop $?
 together grid "${ALL[@]}" || stop $?
-run finetune finetune || stop $?
-run evaluate evaluate || stop $?
-run export export || stop $?
-python3 - $SECONDS <<'EOF'
+run finetune "${MEDSSL[@]}" finetune --params $P || stop $?
+run evaluate "${MEDSSL[@]}" evaluate --params $P || stop $?
+run export "${MEDSSL[@]}" export --params $P || stop $?
+python3 - $SECONDS $R/bench_stem $P <<'EOF'
 import csv, json, sys
+import yaml
 (init, test), = json.load(open("metrics/test.json")).items()
-print(f"champion {init}: test", ", ".join(f"{k} {test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "kappa")))
+keys = ("accuracy", "balanced_accuracy", "auc_macro", "kappa")
+print(f"champion {init}: test", ", ".join(f"{k} {test[k]:.4f}" for k in keys))
 rows = list(csv.reader(open(".medssl/gpu_host/times.tsv"), delimiter="\t"))  # every call appends to it
 total = {"slice": int(sys.argv[1])}  # this call so far; earlier calls from their rows
 for r in rows:
     total[r[1]] = total.get(r[1], 0) + int(r[2])
 print("seconds over all slices (slice: whole calls, setup included):", total)
+stem = open(sys.argv[2]).read().strip()  # the benchmark's files: the pipeline's figures join them
+params = yaml.safe_load(open(sys.argv[3]))
+res = json.load(open(f"{stem}.json"))
+res["pipeline"] = {"budget": params["budget"], "image_size": params["data"]["image_size"], "champion": init,
+                   "test": {k: test[k] for k in keys}, "seconds": total, "calls": sum(r[1] == "slice" for r in rows) + 1}
+open(f"{stem}.json", "w").write(json.dumps(res, indent=2) + "\n")
+md = [open(f"{stem}.md").read().split("\n## The pipeline")[0].rstrip("\n"), "",  # (again on a later exit 0)
+      f"## The pipeline: budget {params['budget']} at {params['data']['image_size']} px, "
+      f"{res['pipeline']['calls']} call(s) of benchmarks/gpu_host.sh", "",
+      f"Champion **{init}** on the test split: " + ", ".join(f"{k} {test[k]:.4f}" for k in keys) + ".", "",
+      "| stage | seconds over all calls |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in total.items()]
+open(f"{stem}.md", "w").write("\n".join(md) + "\n")
+print(f"wrote {stem}.json and {stem}.md")
 EOF
 echo done

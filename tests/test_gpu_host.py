@@ -102,7 +102,8 @@ def test_bundle_holds_every_module_a_stage_imports(host, proj, tmp_path):
 
 def test_full_pipeline_in_slices_on_a_bare_host(host, proj, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "MLFLOW_TRACKING"))}
-    env.update(PATH=f"{host / 'bin'}:{env['PATH']}", MEDSSL_SLICE="60", OUT=str(tmp_path / "out"))
+    env.update(PATH=f"{host / 'bin'}:{env['PATH']}", MEDSSL_SLICE="60", OUT=str(tmp_path / "out"),
+               MEDSSL_BENCH_ARGS="--only eval --n 128 --size 32")  # the benchmark's plumbing, in seconds
     (tmp_path / "out").mkdir()
     # a slice too short for any stage to finish anything: a clear error, not calls that exit 3 forever
     short = subprocess.run(["bash", "benchmarks/gpu_host.sh", *SMALL], cwd=proj, env={**env, "MEDSSL_SLICE": "5"},
@@ -122,7 +123,9 @@ def test_full_pipeline_in_slices_on_a_bare_host(host, proj, tmp_path):
     rows = list(csv.reader(open(proj / ".medssl/gpu_host/times.tsv"), delimiter="\t"))
     ran = [r[1] for r in rows if r[1] != "slice"]
     finished = {r[1] for r in rows if r[3] == "0"}
-    assert finished == {"fetch", "prepare", "pretrain-vae", "grid-imagenet", "grid-vae", "finetune", "evaluate", "export"}
+    assert finished == {"doctor", "benchmark", "fetch", "prepare", "pretrain-vae", "grid-imagenet", "grid-vae", "finetune",
+                        "evaluate", "export"}
+    assert "CPU host: the stages run on cpu" in (proj / ".medssl/gpu_host/logs/doctor.log").read_text()
     for s in finished:  # a stage runs again only after a slice's end stopped it (timeout's exit 124)
         assert ran.count(s) == 1 + sum(r[3] == "124" for r in rows if r[1] == s), rows
     # 80 pretraining epochs outlast a slice (25 did on a 2-core AMD EPYC, not on an AVX-512 Xeon: ~1.2 s an epoch): stopped by SIGINT, the next call continued from its last epoch
@@ -136,7 +139,15 @@ def test_full_pipeline_in_slices_on_a_bare_host(host, proj, tmp_path):
     with sqlite3.connect(proj / "mlflow.db") as db:  # registered, with the alias, in the host's own store
         assert db.execute("select count(*) from registered_model_aliases where alias = 'champion'").fetchone()[0] == 1
     assert (tmp_path / "out/results.tgz").stat().st_size > 0
+    # the benchmark's files, named by device, date and commit, with the pipeline's figures added at the end
+    stem = proj / (proj / ".medssl/gpu_host/bench_stem").read_text().strip()
+    assert re.fullmatch(r"cpu(-avx512)?_\d{4}-\d\d-\d\d_[0-9a-f]{7,}(-dirty)?", stem.name), stem.name
+    bench = json.loads(stem.with_suffix(".json").read_text())
+    assert bench["results"]["eval"]["fast_images_per_s"] > 0 and bench["pipeline"]["champion"] == init
+    assert bench["pipeline"]["test"]["accuracy"] == test["accuracy"] and bench["pipeline"]["seconds"]["grid-vae"] >= 0
+    assert "## The pipeline: budget demo at 32 px" in stem.with_suffix(".md").read_text()
 
     again = subprocess.run(["bash", "benchmarks/gpu_host.sh", *SMALL], cwd=proj, env=env, capture_output=True, text=True)
     assert again.returncode == 0
     assert len(list(csv.reader(open(proj / ".medssl/gpu_host/times.tsv"), delimiter="\t"))) == len(rows) + 1  # only a slice row
+    assert stem.with_suffix(".md").read_text().count("## The pipeline") == 1  # the section replaced, not added again
