@@ -98,19 +98,24 @@ def export_task(p: Params) -> dict:
 
 
 class Board:
-    """Live artifacts of a flow run: medssl-progress (share of stages ended) and medssl-stages (each stage's
-    state and minutes since the start), a new version as each stage ends."""
+    """Artifacts of a flow run's stages: medssl-progress, updated in place as each stage ends (the share ended;
+    its description names the last one and its state), and medssl-stages, each stage's state and minutes since
+    the start, written once when the flow ends (a table artifact cannot be updated in place: one per change
+    would bury the results and the report)."""
 
     def __init__(self, names: list[str]):
         self.t0, self.n, self.k = time.time(), len(names), 0
         self.bar = create_progress_artifact(0.0, key="medssl-progress", description=f"{self.n} stages")
-        self.rows = {n: {"stage": n, "state": "running or waiting", "minutes": ""} for n in names}
+        self.rows = {n: {"stage": n, "state": "not ended", "minutes": ""} for n in names}
 
     def ended(self, name: str, state: str) -> None:
         self.k += 1
         self.rows[name] |= {"state": state, "minutes": round((time.time() - self.t0) / 60, 2)}
-        update_progress_artifact(self.bar, 100.0 * self.k / self.n, description=f"{self.k}/{self.n} stages ended: {name}")
-        create_table_artifact(list(self.rows.values()), key="medssl-stages", description="medssl-pipeline stages (live)")
+        update_progress_artifact(self.bar, 100.0 * self.k / self.n,
+                                 description=f"{self.k}/{self.n} stages ended; last: {name} {state}")
+
+    def close(self) -> None:
+        create_table_artifact(list(self.rows.values()), key="medssl-stages", description="medssl-pipeline stages")
 
     def follow(self, stages: dict[str, PrefectFuture]) -> None:
         """Wait for `stages`, reporting each as it ends (a failure is raised later, where its result is read)."""
@@ -179,6 +184,7 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
                           tags={**tracking.base_tags(p), "stage": "pipeline", "orchestrator": "prefect",
                                 tracking.RUN_TAG: "prefect-pipeline"}) as parent:
         os.environ[tracking.PARENT_ENV] = parent.info.run_id
+        board = None
         try:
             mlflow.log_params(tracking.flat_params(p.model_dump()))
             fetched = fetch_task.with_options(**opts).submit(p, data_path)
@@ -227,6 +233,8 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
                     "test_accuracy": export["test_accuracy"], "test_auc_macro": export["test_auc_macro"]}
         finally:
             os.environ.pop(tracking.PARENT_ENV, None)
+            if board is not None:  # the stages' table, once, failed or not
+                board.close()
 
 
 if __name__ == "__main__":

@@ -82,8 +82,8 @@ def grid_table(p: Params, shards: dict[str, list[Shard]]) -> list[dict]:
 
 @flow(name="medssl-grid", log_prints=True)
 def grid_flow(p: Params, refs: dict, grid_runs: dict[str, str], retries: int = 1) -> dict[str, list[Shard]]:
-    """Every shard (init x grid seed) on this flow's task runner; init -> its shards, as they finish: a progress
-    artifact and the report's table over the shards done so far."""
+    """Every shard (init x grid seed) on this flow's task runner; init -> its shards. A progress artifact updated
+    in place as shards finish, then the report's table over every seed."""
     futures = {(init, seed): grid_shard_task.with_options(retries=retries, retry_delay_seconds=5).submit(
                    p, init, seed, refs[init], grid_runs[init])
                for init in p.inits.all for seed in p.grid.seeds}
@@ -94,6 +94,6 @@ def grid_flow(p: Params, refs: dict, grid_runs: dict[str, str], retries: int = 1
         init, seed = names[id(fut)]
         done.setdefault(init, []).append(fut.result())
         update_progress_artifact(bar, 100.0 * k / len(futures), description=f"{k}/{len(futures)}: {init} seed {seed}")
-        create_table_artifact(grid_table(p, done), key="medssl-grid",
-                              description="test balanced accuracy, mean over the seeds finished (live)")
+    create_table_artifact(grid_table(p, done), key="medssl-grid",  # once: a table artifact is not updated in place
+                          description="test balanced accuracy, mean over the seeds")
     return done
