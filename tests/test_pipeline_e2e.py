@@ -112,6 +112,16 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert "grid/cells.json" in table  # the cells as an MLflow table
     grid_metrics = client.get_run(children["grid-imagenet"].info.run_id).data.metrics
     assert "system/cpu_utilization_percentage" in grid_metrics and "system/system_memory_usage_megabytes" in grid_metrics
+    (project["dir"] / "dl").mkdir(exist_ok=True)
+    summary = json.loads(Path(client.download_artifacts(children["grid-imagenet"].info.run_id, "summary/run.json",
+                                                        str(project["dir"] / "dl"))).read_text())  # (split orient)
+    for name, value in summary["data"]:  # the inits' scores as metrics MLflow sorts and charts
+        if name.startswith("test_balanced_accuracy_"):
+            assert grid_metrics[name] == pytest.approx(value), name
+    assert {f"test_balanced_accuracy_finetune_f{f:g}" for f in FRACTIONS} <= set(grid_metrics)
+    exp = mlflow.get_experiment_by_name("e2e")  # the experiment page says what it holds, in the classic runs view
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development" and exp.tags["medssl.dataset"] == "dermamnist"
+    assert "its description is the verdict" in exp.tags["mlflow.note.content"]
     ft = children[f"finetune-{champion}"]
     sys.path.insert(0, str(project["dir"] / "src"))
     from medssl.config import load_params

@@ -210,6 +210,7 @@ def write_grid(p: Params, init: str, lay: Layout, data: dict[str, Split], meta: 
         [c["test"]["balanced_accuracy"] for c in main if c["protocol"] == protocol and c["fraction"] == f]))
         for protocol in g.protocols for f in g.fractions}
     tracking.log_summary({"seconds": seconds, **means})
+    mlflow.log_metrics(means)  # sortable columns and charts that set the inits side by side in MLflow's views
     result = {"init": init, "n_pool": int(len(y["pool"])), "n": {s: int(len(v)) for s, v in y.items()},
               "seconds": seconds, "run_id": run_id, "inputs": digests(inputs_key(p, "grid", init, meta, lay)),
               "cells": cells}

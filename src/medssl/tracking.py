@@ -85,10 +85,25 @@ def experiment_id(p: Params) -> str:
     check_server(uri)
     mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(p.mlflow.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = Path("mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
-    return mlflow.create_experiment(p.mlflow.experiment, artifact_location=location)
+    if exp is None:
+        location = Path("mlartifacts").resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+        return mlflow.create_experiment(p.mlflow.experiment, artifact_location=location, tags=experiment_tags(p))
+    for k, v in experiment_tags(p).items():  # experiments created before the tags existed
+        if k not in exp.tags:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, k, v)
+    return exp.experiment_id
+
+
+def experiment_tags(p: Params) -> dict[str, str]:
+    """What the experiment page says it holds: a description (MLflow shows `mlflow.note.content` on the page),
+    the classic runs view rather than the GenAI overview (`mlflow.experimentKind`), and the dataset."""
+    note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
+            "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<method>`, `grid-<init>` (metrics "
+            "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
+            "every cell a nested run), `finetune-<init>` (the champion), `report` (evaluate) and `export` (the "
+            "registered model). Filters: `tags.stage = 'pretrain'`, `tags.\"medssl.run\" LIKE 'grid-%'`.")
+    return {"mlflow.note.content": note, "mlflow.experimentKind": "custom_model_development", "medssl.dataset": p.data.name}
 
 
 PIPELINE_OUTPUTS = ("dvc.lock", "metrics", "plots", "reports")  # rewritten by the pipeline itself
