@@ -247,8 +247,10 @@ class Slots:
 
 
 def shards_at_once(device) -> int:
-    """Shards computed at once: 4 on a GPU (keeps it busy), one per core this thread may run on on a CPU (one
-    torch thread each)."""
+    """Shards computed at once: up to 4 on a GPU (kernels of several shards keep it busy; `medssl grid` has one
+    shard per grid seed, 3 at the defaults, so all of them), one per core this thread may run on on a CPU (one
+    torch thread each). On CUDA the shards' threads share the default stream: their kernels queue behind one
+    another, and overlap only where one shard's host-side work (probes, metrics) runs beside another's."""
     return 4 if torch.device(device).type == "cuda" else max(1, len(os.sched_getaffinity(0)))
 
 

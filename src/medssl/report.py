@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
@@ -170,20 +171,28 @@ def metric_table(agg: dict, protocol: str, inits: list[str], fractions: list[flo
 
 def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fractions: list[float], path: Path,
                      metric: str = "balanced_accuracy") -> None:
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 3.8), squeeze=False, sharey=True)
+    """One panel per protocol, test `metric` against the label fraction (log axis), one colour per init; the inits'
+    points are dodged sideways (a few % of the fraction) so that their intervals do not hide one another."""
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.2 * len(protocols), 4.4), squeeze=False, sharey=True)
+    colours = {init: plt.get_cmap("tab10")(i % 10) for i, init in enumerate(inits)}
+    dodge = {init: 1.09 ** (i - (len(inits) - 1) / 2) for i, init in enumerate(inits)}
     for ax, protocol in zip(axes[0], protocols):
         for init in inits:
             pts = [(f, *agg[("fractions", protocol, init, f)][metric]) for f in fractions if ("fractions", protocol, init, f) in agg]
             if not pts:
                 continue
             f, m, c = map(np.array, zip(*pts))
-            ax.errorbar(f, m, yerr=np.nan_to_num(c), fmt="o-", ms=4, capsize=3, label=init)
+            ax.errorbar(f * dodge[init], m, yerr=np.nan_to_num(c), fmt="o-", ms=4, capsize=2, lw=1.2, elinewidth=1,
+                        color=colours[init], label=init)
         ax.set(xscale="log", xlabel="label fraction", title=PROTOCOL_NAMES[protocol])
-        ax.set_xticks(fractions, [_pct(f) for f in fractions], fontsize=7)
+        ax.set_xticks(fractions, [_pct(f) for f in fractions])
+        ax.minorticks_off()
+        ax.tick_params(labelsize=9)
+        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"test {metric} (mean ± 95 % CI)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.02, 1))  # beside the panels, over no point
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -216,19 +225,27 @@ def overfitting(inits: list[str], lay: Layout) -> dict:
     return out
 
 
-def plot_gap_curves(over: dict, path: Path) -> None:
-    """Train - val accuracy gap per epoch (fine-tune, 100 % labels), mean ± 95 % CI over seeds, one panel per init;
-    the dashed line: mean epoch where validation loss stops improving."""
+def plot_gap_curves(over: dict, path: Path, columns: int = 4) -> None:
+    """Train - val accuracy gap per epoch (fine-tune, 100 % labels), mean ± 95 % CI over seeds, one panel per init
+    (rows of `columns`, each panel large enough to read); the dashed line: mean epoch where validation loss stops
+    improving."""
     inits = list(over)
-    fig, axes = plt.subplots(1, len(inits), figsize=(3.2 * len(inits), 3.2), squeeze=False, sharey=True)
-    for ax, init in zip(axes[0], inits):
+    cols = min(columns, len(inits))
+    rows = -(-len(inits) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 3.3 * rows), squeeze=False, sharey=True)
+    for ax, init in zip(axes.flat, inits):
         o = over[init]
         m, c = zip(*(o["gap_curve"][e] for e in o["epochs"]))
         ax.errorbar(o["epochs"], m, yerr=np.nan_to_num(c), fmt="o-", ms=3, capsize=3)
         ax.axvline(o["stop_epoch"][0], color="tab:red", ls="--", lw=1)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=init, xlabel="epoch")
-    axes[0][0].set_ylabel("train − val accuracy (mean ± 95 % CI)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.tick_params(labelsize=9)
+    for ax in list(axes.flat)[len(inits):]:
+        ax.set_visible(False)
+    for r in range(rows):
+        axes[r][0].set_ylabel("train − val accuracy\n(mean ± 95 % CI)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
