@@ -404,6 +404,56 @@ def test_rest_refusals_are_named_and_coded(trained, champion):
         proc.wait(30)
 
 
+BAD_INPUTS = {  # what a user sends by mistake -> what the refusal must name
+    "floats in [0, 1]": (np.full((2, 28, 28, 3), 0.35), "multiply by 255, round"),
+    "another size": (np.full((1, 32, 32, 3), 90), "resize"),
+    "grey for an RGB model": (np.full((1, 28, 28, 1), 90), "convert"),
+    "values over 255": (np.full((1, 28, 28, 3), 300), "0-255"),
+}
+
+
+def test_registered_model_refuses_what_it_cannot_score_through_pyfunc(trained, champion):
+    """Fails on the model logged with mlflow.onnx's own pyfunc: floats in [0, 1] became black uint8 images and got
+    confident probabilities (nv 0.853, three identical rows)."""
+    model = mlflow.pyfunc.load_model(champion)
+    ok = model.predict(np.full((2, 28, 28, 3), 90, np.uint8))
+    assert ok.shape == (2, 7) and ok.dtype == np.float32 and np.allclose(ok.sum(1), 1, atol=1e-5)
+    assert np.array_equal(model.predict(np.full((2, 28, 28, 3), 90, np.int64)), ok)  # what JSON integers parse to
+    for case, (x, fix) in BAD_INPUTS.items():
+        with pytest.raises(mlflow.exceptions.MlflowException, match=fix) as e:
+            model.predict(x)
+        assert len(str(e.value)) < 200 and "\n" not in str(e.value), (case, str(e.value))
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_medssl_serve_and_refuses_in_short_400s(trained, champion):
+    """A real `mlflow models serve` of the registered model: a bad batch gets a 400 under 500 characters naming
+    the fix (was: 200 for floats, 1,968 characters of array dump for a wrong size); a valid batch gets the
+    probabilities `medssl serve` gives."""
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", champion, "--env-manager", "local",
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=trained["root"],
+                            env=run_env(MLFLOW_TRACKING_URI=f"sqlite:///{trained['root']}/mlflow.db"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ours, url = serve_process(trained, champion)
+    s = loopback()
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc)
+        batch = {"inputs": np.stack([np.full((28, 28, 3), v) for v in (30, 90, 200)]).tolist()}
+        theirs = s.post(f"http://127.0.0.1:{port}/invocations", json=batch)
+        mine = s.post(f"{url}/invocations", json=batch)
+        assert theirs.status_code == 200 and mine.status_code == 200, theirs.text[:500]
+        assert np.allclose(theirs.json()["predictions"], mine.json()["predictions"], atol=1e-6)
+        for case, (x, fix) in BAD_INPUTS.items():
+            r = s.post(f"http://127.0.0.1:{port}/invocations", json={"inputs": x.tolist()})
+            assert r.status_code == 400 and fix in r.json()["message"], (case, r.status_code, r.text[:600])
+            assert len(r.text) < 500, (case, len(r.text), r.text)
+    finally:
+        for p in (proc, ours):
+            p.terminate()
+            p.wait(30)
+
+
 def test_predict_refusals_lose_nothing(trained, champion, tmp_path):
     """Fails on the code that accepted `--batch-size 0`, overwrote an input image with `--out` onto it, predicted a
     1x1 image with confidence and re-initialised a 0-byte mlflow.db."""

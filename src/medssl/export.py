@@ -16,10 +16,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from mlflow.models import Model
 from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
-from medssl import tracking
+from medssl import registry_guard, tracking
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
 from medssl.data.sources import nhwc
@@ -63,8 +64,6 @@ def current_champion(name: str, alias: str) -> "mlflow.entities.model_registry.M
 
 def score_version(name: str, version, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict:
     """A registered version's validation metrics on these images (resized to its input size if it differs)."""
-    from mlflow.models import Model
-
     from medssl.data.images import fit_image
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}"))
@@ -149,12 +148,12 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             tmp.unlink(missing_ok=True)  # the project's copy is the alias's model, written below
 
         h, w, c = val_raw.shape[1:4]
-        signature = ModelSignature(
-            inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, h, w, c), "images")]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]),
-        )
-        info = mlflow.onnx.log_model(
-            proto, name="model", signature=signature, input_example=val_raw[:2],
+        # no input schema: MLflow would cast a request to it first (floats in [0, 1] to black uint8 images) and
+        # answer a wrong shape with the array dumped; registry_guard checks the input (uint8 (N, h, w, c)) itself
+        signature = ModelSignature(outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "probabilities")]))
+        info = Model.log(
+            artifact_path=None, name="model", flavor=GuardedOnnx, onnx_model=proto, code_paths=[registry_guard.__file__],
+            signature=signature, input_example=val_raw[:2],
             pip_requirements=pip_requirements(), save_as_external_data=False,  # one file, the digest's bytes
             # pyfunc/serve sessions stay on CPU without CUDA-provider noise; `medssl predict` picks CUDA when present
             onnx_execution_providers=["CPUExecutionProvider"],
@@ -204,6 +203,20 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}
     write_json(lay.export_metrics, result)
     return result
+
+
+class GuardedOnnx:
+    """mlflow.onnx's flavour, its python_function loader swapped for registry_guard (copied into the model's
+    code/ folder): `mlflow.pyfunc.load_model` and `mlflow models serve` check their input before model.onnx runs.
+    The onnx flavour and model.onnx stay as mlflow.onnx writes them (medssl's loaders read that file)."""
+
+    __name__ = "medssl.registry_guard"  # what Model.log calls the flavour in its messages
+
+    @staticmethod
+    def save_model(path, mlflow_model, **kwargs):
+        mlflow.onnx.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        mlflow_model.flavors["python_function"]["loader_module"] = Path(registry_guard.__file__).stem
+        mlflow_model.save(str(Path(path) / "MLmodel"))
 
 
 def onnx_sha256(proto) -> str:
