@@ -67,6 +67,9 @@ def load_probas(p: Params, lay: Layout) -> tuple[dict, dict]:
 def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict], dict]:
     """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds.
     Returns the cells and their held-out probabilities, keyed as load_probas."""
+    from medssl.core.engine import pick_device
+
+    device = pick_device()  # on a GPU the probes run there (torch L-BFGS), on a CPU as the grid's own probes do
     feats = {}
     for init in {i for group in p.grid.fusion for i in group}:
         with np.load(lay.grid_features(init)) as z:
@@ -76,7 +79,7 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict]
         y = {s[:-2]: first[s].astype(np.int64) for s in first if s.endswith("_y")}
         # the probe standardises every feature, so each encoder enters with unit-variance features;
         # a seeded encoder (random) contributes the draw its own cells of this seed probed
-        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1))
+        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1)).to(device)
              for s in y}
         job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
         c, held = probe_cell(name, "linear", job, x, y, [s for s in y if s != "pool"], p.grid, classes)
