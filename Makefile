@@ -79,7 +79,7 @@ clean-runs:
 	rm -rf mlflow.db mlartifacts mlruns
 
 # What a GPU host with PyTorch but no package registry needs for benchmarks/gpu_host.sh, in .gpu/ (not
-# committed): the wheels the stages import beyond GPU_HOST (what README says such a host has, with the
+# committed): the wheels the stages import beyond GPU_HOST (what docs/gpu.md says such a host has, with the
 # packages those install), at requirements.lock's versions, built for GPU_PY; DermaMNIST; MobileNetV2's
 # ImageNet checkpoint. tests/test_gpu_host.py starts from exactly GPU_HOST and names any module a stage
 # imports that the bundle lacks.

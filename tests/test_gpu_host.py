@@ -1,6 +1,6 @@
 """benchmarks/gpu_host.sh: the pipeline on a host with PyTorch and its usual company but no package registry,
 from the wheels `make gpu-bundle` collects, in slices that resume. The host is a fresh virtual environment
-holding only what README says such a host has (Makefile's GPU_HOST: no MLflow, PyYAML, typer, tqdm, matplotlib,
+holding only what docs/gpu.md says such a host has (Makefile's GPU_HOST: no MLflow, PyYAML, typer, tqdm, matplotlib,
 DVC, Optuna or Prefect); a small budget runs on the CPU."""
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ NOT_ON_GPU_HOST = {"serve.py": "*", "tune.py": "*", "dvcplots.py": "*", "scale.p
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Path:
-    """A virtual environment holding exactly what README says such a host has: Makefile's GPU_HOST (PyTorch,
+    """A virtual environment holding exactly what docs/gpu.md says such a host has: Makefile's GPU_HOST (PyTorch,
     torchvision, numpy, scikit-learn, pandas, onnx, onnxruntime) with what those install, and pip."""
     venv = tmp_path_factory.mktemp("host") / "venv"
     subprocess.run(["uv", "venv", "-q", "--python", sys.executable, str(venv)], check=True)
@@ -68,8 +68,8 @@ def proj(tmp_path_factory) -> Path:
     return proj
 
 
-def test_readme_names_the_host_the_bundle_is_built_for():
-    text = (ROOT / "README.md").read_text()
+def test_docs_name_the_host_the_bundle_is_built_for():
+    text = (ROOT / "docs/gpu.md").read_text()
     para = text[text.index("An air-gapped node often has"):].split("\n\n")[0]
     named = re.findall(r"PyTorch|torchvision|numpy|scikit-learn|pandas|onnxruntime|onnx(?!runtime)", para)
     assert sorted({"torch" if n == "PyTorch" else n for n in named}) == sorted(make_list("GPU_HOST")), para

@@ -27,7 +27,7 @@ PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encod
 
 
 NEXT_BUDGET = {"demo": "For an answer run the `cpu` budget: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).",
-               "cpu": "For an answer run a larger budget: `budget: full` on a GPU (README, GPU)."}
+               "cpu": "For an answer run a larger budget: `budget: full` on a GPU (docs/gpu.md)."}
 
 
 def name(init: str) -> str:
