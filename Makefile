@@ -90,7 +90,8 @@ GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-type
   opentelemetry-semantic-conventions opentelemetry-proto sqlparse python-dotenv fastapi starlette annotated-doc \
   databricks-sdk cryptography cffi pycparser requests urllib3 idna certifi charset-normalizer psutil \
   nvidia-ml-py medmnist pyyaml typer click shellingham rich markdown-it-py mdurl pygments tqdm markdown \
-  matplotlib contourpy cycler fonttools kiwisolver pyparsing onnxscript onnx-ir
+  matplotlib contourpy cycler fonttools kiwisolver pyparsing onnxscript onnx-ir anyio h11 uvicorn google-auth \
+  pyasn1 pyasn1-modules fire termcolor scikit-image imageio tifffile lazy-loader
 gpu-bundle: weights
 	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }
 	rm -rf .gpu.tmp && mkdir -p .gpu.tmp/whl .gpu.tmp/data .gpu.tmp/torch/hub/checkpoints

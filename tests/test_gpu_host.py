@@ -100,6 +100,35 @@ def test_bundle_holds_every_module_a_stage_imports(host, proj, tmp_path):
     assert not missing, "the GPU bundle lacks " + ", ".join(f"{m} (imported by {wanted[m]})" for m in missing)
 
 
+def test_bundle_holds_what_its_wheels_require(host, proj):
+    """Every distribution a bundled wheel declares it needs (Requires-Dist, markers evaluated for the host's Python)
+    is bundled or on the host: what the stages import imports in turn (mlflow -> fastapi -> anyio)."""
+    import email.parser
+    import zipfile
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    listing = "import importlib.metadata as m; print(' '.join(d.metadata['Name'] for d in m.distributions()))"
+    have = {norm(n) for n in subprocess.run([host / "bin/python", "-c", listing], capture_output=True, text=True,
+                                            check=True).stdout.split()}
+    env = {**default_environment(), "python_version": f"{sys.version_info.major}.{sys.version_info.minor}", "extra": ""}
+    needs = {}
+    for whl in sorted((proj / ".gpu/whl").glob("*.whl")):
+        with zipfile.ZipFile(whl) as z:
+            meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+        headers = email.parser.Parser().parsestr(meta, headersonly=True)
+        name = norm(headers["Name"])
+        have.add(name)
+        for line in headers.get_all("Requires-Dist") or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(env):
+                needs.setdefault(norm(req.name), name)
+    missing = sorted(set(needs) - have)
+    assert not missing, "the GPU bundle lacks " + ", ".join(f"{m} (required by {needs[m]})" for m in missing)
+
+
 def test_full_pipeline_in_slices_on_a_bare_host(host, proj, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON", "MLFLOW_TRACKING"))}
     env.update(PATH=f"{host / 'bin'}:{env['PATH']}", MEDSSL_SLICE="60", OUT=str(tmp_path / "out"),
