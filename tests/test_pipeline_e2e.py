@@ -376,11 +376,17 @@ def test_dvc_tracks_changes(project):
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)
-    # every stage depends on the code it runs: editing any module of src/medssl reruns the pipeline
+    # every stage depends on the code it runs, and only on that: the report's module reruns evaluate alone,
+    # the engine (core/) every training stage, never prepare
+    report = d / "src/medssl/report.py"
+    report.write_text(report.read_text() + "\n")
+    assert yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout) == {
+        "fetch": ["always changed"], "evaluate": [{"changed deps": {"src/medssl/report.py": "modified"}}]}
+    sh(["git", "checkout", "src"], d, env)
     probes = d / "src/medssl/core/probes.py"
     probes.write_text(probes.read_text() + "\n")
     changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
-    assert {"prepare", "finetune", "evaluate", "export", *grids, *(f"pretrain@{m}" for m in SSL)} <= changed
+    assert changed == {"fetch", "finetune", "evaluate", "export", *grids, *(f"pretrain@{m}" for m in SSL)}, changed
     sh(["git", "checkout", "src"], d, env)
 
 
