@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo answer test test-all mlflow-ui clean-runs prefect-up prefect-down tune gpu-bundle
+.PHONY: env lock weights demo answer lint test test-all mlflow-ui serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
 
 env: $(VENV)/.installed
 
@@ -53,15 +53,29 @@ answer: env weights           # the comparison that decides on a CPU: sets budge
 # Modules stay whole on a worker (--dist loadscope), in the order tests/conftest.py gives them.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -n logical --dist loadscope --no-loadscope-reorder
 
-test: env weights            # default: everything but the slow end-to-end tests (~2 min on 2 cores)
+lint: env                    # ruff, configured in pyproject.toml: a failing check fails the tests too
+	$(BIN)/ruff check src flows tests benchmarks
+
+test: env weights lint       # default: everything but the slow end-to-end tests (~2 min on 2 cores)
 	$(PYTEST) -m "not slow"
 
-test-all: env weights        # what CI runs (.ci/run): + slow end-to-end tests against real servers
+test-all: env weights lint   # what CI runs (.ci/run): + slow end-to-end tests against real servers
 	$(PYTEST) --durations=25   # the 25 slowest tests, to see where CI time goes
 
 mlflow-ui: env
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+# The registered champion over REST on 127.0.0.1:$(SERVE_PORT), no venv to activate: `make serve` is medssl's
+# guarded server, `make mlflow-serve` MLflow's own scoring server on the same model (docs/predict.md).
+SERVE_PORT ?= 5001
+MODEL_URI = $$($(PY) -c 'from medssl.config import load_params; e = load_params("params.yaml").export; print(f"models:/{e.registered_model}@{e.alias}")')
+serve: env
+	$(BIN)/medssl serve --port $(SERVE_PORT)   # params.yaml's models:/<export.registered_model>@<export.alias>
+
+mlflow-serve: env
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} $(BIN)/mlflow models serve -m "$(MODEL_URI)" \
+	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 # Prefect server + process worker on 127.0.0.1:$(PREFECT_PORT), pool `medssl-process`, both deployments.
 PREFECT_PORT ?= 4200

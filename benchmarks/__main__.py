@@ -158,7 +158,7 @@ def grid_cell(x, y, device, fraction: float):
     cfg = NS(lr=1e-3, weight_decay=1e-4, batch_size=32, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
              augment=AUG)
     classes = [str(i) for i in range(7)]
-    run = lambda sub, epochs, steps: finetune(make("finetune", x.shape[1]), tr, val, sub, cfg, epochs, "balanced_accuracy",  # noqa: E731
+    run = lambda sub, epochs, steps: finetune(make("finetune", x.shape[1]), tr, val, sub, cfg, epochs, "balanced_accuracy",
                                               classes, 0, device, quiet=True, steps=steps)
     fast = timed(lambda: run((tr[0][:256], tr[1][:256]), 3, 96), device)
     naive = timed(lambda: run(tr, 3, None), device)
@@ -279,7 +279,7 @@ def main() -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    meta = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "device": str(device),
+    meta = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None, "cpu": cpu,
             "avx512": " avx512f" in flags, "threads": torch.get_num_threads(), "python": sys.version.split()[0],
             "torch": torch.__version__, "image_size": a.size, "n": n, "batch": bs, "model": "mobilenet_v2"}

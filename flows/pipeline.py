@@ -124,7 +124,7 @@ class Board:
             try:  # the future's own state object can still read Running here; its result cannot
                 fut.result()
                 state = "Completed"
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:
                 state = f"Failed ({type(e).__name__})"
             self.ended(names[id(fut)], state)
 

@@ -39,7 +39,7 @@ class Chromium:
             raise RuntimeError(f"chromium exited ({self.proc.poll()}) before its DevTools endpoint was up")
         self._ids = itertools.count(1)
 
-    def open(self, url: str) -> "Page":
+    def open(self, url: str) -> Page:
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/json/new?about:blank", method="PUT")
         with urllib.request.urlopen(req, timeout=30) as r:
             target = json.load(r)

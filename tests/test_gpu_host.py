@@ -109,7 +109,7 @@ def test_bundle_holds_what_its_wheels_require(host, proj):
     from packaging.markers import default_environment
     from packaging.requirements import Requirement
 
-    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()  # noqa: E731
+    norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
     listing = "import importlib.metadata as m; print(' '.join(d.metadata['Name'] for d in m.distributions()))"
     have = {norm(n) for n in subprocess.run([host / "bin/python", "-c", listing], capture_output=True, text=True,
                                             check=True).stdout.split()}

@@ -162,7 +162,7 @@ def test_doctor_on_this_host_and_on_a_claimed_gpu(tmp_path):
     import subprocess
     import sys
 
-    run = lambda env: subprocess.run([sys.executable, "-m", "medssl.cli", "doctor"], capture_output=True, text=True,  # noqa: E731
+    run = lambda env: subprocess.run([sys.executable, "-m", "medssl.cli", "doctor"], capture_output=True, text=True,
                                      env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
     if torch.cuda.is_available():
         r = run({})

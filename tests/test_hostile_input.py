@@ -192,3 +192,31 @@ def test_pipeline_set_writes_params_keeping_comments_and_refuses_bad_values(tmp_
                        cwd=tmp_path, capture_output=True, text=True)
     assert r.returncode == 2 and "budget 'huge' is not one of budgets" in r.stderr and "Traceback" not in r.stderr
     assert path.read_text() == after
+
+
+def test_only_medssl_user_errors_end_in_one_line():
+    """Every error medssl raises for bad input is a UserError (one line, exit 2); a ValueError or
+    FileNotFoundError from anywhere else is a fault and reaches the user with its traceback."""
+    import inspect
+
+    import typer
+
+    from medssl import errors
+    from medssl.cli import _clear_errors
+
+    ours = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == "medssl.errors"]
+    assert len(ours) >= 15 and all(issubclass(c, errors.UserError) for c in ours), ours
+
+    @_clear_errors
+    def command(e: Exception):
+        raise e
+
+    for e in (errors.MissingInput("models/finetune/model.pt missing: run `medssl finetune` first"),
+              errors.UsageError("MEDSSL_DEVICE='tpu': expected cpu or cuda"), errors.ConfigError("finetune.lr: bad")):
+        with pytest.raises(typer.Exit) as ex:
+            command(e)
+        assert ex.value.exit_code == 2
+    for e in (ValueError("an internal invariant"), FileNotFoundError("a file medssl itself should have written"),
+              KeyError("x")):
+        with pytest.raises(type(e)):
+            command(e)

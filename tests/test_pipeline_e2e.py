@@ -215,7 +215,16 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
     page = (d / "dvc_plots/index.html").read_text()
     assert "cdn.jsdelivr" not in page and "<script src=" not in page
     embeds = page.count("vegaEmbed('#")
-    assert embeds >= 4 + len(INITS) + 5  # dvc.yaml's plots: report, grid and pretraining curves
+    defined = [p for p in yaml.safe_load((d / "dvc.yaml").read_text())["plots"] if isinstance(p, dict)]
+    assert embeds == len(defined) >= 3 + 2 + 1 + len(SSL)  # report, grid, champion and pretraining curves
+    shown = json.loads(sh(["dvc", "plots", "show", "--json"], d, env).stdout)
+    assert not shown.get("errors"), shown["errors"]
+    linear = shown["data"]["test balanced accuracy vs labels: linear probe (mean of seeds)"][0]["content"]
+    assert linear["encoding"]["x"]["scale"]["type"] == "log" and linear["encoding"]["color"]["field"] == "series"
+    assert {v["field"] for v in linear["data"]["values"]} == set(INITS)  # a series (a colour) per init
+    gap = shown["data"]["fine-tune cells at 100 % labels: overfitting gap by epoch (mean of seeds)"][0]["content"]
+    assert {v["filename"] for v in gap["data"]["values"]} == {f"{i}.csv" for i in INITS}
+    assert gap["encoding"]["y"]["aggregate"] == "mean" and "fraction" in gap["transform"][0]["filter"]
 
     parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
     chromium = Chromium(tmp_path / "profile")

@@ -36,7 +36,7 @@ def prefect_stack(tmp_path_factory, mlflow_server, dermamnist):
     down = subprocess.run(["flows/services.sh", "down"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     assert 'active = "ephemeral"' in (home / "profiles.toml").read_text()  # the profile it replaced
-    for name, pid in pids.items():
+    for pid in pids.values():
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # prefect-down leaves no process of ours running
 

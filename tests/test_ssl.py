@@ -126,7 +126,7 @@ def test_knn_probe_on_separable_features():
     centers = rng.normal(size=(3, 8)) * 5
     y = np.repeat(np.arange(3), 30)
     x = centers[y] + rng.normal(size=(90, 8))
-    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
     proba = knn_probe(t(x[::2]), t(y[::2]), t(x[1::2]), 4, k=5).numpy()
     assert proba.shape == (45, 4) and (proba.argmax(1) == y[1::2]).mean() > 0.95 and np.all(proba[:, 3] == 0)
     # cosine ignores scale, down to the ~1e-10 float32 features of a random encoder in eval mode

@@ -8,7 +8,7 @@ from medssl.tracking import git_commit
 
 
 def test_pipeline_outputs_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
-    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)  # noqa: E731
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
     git("init", "-q")
     (tmp_path / "metrics").mkdir()
     for f in ("params.yaml", "dvc.lock", "metrics/report.json"):
@@ -88,7 +88,7 @@ def test_stages_side_by_side_log_a_new_dataset_without_failing(mlflow_server, tm
                     runs.append((round_, run.info.run_id))
                     barrier.wait()
                     log_datasets(p, meta, {"train": 10}, raw)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=stage) for _ in range(4)]

@@ -11,7 +11,6 @@ import os
 import pickle
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -69,7 +68,7 @@ def test_resume_state_of_other_data_model_encoder_or_device_is_discarded_with_th
     """Fails on the code before the key covered the prepared data (it keyed on the raw file's md5 only): a state
     left at 32 px was resumed at 48 px."""
     p32, lay = project(tmp_path)
-    key = lambda p, init="vae", device="cpu": resume_key(p, "grid", init, json.loads(lay.meta.read_text()), lay, device)  # noqa: E731
+    key = lambda p, init="vae", device="cpu": resume_key(p, "grid", init, json.loads(lay.meta.read_text()), lay, device)
     lay.encoder("vae").parent.mkdir(parents=True)
     torch.save({"state_dict": {"w": torch.zeros(2)}}, lay.encoder("vae"))
     p32 = load_params(ROOT / "params.yaml", {**TINY, "inits.ssl": ["vae"]}, tuned=False)
@@ -176,7 +175,7 @@ def test_champion_onnx_is_the_alias_model_and_provenance_is_the_checkpoints(trai
     assert lay.onnx.read_bytes() == registered_onnx(p.export.registered_model, first["version"])  # still the alias's
     mv = mlflow.MlflowClient().get_model_version(p.export.registered_model, second["version"])
     assert mv.tags["source_run_id"] == ckpt["run_id"] and mv.tags["init"] == "imagenet"
-    assert mv.tags[f"val_balanced_accuracy"] == f"{vals[worse]:.4f}" and mv.tags["onnx_sha256"]
+    assert mv.tags["val_balanced_accuracy"] == f"{vals[worse]:.4f}" and mv.tags["onnx_sha256"]
     use(trained, better)
 
 
@@ -465,7 +464,7 @@ def test_predict_refusals_lose_nothing(trained, champion, tmp_path):
     img = tmp_path / "img/a.png"
     Image.fromarray(np.full((28, 28, 3), 90, np.uint8)).save(img)
     kept = img.read_bytes()
-    medssl = lambda *a, e=env, cwd=root: subprocess.run([str(BIN / "medssl"), "predict", *a], cwd=cwd, env=e,  # noqa: E731
+    medssl = lambda *a, e=env, cwd=root: subprocess.run([str(BIN / "medssl"), "predict", *a], cwd=cwd, env=e,
                                                           capture_output=True, text=True, timeout=300)
     for args, says in (((champion, str(img), "--batch-size", "0"), "--batch-size"),
                        ((champion, str(tmp_path / "img"), "--out", str(img)), "would overwrite an image")):
@@ -499,7 +498,7 @@ def test_stale_grid_and_damaged_checkpoint_are_named(trained, tmp_path):
     good = lay.classifier.read_bytes()
     try:
         lay.classifier.write_bytes(good[: len(good) // 3])
-        with pytest.raises(ValueError, match="not a readable checkpoint.*rerun `medssl finetune`"):
+        with pytest.raises(StaleStageError, match="not a readable checkpoint.*rerun `medssl finetune`"):
             load_classifier(lay, torch.device("cpu"))
     finally:
         lay.classifier.write_bytes(good)

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
+from medssl.errors import MissingInput
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("MEDSSL_CACHE", "~/.cache/medssl")).expanduser() / "cas"
@@ -67,7 +69,7 @@ def get(r: Ref) -> Path:
         with tempfile.TemporaryDirectory() as tmp:
             try:
                 got = Path(mlflow.artifacts.download_artifacts(artifact_uri=src, dst_path=tmp))
-            except Exception as e:  # noqa: BLE001 - the next source may still have it
+            except Exception as e:  # the next source may still have it
                 tried.append(f"{src} ({type(e).__name__})")
                 continue
             if md5(got) != r.digest:
@@ -78,4 +80,4 @@ def get(r: Ref) -> Path:
             shutil.copyfile(got, part)
             part.replace(cached)  # atomic: a reader sees the whole file or none
             return cached
-    raise FileNotFoundError(f"{r.name} (md5 {r.digest}) not found: " + "; ".join(tried))
+    raise MissingInput(f"{r.name} (md5 {r.digest}) not found: " + "; ".join(tried))

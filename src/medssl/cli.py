@@ -2,18 +2,15 @@
 `pipeline` (a parent MLflow run around `dvc repro`), `predict` and `serve` (REST)."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
-from medssl.errors import (Busy, ConfigError, DataError, DeviceUnavailable, Diverged, ImageReadError, ParityError,
-                           PlotsError, PromotionError, TrackingUnavailable, WeightsUnavailable, StaleStageError, ModelIntegrityError)
+from medssl.errors import ConfigError, ImageReadError, UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -36,15 +33,14 @@ def _process_hygiene(debug: bool = typer.Option(False, "--debug", help="show the
 
 
 def _clear_errors(fn):
-    """Known bad-input errors end the command with one readable line instead of a traceback."""
+    """medssl's user errors (medssl.errors.UserError: bad input, a missing upstream output, a host that cannot
+    serve) end the command with one readable line and exit 2; anything else is a fault and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, ParityError, PromotionError, ImageReadError, WeightsUnavailable, Diverged,
-                TrackingUnavailable, Busy, PlotsError, StaleStageError, ModelIntegrityError, DeviceUnavailable,
-                FileNotFoundError, ValueError) as e:
+        except UserError as e:
             if DEBUG["on"]:
                 raise
             err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
@@ -66,7 +62,6 @@ def _params(path: Path):
 @app.command()
 def validate(params: Path = PARAMS):
     """Check the whole configuration (params.yaml + tuned.yaml): types, ranges, cross-field rules."""
-    from medssl.errors import ConfigError
     from medssl.io import write_json
     from medssl.layout import Layout
 
@@ -180,8 +175,8 @@ def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.htm
 @app.command()
 @_clear_errors
 def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="rerun every stage (dvc repro --force)"),
-             jobs: Optional[int] = typer.Option(None, min=1, help="stages at once (default: one per CPU core; 4 on a GPU)"),
-             sets: Optional[list[str]] = typer.Option(None, "--set", "-S", help="set a params.yaml value first, as "
+             jobs: int | None = typer.Option(None, min=1, help="stages at once (default: one per CPU core; 4 on a GPU)"),
+             sets: list[str] | None = typer.Option(None, "--set", "-S", help="set a params.yaml value first, as "
                                                       "`dvc exp run -S` does (kept in the file), e.g. -S budget=cpu")):
     """Run `dvc repro` inside one parent MLflow run, independent stages side by side (medssl.repro); every stage
     nests its runs under the parent.
@@ -254,7 +249,7 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 @_clear_errors
 def predict(model_uri: str = typer.Argument(..., help="e.g. models:/dermamnist-classifier@champion"),
             paths: list[Path] = typer.Argument(..., help="image files and/or folders"),
-            out: Optional[Path] = typer.Option(None, "--out", help="CSV file (default: stdout)"),
+            out: Path | None = typer.Option(None, "--out", help="CSV file (default: stdout)"),
             batch_size: int = typer.Option(256, min=1),
             fit: str = typer.Option("reject", help="non-square images: reject | crop (centre) | stretch (as MedMNIST)")):
     """Class probabilities for PNG/JPEG images of any size, one CSV row per image."""
@@ -270,7 +265,7 @@ def predict(model_uri: str = typer.Argument(..., help="e.g. models:/dermamnist-c
 
 @app.command()
 @_clear_errors
-def serve(model_uri: Optional[str] = typer.Argument(None, help="registered model to serve; default: params.yaml's "
+def serve(model_uri: str | None = typer.Argument(None, help="registered model to serve; default: params.yaml's "
                                                               "models:/<export.registered_model>@<export.alias>"),
           host: str = typer.Option("127.0.0.1", help="interface to bind (loopback by default)"),
           port: int = 5001,
@@ -298,7 +293,7 @@ def doctor():
     for f in r.findings:
         err.print(f"{'[green]ok[/]  ' if f.ok else '[bold red]FAIL[/]'} {f.name}: {f.value}", highlight=False, soft_wrap=True)
     if r.failures:
-        err.print(f"[bold red]error:[/] a GPU is claimed but would not be used: "
+        err.print("[bold red]error:[/] a GPU is claimed but would not be used: "
                   + "; ".join(f"{f.name}: {f.value}" for f in r.failures), highlight=False, soft_wrap=True)
         raise typer.Exit(1)
     err.print(f"{'GPU' if r.gpu_claimed else 'CPU'} host: the stages run on {next(f.value for f in r.findings if f.name == 'device')}",
@@ -323,10 +318,10 @@ SETS = typer.Option(None, "--set", "-S", help="override a params.yaml value, e.g
 
 @app.command()
 @_clear_errors
-def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, help="default tune.n_trials"),
-         storage: Optional[str] = typer.Option(None, help="default tune.storage"),
+def tune(params: Path = PARAMS, n_trials: int | None = typer.Option(None, help="default tune.n_trials"),
+         storage: str | None = typer.Option(None, help="default tune.storage"),
          workers: int = typer.Option(1, help="processes sharing the study (needs PostgreSQL or journal storage)"),
-         sets: Optional[list[str]] = SETS):
+         sets: list[str] | None = SETS):
     """One Optuna study per init (tune.inits), same space and trial budget; best values per init -> tune.output."""
     from medssl.config import load_params
     from medssl.tune import check_storage, prepare_search, run_tune
@@ -345,7 +340,7 @@ def tune(params: Path = PARAMS, n_trials: Optional[int] = typer.Option(None, hel
 @app.command("tune-worker", hidden=True)
 @_clear_errors
 def tune_worker(params: Path = PARAMS, storage: str = typer.Option(...), n_trials: int = typer.Option(...),
-                parent: str = typer.Option(...), worker: int = 1, sets: Optional[list[str]] = SETS):
+                parent: str = typer.Option(...), worker: int = 1, sets: list[str] | None = SETS):
     """One extra process of a `medssl tune --workers N` study."""
     from medssl.config import load_params
     from medssl.tune import optimize

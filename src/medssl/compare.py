@@ -46,7 +46,7 @@ def comparisons(probas: dict, labels: dict[str, np.ndarray], seeds: list[int], b
     Test: every group of cells; shift (when present): the 100 % label cells of each protocol."""
     refs = [r for r in REFERENCES if r in baselines]
     groups = sorted({k[1:4] for k in probas if k[5] == "test"}, key=lambda g: (g[1] != "fractions", g))
-    have = lambda init, protocol, regime, fraction, split: (init, protocol, regime, fraction, seeds[0], split) in probas  # noqa: E731
+    have = lambda init, protocol, regime, fraction, split: (init, protocol, regime, fraction, seeds[0], split) in probas
     rows = []
     for split, y in labels.items():
         pairs = []  # (split, protocol, regime, fraction, init, reference, the reference's regime)

@@ -148,7 +148,7 @@ class Data(_Strict):
         return {**raw, "name": slug(Path(str(where)).stem) if where else None}
 
     @model_validator(mode="after")
-    def _source_given(self) -> "Data":
+    def _source_given(self) -> Data:
         section = {"medmnist": self.medmnist, "npz": self.npz, "folder": self.folder, "csv": self.csv}[self.source]
         if section is None:
             raise ValueError(f"data.source is {self.source!r} but data.{self.source} is not set")
@@ -373,7 +373,7 @@ class Params(_Strict):
         return {**raw, "grid": {**grid, "fractions": fractions}}
 
     @model_validator(mode="after")
-    def _names_follow_the_dataset(self) -> "Params":
+    def _names_follow_the_dataset(self) -> Params:
         """Defaults that follow data.name and data.task, resolved once here so every stage reads plain values."""
         name = slug(self.data.name)
         select = self.export.select_metric
@@ -387,7 +387,7 @@ class Params(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _budget_exists(self) -> "Params":
+    def _budget_exists(self) -> Params:
         if self.budget not in self.budgets:
             raise ValueError(f"budget {self.budget!r} is not one of budgets: {sorted(self.budgets)}")
         for group in self.grid.fusion:
@@ -398,7 +398,7 @@ class Params(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _fits_image_size(self) -> "Params":
+    def _fits_image_size(self) -> Params:
         size = self.data.image_size
         if size % self.pretrain.mim.patch:
             raise ValueError(f"pretrain.mim.patch={self.pretrain.mim.patch} does not divide data.image_size={size} "
@@ -406,7 +406,7 @@ class Params(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _tune_and_tuned_inits(self) -> "Params":
+    def _tune_and_tuned_inits(self) -> Params:
         unknown = [i for i in (self.tune.inits or []) if i not in self.inits.all]
         if unknown:
             raise ValueError(f"tune.inits {unknown} are not configured in inits ({self.inits.all})")
@@ -432,7 +432,7 @@ class Params(_Strict):
     def tune_inits(self) -> list[str]:
         return self.tune.inits or self.inits.all
 
-    def for_init(self, init: str) -> "Params":
+    def for_init(self, init: str) -> Params:
         """This configuration with the values tuned for `init` merged over `finetune` and `pretrain`."""
         t = self.tuned.get(init)
         if t is None or not (t.finetune or t.pretrain):
@@ -513,7 +513,7 @@ def dataset_overrides(dataset: str) -> dict:
             "export.registered_model": None, "tune.study_name": None, "tune.output": f"tuned-{name}.yaml"}
 
 
-def run_overrides(base: "Params", *, budget: str | None = None, epochs: int | None = None,
+def run_overrides(base: Params, *, budget: str | None = None, epochs: int | None = None,
                   pretrain_epochs: int | None = None, image_size: int | None = None, seed: int | None = None,
                   max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None,
                   grid_epochs: int | None = None, grid_max_train: int | None = None,

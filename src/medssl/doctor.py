@@ -95,7 +95,7 @@ def diagnose() -> Report:
     want = os.environ.get(DEVICE_ENV, "").strip().lower()
     claimed = want == "cuda" or (want != "cpu" and has_nvidia_gpu())
     r = Report(claimed)
-    add = lambda *a: r.findings.append(Finding(*a))  # noqa: E731
+    add = lambda *a: r.findings.append(Finding(*a))
     add("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'}), {torch.get_num_threads()} threads")
     add("NVIDIA driver lists a GPU", str(has_nvidia_gpu()))
     try:

@@ -15,7 +15,7 @@ from medssl.core.train import scores
 from medssl.data.prepare import load_prepared
 from medssl.data.sources import md5sum
 from medssl.finetune import load_classifier
-from medssl.io import read_json, write_json, write_text
+from medssl.io import write_json, write_text
 from medssl.guard import one_writer
 from medssl.layout import Layout
 from medssl.metrics import confusion, task_metrics

@@ -24,10 +24,10 @@ from medssl import registry_guard, tracking
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
 from medssl.data.sources import nhwc
-from medssl.errors import ParityError, PromotionError, StaleStageError
+from medssl.errors import MissingInput, ParityError, PromotionError, StaleStageError
 from medssl.finetune import load_classifier
-from medssl.io import read_json, write_json
 from medssl.guard import one_writer
+from medssl.io import read_json, write_json
 from medssl.layout import Layout
 from medssl.metrics import classification_metrics
 from medssl.models.classifier import ExportModel
@@ -52,7 +52,7 @@ def constant_scores(labels: np.ndarray, classes: list[str]) -> dict:
     return classification_metrics(labels, proba, classes)
 
 
-def current_champion(name: str, alias: str) -> "mlflow.entities.model_registry.ModelVersion | None":
+def current_champion(name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
     client = mlflow.MlflowClient()
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -229,7 +229,7 @@ def scored_test(lay: Layout, init: str) -> dict:
     from medssl.data.sources import md5sum
 
     if not lay.test_metrics.is_file():
-        raise FileNotFoundError(f"{lay.test_metrics} missing: run `medssl evaluate` first")
+        raise MissingInput(f"{lay.test_metrics} missing: run `medssl evaluate` first")
     test = dict(read_json(lay.test_metrics).get(init) or {})
     if test.pop("model_md5", None) != md5sum(lay.classifier):
         raise StaleStageError(f"{lay.test_metrics} scores another {lay.classifier} than the one there now (finetune ran "
@@ -291,7 +291,7 @@ def registry_description(p: Params, meta: dict, size: tuple[int, int, int]) -> s
 
 def version_description(p: Params, init: str, backbone: str, data_md5: str, model_uri: str, size, meta: dict, val: dict, test: dict,
                         check: dict, promote: bool, reason: str) -> str:
-    name, classes = p.export.registered_model, meta["classes"]
+    classes = meta["classes"]
     from medssl.metrics import task_metrics
 
     val, test = val | task_metrics(val, meta), test | task_metrics(test, meta)

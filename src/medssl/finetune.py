@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 import medssl
-
 from medssl import tracking
 from medssl.config import Params
 from medssl.core.engine import pick_device
 from medssl.core.rng import generator
 from medssl.core.train import finetune
 from medssl.data.prepare import load_prepared
-from medssl.io import read_json, save_torch, write_csv, write_json
+from medssl.errors import ConfigError, MissingInput, StaleStageError, UsageError
 from medssl.guard import one_writer
+from medssl.io import save_torch, write_csv, write_json
 from medssl.layout import Layout
 from medssl.models.classifier import Classifier
 from medssl.resume import Checkpointer, read_grid, resume_key
@@ -40,7 +40,7 @@ def freeze_blocks(model: Classifier, k: int) -> None:
     """Fix the weights and BatchNorm statistics of the first k blocks."""
     blocks = backbone_blocks(model.backbone)
     if k > len(blocks):
-        raise ValueError(f"finetune.frozen_blocks={k} but the backbone has {len(blocks)} blocks")
+        raise ConfigError(f"finetune.frozen_blocks={k} but the backbone has {len(blocks)} blocks")
     for block in blocks[:k]:
         block.requires_grad_(False)
         for m in block.modules():
@@ -52,16 +52,16 @@ def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = 
     """Classifier with the backbone weights of `init` (on CPU); random weights (the random init's backbone, every
     head) are drawn from a generator seeded with `seed`; SSL inits load their pretrained encoder."""
     if init not in p.inits.all:
-        raise ValueError(f"init {init!r} is not configured; inits are {p.inits.all}")
+        raise UsageError(f"init {init!r} is not configured; inits are {p.inits.all}")
     model = Classifier(p.model.backbone, len(meta["classes"]), p.model.dropout, imagenet=init == "imagenet",
                        mean=meta["mean"], std=meta["std"], gen=generator(seed))
     if init in p.inits.ssl:
         path = lay.encoder(init)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} missing: run `medssl pretrain {init}` first")
+            raise MissingInput(f"{path} missing: run `medssl pretrain {init}` first")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt["backbone"] != p.model.backbone:
-            raise ValueError(f"{path}: encoder is a {ckpt['backbone']}, params.yaml model.backbone is {p.model.backbone}")
+            raise ConfigError(f"{path}: encoder is a {ckpt['backbone']}, params.yaml model.backbone is {p.model.backbone}")
         model.backbone.load_state_dict(ckpt["state_dict"])
     freeze_blocks(model, p.finetune.frozen_blocks)
     return model
@@ -74,7 +74,7 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
         vals = [c["val"][metric] for c in read_grid(p, init, lay)["cells"]
                 if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0]
         if not vals:
-            raise ValueError(f"{lay.grid_cells(init)}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
+            raise ConfigError(f"{lay.grid_cells(init)}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
         means[init] = float(np.mean(vals))
     return max(means, key=means.get), means
 
@@ -161,14 +161,14 @@ def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict
     from medssl.core.engine import prepare_model
 
     if not lay.classifier.is_file():
-        raise FileNotFoundError(f"{lay.classifier} missing: run `medssl finetune` first")
+        raise MissingInput(f"{lay.classifier} missing: run `medssl finetune` first")
     try:
         ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or overwritten
-        raise ValueError(f"{lay.classifier}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise StaleStageError(f"{lay.classifier}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          f"rerun `medssl finetune`") from None
     if "run_id" not in ckpt:
-        raise ValueError(f"{lay.classifier}: written by an earlier medssl, without its provenance (run, validation "
+        raise StaleStageError(f"{lay.classifier}: written by an earlier medssl, without its provenance (run, validation "
                          f"scores); rerun `medssl finetune`")
     model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     model.load_state_dict(ckpt["state_dict"])

@@ -30,9 +30,10 @@ from medssl.core.engine import extract_features, one_torch_thread, pick_device, 
 from medssl.core.progress import Progress
 from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
 from medssl.data.sources import Split
+from medssl.errors import ConfigError
 from medssl.finetune import build_classifier
-from medssl.io import save_npz, write_csv, write_json
 from medssl.guard import one_writer
+from medssl.io import save_npz, write_csv, write_json
 from medssl.layout import Layout
 from medssl.resume import Checkpointer, digests, inputs_key, resume_key
 
@@ -48,7 +49,7 @@ def load_shift(p: Params, meta: dict) -> Split | None:
 
     s, classes = p.grid.shift, meta["classes"]
     if s.classes is not None and len(s.classes) != len(classes):
-        raise ValueError(f"grid.shift.classes has {len(s.classes)} names {s.classes}; the dataset has {len(classes)}: "
+        raise ConfigError(f"grid.shift.classes has {len(s.classes)} names {s.classes}; the dataset has {len(classes)}: "
                          f"{classes} (one name per class, in the dataset's label order)")
     cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=p.data.image_size)
     test = build_csv(cfg, p.seed, s.classes or classes, complete=False).splits["test"]
@@ -262,7 +263,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     Fine-tune cells use the values tuned for `init` (tuned.yaml), else params.yaml's. Resumable cell by cell.
     workers: shards at once (default shards_at_once; 1: one cell after another)."""
     p = p.for_init(init)
-    g, b = p.grid, p.epochs.grid
+    g = p.grid
     device = pick_device()
     data, meta = grid_data(p, lay)
     state = Checkpointer(lay.resume(f"grid-{init}"), resume_key(p, "grid", init, meta, lay, device))

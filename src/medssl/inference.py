@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medssl.errors import ImageReadError, ModelIntegrityError
+from medssl.errors import ImageReadError, ModelIntegrityError, UsageError
 from medssl.host import has_nvidia_gpu
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -36,9 +36,8 @@ class Predictor:
     def __init__(self, model_uri: str):
         import mlflow
         import onnxruntime as ort
-        from mlflow.models import Model
-
         from mlflow.exceptions import MlflowException
+        from mlflow.models import Model
 
         from medssl.tracking import existing_store
 
@@ -46,11 +45,11 @@ class Predictor:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         except MlflowException as e:
-            raise ValueError(f"{model_uri}: no such model in the registry at {mlflow.get_tracking_uri()} "
+            raise UsageError(f"{model_uri}: no such model in the registry at {mlflow.get_tracking_uri()} "
                              f"({e.message.splitlines()[0][:200]}); `medssl pipeline` registers one") from None
         meta = Model.load(local).metadata or {}
         if "class_names" not in meta or "input_size" not in meta:
-            raise ValueError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")
+            raise UsageError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")
         self.classes: list[str] = list(meta["class_names"])
         self.input_size: tuple[int, int] = tuple(meta["input_size"])
         self.channels: int = int(meta.get("channels", 3))  # 1: a grey model (colour files are read as their luma)
@@ -76,7 +75,7 @@ class Predictor:
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Probabilities (N, classes), each row finite; a model that answers anything else raises instead."""
         if batch_size < 1:
-            raise ValueError(f"batch size {batch_size}: must be at least 1")
+            raise UsageError(f"batch size {batch_size}: must be at least 1")
         out = [self.session.run(None, {"images": images[i : i + batch_size]})[0] for i in range(0, len(images), batch_size)]
         proba = np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
         bad = ~np.isfinite(proba).all(1)

@@ -20,7 +20,7 @@ class Layout:
         object.__setattr__(self, "data_root", Path(self.root if self.data_root is None else self.data_root))
         object.__setattr__(self, "prepared_root", Path(self.data_root if self.prepared_root is None else self.prepared_root))
 
-    def tuning(self) -> "Layout":
+    def tuning(self) -> Layout:
         """Where `medssl tune` prepares the data it searches on (its -S data.image_size / data.max_* may differ from
         the project's): tune/data/prepared, never the project's data/prepared (a DVC output)."""
         return Layout(self.root / "tune", data_root=self.data_root, prepared_root=self.root / "tune")

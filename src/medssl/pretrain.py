@@ -16,8 +16,9 @@ from medssl.core.methods import METHODS
 from medssl.core.rng import generator, seed_of
 from medssl.core.train import pretrain
 from medssl.data.prepare import load_prepared
-from medssl.io import save_torch, write_csv, write_json
+from medssl.errors import UsageError
 from medssl.guard import one_writer
+from medssl.io import save_torch, write_csv, write_json
 from medssl.layout import Layout
 from medssl.models.backbones import build_backbone
 from medssl.resume import Checkpointer, resume_key
@@ -28,7 +29,7 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     """Train the encoder of SSL init `init` (a method, or imagenet-<method>: the method started from ImageNet
     weights) with the values tuned for it; outputs under the Layout (the project for DVC, a trial folder for tuning)."""
     if init not in SSL_INITS:
-        raise ValueError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
+        raise UsageError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
     p, method = p.for_init(init), method_of(init)
     cfg, epochs, bs = getattr(p.pretrain, method), p.epochs.pretrain_epochs, p.pretrain.batch_size
     device = pick_device()

@@ -19,7 +19,7 @@ import numpy as np
 SERVER_ENV = "__pyfunc_model_path__"  # set by `mlflow models serve` for its scoring process
 
 
-def _load_pyfunc(path: str) -> "Guarded":
+def _load_pyfunc(path: str) -> Guarded:
     """MLflow's loader hook: path is the model's model.onnx."""
     if SERVER_ENV in os.environ:
         # the scoring server quotes the whole request array before a model's error message: keep that quote short

@@ -14,19 +14,19 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy import stats  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+import numpy as np
+from scipy import stats
 
-import torch  # noqa: E402
+import torch
 
-from medssl import compare  # noqa: E402
-from medssl.config import BASELINE_INITS, Params, flatten  # noqa: E402
-from medssl.core.cells import Job, encoder_seed, probe_cell  # noqa: E402
-from medssl.io import read_json, write_csv  # noqa: E402
-from medssl.layout import Layout  # noqa: E402
-from medssl.resume import read_grid  # noqa: E402
+from medssl import compare
+from medssl.config import BASELINE_INITS, Params, flatten
+from medssl.core.cells import Job, encoder_seed, probe_cell
+from medssl.io import read_json, write_csv
+from medssl.layout import Layout
+from medssl.resume import read_grid
 
 PROTOCOL_NAMES = {"linear": "Linear probe (frozen encoder)", "finetune": "Fine-tune", "knn": "k-NN (frozen encoder)"}
 
@@ -295,7 +295,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
     shift = None
     if "shift" in n_pool and "finetune" in g.protocols:
         shift_agg = aggregate(cells, "shift")
-        key = lambda i: ("fractions", "finetune", i, 1.0)  # noqa: E731
+        key = lambda i: ("fractions", "finetune", i, 1.0)
         shift = {"name_": g.shift.name, "n": n_pool["shift"],
                  "test": {i: agg[key(i)]["balanced_accuracy"][0] for i in inits},
                  "shifted": {i: shift_agg[key(i)]["balanced_accuracy"][0] for i in inits},

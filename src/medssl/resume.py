@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medssl.errors import MissingInput
 from medssl.io import save_torch
 
 STATE_FORMAT = 2  # bump when what a stage keeps in its state changes shape
@@ -70,7 +71,7 @@ def read_grid(p, init: str, lay) -> dict:
 
     path = lay.grid_cells(init)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} missing: run `medssl grid {init}` first")
+        raise MissingInput(f"{path} missing: run `medssl grid {init}` first")
     grid = read_json(path)
     if "inputs" in grid:  # grids of earlier code lack the record
         parts = changed(grid["inputs"], digests(inputs_key(p.for_init(init), "grid", init, read_json(lay.meta), lay)))

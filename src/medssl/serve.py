@@ -79,11 +79,11 @@ def create_app(model_uri: str, max_bytes: int = MAX_MB << 20, max_images: int = 
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from medssl.errors import ModelIntegrityError
+    from medssl.errors import ModelIntegrityError, UsageError
     from medssl.inference import Predictor
 
     if concurrency < 1:
-        raise ValueError(f"--concurrency {concurrency}: at least one request must be scored at a time")
+        raise UsageError(f"--concurrency {concurrency}: at least one request must be scored at a time")
     predictor = Predictor(model_uri)
     queue = 4 * concurrency if queue is None else queue
     slots, load = asyncio.Semaphore(concurrency), {"in": 0}

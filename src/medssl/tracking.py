@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import MappingProxyType
 
 import mlflow
 
@@ -27,7 +28,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 _checked: set[str] = set()
-_extra_tags: contextvars.ContextVar[dict] = contextvars.ContextVar("medssl_extra_tags", default={})
+_extra_tags: contextvars.ContextVar[dict] = contextvars.ContextVar("medssl_extra_tags",
+                                                                                    default=MappingProxyType({}))
 _swept: set[str] = set()
 
 

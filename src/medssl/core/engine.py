@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
 
-from medssl.errors import DeviceUnavailable, Diverged
+from medssl.errors import DataError, DeviceUnavailable, Diverged, UsageError
 from medssl.models.classifier import to_input
 
 # step(idx) -> (loss, {name: scalar tensor}); idx: (B,) int64 positions on the data's device
@@ -82,12 +82,12 @@ def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, opt
             scheduler.step()
         vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]) * len(idx)
         sums = vals if sums is None else sums + vals
-        l = loss.detach().float()
-        first = l if first is None else first
-        peak = l if peak is None else torch.maximum(peak, l.nan_to_num(nan=float("inf")))
+        step_loss = loss.detach().float()
+        first = step_loss if first is None else first
+        peak = step_loss if peak is None else torch.maximum(peak, step_loss.nan_to_num(nan=float("inf")))
         seen += len(idx)
     if sums is None:
-        raise ValueError(f"{desc}: {n} examples make no batch of two")
+        raise DataError(f"{desc}: {n} examples make no batch of two")
     weight = torch.stack([q.detach().abs().max().float() for q in model.parameters()]).max()
     *means, first, peak, weight = torch.cat([sums / seen, torch.stack([first, peak, weight])]).tolist()  # the one sync
     ref = first if ref_loss is None else ref_loss
@@ -148,7 +148,7 @@ def pick_device() -> torch.device:
 
     want = os.environ.get(DEVICE_ENV, "").strip().lower()
     if want not in ("", "cpu", "cuda"):
-        raise ValueError(f"{DEVICE_ENV}={want!r}: expected cpu or cuda (unset: CUDA when usable, else the CPU)")
+        raise UsageError(f"{DEVICE_ENV}={want!r}: expected cpu or cuda (unset: CUDA when usable, else the CPU)")
     if want == "cpu":
         return torch.device("cpu")
     if torch.cuda.is_available():

@@ -29,7 +29,7 @@ class Progress:
         self.bar = tqdm(range(start + 1, total + 1), desc=desc, unit=unit, disable=not self.tty, leave=leave)
         self.note = ""
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medssl.errors import ImageReadError
+from medssl.errors import DataError, ImageReadError, UsageError
 
 MAX_PIXELS = 64_000_000          # ~8000 x 8000; dermoscopes and ISIC images are well below
 FITS = ("reject", "crop", "stretch")
@@ -68,7 +68,7 @@ def fit_image(img: np.ndarray, size: tuple[int, int], fit: str = "reject", name:
     if img.ndim == 3 and img.shape[-1] == 1:  # grey: PIL takes it without the channel axis
         return fit_image(img[..., 0], size, fit, name)[..., None]
     if fit not in FITS:
-        raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+        raise UsageError(f"fit must be one of {FITS}, got {fit!r}")
     H, W = img.shape[:2]
     h, w = size
     if abs(H * w - W * h) > SQUARE_TOLERANCE * max(H * w, W * h):  # aspect ratio differs from the model's
@@ -95,7 +95,7 @@ def to_channels(x: np.ndarray, channels: int) -> np.ndarray:
         return np.repeat(x, 3, axis=-1)
     if channels == 1 and x.shape[-1] == 3:
         return np.clip(np.rint(x.astype(np.float32) @ LUMA), 0, 255).astype(np.uint8)[..., None]
-    raise ValueError(f"cannot turn {x.shape[-1]}-channel images into {channels}-channel ones")
+    raise DataError(f"cannot turn {x.shape[-1]}-channel images into {channels}-channel ones")
 
 
 def read_image(path: str | Path, size: tuple[int, int], fit: str = "reject", channels: int = 3) -> np.ndarray:

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from medssl.config import Params
 from medssl.data.fractions import nested_fractions
-from medssl.io import save_npz, write_json
 from medssl.data.sources import SPLITS, Split, md5sum, validate_raw
-from medssl.errors import DataError
+from medssl.errors import DataError, MissingInput
 from medssl.guard import one_writer
+from medssl.io import save_npz, write_json
 from medssl.layout import Layout
 
 
@@ -84,7 +84,7 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
 def load_prepared(lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
     """Prepared splits and meta (classes, mean/std, raw md5, sizes)."""
     if not lay.prepared.is_file():
-        raise FileNotFoundError(f"{lay.prepared} missing: run `medssl prepare` (or `dvc repro prepare`) first")
+        raise MissingInput(f"{lay.prepared} missing: run `medssl prepare` (or `dvc repro prepare`) first")
     try:
         with np.load(lay.prepared) as z:
             splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}

@@ -62,7 +62,7 @@ def medmnist_root() -> Path:
     return Path(os.path.expanduser("~")) / ".medmnist"
 
 
-def describe(p, splits: dict[str, "Split"], stored: list[str] | None, where: str) -> DatasetInfo:
+def describe(p, splits: dict[str, Split], stored: list[str] | None, where: str) -> DatasetInfo:
     """Class names (data.classes, else the npz's own, else medmnist's for a medmnist flag, else "0", "1", ...),
     channels and task of validated splits; a name list that does not fit the labels is an error."""
     d = p.data

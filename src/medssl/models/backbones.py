@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from medssl.errors import WeightsUnavailable
+from medssl.errors import ConfigError, DataError, WeightsUnavailable
 
 # name -> (builder, ImageNet weights, attribute holding the 1000-way classifier)
 _BACKBONES = {
@@ -38,7 +38,7 @@ def adapt_stem(model: nn.Module, channels: int) -> nn.Module:
     if channels == 3:
         return model
     if channels != 1:
-        raise ValueError(f"images have {channels} channels; medssl takes 1 (grey) or 3 (RGB)")
+        raise DataError(f"images have {channels} channels; medssl takes 1 (grey) or 3 (RGB)")
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     new = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
                     conv.bias is not None)
@@ -55,7 +55,7 @@ def _trunk(name: str, imagenet: bool, channels: int = 3) -> tuple[nn.Module, int
     """torchvision model without its classifier (stem for `channels` inputs), and its feature width D. Never falls
     back to random init."""
     if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_BACKBONES)}")
+        raise ConfigError(f"unknown backbone {name!r}; choose one of {sorted(_BACKBONES)}")
     builder, weights, head_attr = _BACKBONES[name]
     if imagenet:
         try:

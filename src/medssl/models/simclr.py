@@ -49,7 +49,7 @@ def random_view(x: torch.Tensor, gen: torch.Generator, scale: tuple[float, float
     grayscale steps are the identity (the image is its own grey), only brightness and contrast vary. The same
     random numbers are drawn either way, so a view depends on the seed only."""
     n, _, s, _ = x.shape
-    r = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device).to(x.device)  # noqa: E731
+    r = lambda *shape: torch.rand(*shape, generator=gen, device=gen.device).to(x.device)
     area = scale[0] + (scale[1] - scale[0]) * r(n)
     side = (area.sqrt() * s).clamp(4, s)
     x0, y0 = r(n) * (s - side), r(n) * (s - side)
