@@ -102,6 +102,20 @@ class Page:
             time.sleep(0.5)
         raise TimeoutError(f"{expr!r} not true within {timeout}s (last {value!r})")
 
+    def screenshot(self, path: Path) -> Path:
+        """The viewport as a PNG at `path`."""
+        import base64
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def type_into(self, selector: str, text: str) -> None:
+        """Set a React-controlled <input>'s value as typing would (its own setter, then an input event)."""
+        self.eval(f"(() => {{ const i = document.querySelector({json.dumps(selector)}); "
+                  "Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(i, "
+                  f"{json.dumps(text)}); i.dispatchEvent(new Event('input', {{bubbles: true}})); }})()")
+
     def close(self) -> None:
         self.ws.close()
 

@@ -242,7 +242,12 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
             from rich.markup import escape
 
             err.print(f"\n[bold]Verdict[/]\n{escape(Path('reports/verdict.md').read_text().strip())}\n", highlight=False)
-        err.print(f"MLflow parent run {run.info.run_id} at {tracking.tracking_uri()}")
+        uri = tracking.tracking_uri()
+        err.print(f"MLflow parent run {run.info.run_id} at {uri}")
+        web = uri.startswith("http")
+        err.print(f"The inits side by side in the MLflow UI{'' if web else ' (make mlflow-ui)'}: "
+                  f"{tracking.ui_links(run.info.experiment_id, *([uri] if web else []))['compare']}", highlight=False,
+                  soft_wrap=True)
 
 
 @app.command()

@@ -133,14 +133,44 @@ def inline_images(md: str, folder: Path) -> str:
                   lambda m: f"![{m.group(1)}]({_data_uri(folder / m.group(2)) or m.group(2)})", md)
 
 
+def inline_tables(html: str, folder: Path) -> str:
+    """Links to the report's own CSV files point into the page instead: each becomes a collapsed table at the end
+    (`<details id="paired_differences.csv">`, opened by following the link). A relative link leads nowhere in
+    MLflow's sandboxed artifact viewer (about:blank#blocked) or in a Prefect artifact. File names are the
+    report's own (letters, digits, `_`, `.`), so they go into the attributes as they are."""
+    import csv
+    import html as escape
+    import re
+
+    names = [n for n in dict.fromkeys(re.findall(r'href="([\w.-]+\.csv)"', html)) if (folder / n).is_file()]
+    if not names:
+        return html
+
+    def cell(v: str) -> str:  # long decimals to 4 significant digits, the rest as written
+        return f"{float(v):.4g}" if re.fullmatch(r"-?\d+\.\d{5,}(e-?\d+)?", v) else escape.escape(v)
+
+    parts = []
+    for n in names:
+        with open(folder / n, newline="") as f:
+            head, *rows = list(csv.reader(f))
+        table = ("<table><tr>" + "".join(f"<th>{escape.escape(h)}</th>" for h in head) + "</tr>"
+                 + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
+        parts.append(f'<details id="{n}"><summary>{n}: {len(rows)} rows (the file beside this report)</summary>'
+                     f"{table}</details>")
+        # MLflow's viewer (a sandboxed blob: frame that allows scripts) ignores a fragment link: open and scroll by hand
+        html = html.replace(f'href="{n}"', f'href="#{n}" onclick="const d = document.getElementById(\'{n}\'); '
+                                           f'd.open = true; d.scrollIntoView(); return false"')
+    return html + "<h2>Tables</h2>" + "".join(parts)
+
+
 def to_html(md: str, title: str, folder: Path) -> str:
     """One self-contained page: the report's PNGs are embedded (data URIs), so it renders the same opened from
     disk, in MLflow's artifact viewer or anywhere it is copied."""
     import markdown
 
-    body = markdown.markdown(inline_images(md, folder), extensions=["tables"])
+    body = inline_tables(markdown.markdown(inline_images(md, folder), extensions=["tables"]), folder)
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}img{max-width:100%}summary{cursor:pointer}")
     return f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>"
 
 

@@ -169,7 +169,7 @@ def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict
     """Tags and params of an init's grid run (the parent of its fine-tune cells' runs)."""
     g, b = p.grid, p.epochs.grid
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "grid", "init": init, "method": init,
-            "tuned": str(init in p.tuned)}
+            "tuned": str(init in p.tuned), tracking.LEVEL_TAG: "init"}
     params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
               "n_pool": n_pool, "backbone": p.model.backbone, "image_size": p.data.image_size,
               **tracking.flat_params({"finetune": p.finetune.model_dump()})}
@@ -303,7 +303,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
 def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, parent):
     """One fine-tune cell as a nested MLflow run with its per-epoch curves; best epoch on validation."""
     b = p.epochs.grid
-    tags = {**tracking.base_tags(p), "stage": "grid", "init": init, "protocol": "finetune", "regime": job.regime,
+    tags = {**tracking.base_tags(p), "stage": "grid", tracking.LEVEL_TAG: "cell", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
     cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,

@@ -96,15 +96,34 @@ def experiment_id(p: Params) -> str:
     return exp.experiment_id
 
 
+# grid-<init> runs (one init's scores, the rows to set side by side) vs their fine-tune cells' runs
+LEVEL_TAG = "medssl.level"
+GRID_FILTER = f"tags.\"{LEVEL_TAG}\" = 'init'"
+ML_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens on its GenAI overview without it (or its sidebar switch)
+
+
+def ui_links(exp: str, base: str = "http://127.0.0.1:5000") -> dict[str, str]:
+    """Where the answer is in the MLflow UI at `base` (`make mlflow-ui`'s address by default): the experiment's runs,
+    and the chart view of the grid-<init> runs, a bar per init in each test_balanced_accuracy_<protocol>_f<fraction>
+    chart (expand the pipeline run to show its nested runs)."""
+    from urllib.parse import quote
+
+    runs = f"{base.rstrip('/')}/#/experiments/{exp}/runs?{ML_VIEW}"
+    return {"experiment": runs, "compare": f"{runs}&compareRunsMode=CHART&searchFilter={quote(GRID_FILTER)}"}
+
+
 def experiment_tags(p: Params) -> dict[str, str]:
     """What the experiment page says it holds: a description (MLflow shows `mlflow.note.content` on the page),
-    the classic runs view rather than the GenAI overview (`mlflow.experimentKind`), and the dataset."""
+    the kind of experiment (`mlflow.experimentKind`; MLflow 3.17's UI still opens on its GenAI overview unless
+    the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
             "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<method>`, `grid-<init>` (metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
-            "every cell a nested run), `finetune-<init>` (the champion), `report` (evaluate) and `export` (the "
-            "registered model). Filters: `tags.stage = 'pretrain'`, `tags.\"medssl.run\" LIKE 'grid-%'`.")
+            "every cell a nested run), `finetune-<init>` (the champion) and `export` (the registered model); the "
+            "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
+            "the chart view (expand the pipeline run), a bar per init in each chart. This page as a table: the sidebar's "
+            "*Model training* switch.")
     return {"mlflow.note.content": note, "mlflow.experimentKind": "custom_model_development", "medssl.dataset": p.data.name}
 
 
