@@ -30,15 +30,16 @@ from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import champion_line, run_export
 from medssl.finetune import run_finetune
 from medssl.grid import Shard, grid_data, grid_tags, save_grid_data, write_grid
+from medssl.host import at_once
 from medssl.scale import grid_flow, task_runner
 from medssl.layout import Layout
 from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 LAY = Layout(ROOT)  # stage outputs live at the project root, as with dvc repro
-# Concurrent stages share one process. On a GPU, 4 at once keep it busy; on a CPU, one stage per core with
-# one torch thread each (set in the flow): N stages x N threads would oversubscribe the cores ~N-fold.
-WORKERS = 4 if torch.cuda.is_available() else max(1, len(os.sched_getaffinity(0)))
+# Concurrent stages share one process, as many as medssl.host.at_once says: on a CPU one stage per core with one
+# torch thread each (set in the flow): N stages x N threads would oversubscribe the cores ~N-fold.
+WORKERS = at_once(torch.cuda.is_available(), len(os.sched_getaffinity(0)))
 
 
 @task(name="fetch")

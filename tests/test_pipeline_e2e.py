@@ -245,6 +245,8 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
         assert ui.wait("document.getElementById('paired_differences.csv').open", context=frame)
         rows = ui.eval("document.getElementById('paired_differences.csv').querySelectorAll('tr').length", frame)
         assert rows == len((d / "reports/paired_differences.csv").read_text().strip().splitlines())
+        ui.eval("document.getElementById('paired_differences.csv').scrollIntoView()", frame)
+        ui.screenshot(Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path) / "mlflow-report-table.png")
         plots = chromium.open((d / "dvc_plots/index.html").as_uri())
         drawn = "document.querySelectorAll('.vega-embed canvas, .vega-embed svg.marks').length"  # not the menu icons
         assert plots.wait(f"{drawn} >= {embeds} && {drawn}") == embeds  # every plot drawn without a CDN

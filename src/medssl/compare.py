@@ -34,7 +34,8 @@ def name(init: str) -> str:
     return NAMES.get(init, init)
 
 
-def _pct(f: float) -> str:
+def pct(f: float) -> str:
+    """A label fraction as the report writes it: 0.01 -> '1 %'."""
     return f"{100 * f:g} %"
 
 
@@ -87,7 +88,7 @@ def metrics_json(rows: list[dict]) -> dict:
     out: dict = {}
     for r in rows:
         node = out.setdefault(r["split"], {}).setdefault(r["metric"], {}).setdefault(r["protocol"], {}) \
-            .setdefault(r["regime"], {}).setdefault(_pct(r["fraction"]), {})
+            .setdefault(r["regime"], {}).setdefault(pct(r["fraction"]), {})
         node[f"{r['init']}-vs-{r['reference']}"] = {k: round(r[k], 4) for k in ("diff", "lo", "hi", "p_holm")}
     return out
 
@@ -101,7 +102,7 @@ def diff_text(r: dict) -> str:
 
 
 def _span(fractions: list[float]) -> str:
-    return _pct(fractions[0]) if len(fractions) == 1 else f"{100 * fractions[0]:g}–{_pct(fractions[-1])}"
+    return pct(fractions[0]) if len(fractions) == 1 else f"{100 * fractions[0]:g}–{pct(fractions[-1])}"
 
 
 def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str], fractions: list[float]) -> tuple[str, bool]:
@@ -124,19 +125,19 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
         fs = list(fs)
         span = f"at {_span(fs)} labels"
         if kind == "wins":
-            vals = "; ".join(f"{diff_text(next(r for r in at[f] if r['init'] == leader))} at {_pct(f)}" for f in fs)
+            vals = "; ".join(f"{diff_text(next(r for r in at[f] if r['init'] == leader))} at {pct(f)}" for f in fs)
             also = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "better"} - {leader})
             parts.append(f"{span}, **{name(leader)} beats {name(ref)}** ({vals})"
                          + (f"; {', '.join(name(i) for i in also)} also beat{'s' if len(also) == 1 else ''} it" if also else ""))
         elif kind == "leads":
-            vals = "; ".join(f"{name(r['init'])} {diff_text(r)} at {_pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
+            vals = "; ".join(f"{name(r['init'])} {diff_text(r)} at {pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
             parts.append(f"{span}, **{name(ref)} leads every self-supervised init** (closest: {vals})")
         else:
             worse = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "worse"})
             best = [max(at[f], key=lambda r: r["diff"]) for f in fs]
             top = max(best, key=lambda r: r["diff"])
             parts.append(f"{span}, no self-supervised init beats {name(ref)} at this budget (largest difference: "
-                         f"{name(top['init'])} {diff_text(top)} at {_pct(top['fraction'])}"
+                         f"{name(top['init'])} {diff_text(top)} at {pct(top['fraction'])}"
                          + (f"; {', '.join(name(i) for i in worse)} trail{'s' if len(worse) == 1 else ''} it" if worse else "")
                          + ")")
     never = [i for i in ssl if not any(r["init"] == i and r["decision"] == "better" for rs in at.values() for r in rs)]
@@ -235,7 +236,7 @@ def table(rows: list[dict], protocol: str, regime: str, fractions: list[float], 
     if not inits:
         return ""
     mark = {"better": " ▲", "worse": " ▼", "no difference": ""}
-    head = "| init − " + ref + " | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
+    head = "| init − " + ref + " | " + " | ".join(pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
     body = []
     for init in inits:
         cells = []

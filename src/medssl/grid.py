@@ -33,6 +33,7 @@ from medssl.data.sources import Split
 from medssl.errors import ConfigError
 from medssl.finetune import build_classifier
 from medssl.guard import one_writer
+from medssl.host import at_once
 from medssl.io import save_npz, write_csv, write_json
 from medssl.layout import Layout
 from medssl.resume import Checkpointer, digests, inputs_key, resume_key
@@ -248,11 +249,11 @@ class Slots:
 
 
 def shards_at_once(device) -> int:
-    """Shards computed at once: up to 4 on a GPU (kernels of several shards keep it busy; `medssl grid` has one
+    """Shards computed at once (medssl.host.at_once): up to 4 on a GPU (kernels of several shards keep it busy; `medssl grid` has one
     shard per grid seed, 3 at the defaults, so all of them), one per core this thread may run on on a CPU (one
     torch thread each). On CUDA the shards' threads share the default stream: their kernels queue behind one
     another, and overlap only where one shard's host-side work (probes, metrics) runs beside another's."""
-    return 4 if torch.device(device).type == "cuda" else max(1, len(os.sched_getaffinity(0)))
+    return at_once(torch.device(device).type == "cuda", len(os.sched_getaffinity(0)))
 
 
 @one_writer(lambda a: f"grid-{a['init']}")

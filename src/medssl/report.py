@@ -28,7 +28,7 @@ from medssl.io import read_json, write_csv
 from medssl.layout import Layout
 from medssl.resume import read_grid
 
-PROTOCOL_NAMES = {"linear": "Linear probe (frozen encoder)", "finetune": "Fine-tune", "knn": "k-NN (frozen encoder)"}
+PROTOCOL_NAMES = compare.PROTOCOL_WORDS
 
 
 def ci95(values) -> tuple[float, float]:
@@ -116,10 +116,6 @@ def _fmt(mc: tuple[float, float]) -> str:
     return f"{m:.3f} ± {c:.3f}" if np.isfinite(c) else f"{m:.3f}"
 
 
-def _pct(f: float) -> str:
-    return f"{100 * f:g} %"
-
-
 def one_class(r: dict) -> str:
     """The mark of a cell whose model predicts a single class on test in some seeds (its balanced accuracy is
     1 / number of classes: it learnt nothing)."""
@@ -127,7 +123,7 @@ def one_class(r: dict) -> str:
 
 
 def protocol_table(agg: dict, regime: str, protocol: str, inits: list[str], fractions: list[float]) -> str:
-    head = "| init | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
+    head = "| init | " + " | ".join(compare.pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
     rows = []
     for init in inits:
         cells = []
@@ -163,7 +159,7 @@ def task_section(agg: dict, meta: dict, protocols: list[str], inits: list[str], 
 
 
 def metric_table(agg: dict, protocol: str, inits: list[str], fractions: list[float], keys: tuple[str, ...]) -> str:
-    head = "| init | " + " | ".join(_pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
+    head = "| init | " + " | ".join(compare.pct(f) for f in fractions) + " |\n|---|" + "---|" * len(fractions) + "\n"
     rows = []
     for init in inits:
         cells = [(lambda r: "—" if r is None else " / ".join(_fmt(r[k]) for k in keys))(agg.get(("fractions", protocol, init, f)))
@@ -188,7 +184,7 @@ def plot_vs_fraction(agg: dict, protocols: list[str], inits: list[str], fraction
             ax.errorbar(f * dodge[init], m, yerr=np.nan_to_num(c), fmt="o-", ms=4, capsize=2, lw=1.2, elinewidth=1,
                         color=colours[init], label=init)
         ax.set(xscale="log", xlabel="label fraction", title=PROTOCOL_NAMES[protocol])
-        ax.set_xticks(fractions, [_pct(f) for f in fractions])
+        ax.set_xticks(fractions, [compare.pct(f) for f in fractions])
         ax.minorticks_off()
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
@@ -381,7 +377,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                               "fractions", "linear", singles + names, fr)]
     d = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
     summary = {"verdict": {"budget": p.budget, **d, "story": compare.story(p.budget, d)},
-               "balanced_accuracy": {protocol: {init: {_pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
+               "balanced_accuracy": {protocol: {init: {compare.pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
                "paired": compare.metrics_json(rows)}
     for protocol in g.protocols:  # dvc plots: test balanced accuracy vs label fraction, one column per init (+ its CI)

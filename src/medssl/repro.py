@@ -31,7 +31,7 @@ import time
 from graphlib import TopologicalSorter
 from pathlib import Path
 
-from medssl.host import has_nvidia_gpu
+from medssl.host import at_once, has_nvidia_gpu
 
 DVC = ["dvc", "--wait-for-lock"]
 # DVC's advice after every stage (git add dvc.lock, autostage, dvc push): said once by the caller instead
@@ -70,8 +70,8 @@ def status(env: dict, cwd=None) -> dict:
 
 
 def default_jobs() -> int:
-    """Stages at once: 4 sharing a GPU (as the Prefect flow runs them), else one per CPU core."""
-    return 4 if has_nvidia_gpu() else len(os.sched_getaffinity(0))
+    """Stages at once (medssl.host.at_once): 4 sharing a GPU, as the Prefect flow runs them, else one per CPU core."""
+    return at_once(has_nvidia_gpu(), len(os.sched_getaffinity(0)))
 
 
 class _Job:

@@ -24,7 +24,7 @@ from medssl.core.engine import pick_device
 from medssl.grid import Shard, load_grid_data, run_shard, shards_at_once
 from medssl.layout import Layout
 
-# Threads in the flow's process, as in `medssl grid`: 4 on a GPU, one per core on a CPU (one torch thread each).
+# Threads in the flow's process, as in `medssl grid` (medssl.host.at_once).
 THREADS = shards_at_once(pick_device())
 
 
