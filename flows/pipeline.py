@@ -135,8 +135,8 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
     web = uri.startswith("http")
     exp = tracking.experiment_id(p)
 
-    def run_link(run_id: str) -> str:
-        return f"[{run_id[:8]}]({uri}/#/experiments/{exp}/runs/{run_id})" if web else f"`{run_id}`"
+    def run_link(run_id: str) -> str:  # the run page in MLflow's model-training view, not its GenAI one
+        return f"[{run_id[:8]}]({tracking.run_link(exp, run_id)})" if web else f"`{run_id}`"
 
     lines = [f"# medssl-pipeline: {p.data.name}, {p.model.backbone}, budget `{p.budget}`", "",
              "## Verdict", "", results["verdict"], "", "## Champion", "",

@@ -233,7 +233,7 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
         n, broken = chromium.open((d / "reports/report.html").as_uri()).wait(IMAGES)
         assert n >= 4 and broken == 0, (n, broken)
         ui = chromium.open(f"{project['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
-                           "/artifacts/reports/report.html")
+                           "/artifacts/reports/report.html?workflowType=machine_learning")
         ui.wait("document.querySelector('iframe.mlflow-html-iframe') !== null")  # MLflow's sandboxed HTML viewer
         deadline = time.time() + 30
         while not ui.frames() and time.time() < deadline:
@@ -245,7 +245,8 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
         assert ui.wait("document.getElementById('paired_differences.csv').open", context=frame)
         rows = ui.eval("document.getElementById('paired_differences.csv').querySelectorAll('tr').length", frame)
         assert rows == len((d / "reports/paired_differences.csv").read_text().strip().splitlines())
-        ui.eval("document.getElementById('paired_differences.csv').scrollIntoView()", frame)
+        ui.eval("document.querySelectorAll('button[aria-label=Close]').forEach(b => b.click())")  # the assistant panel
+        time.sleep(1)
         ui.screenshot(Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path) / "mlflow-report-table.png")
         plots = chromium.open((d / "dvc_plots/index.html").as_uri())
         drawn = "document.querySelectorAll('.vega-embed canvas, .vega-embed svg.marks').length"  # not the menu icons

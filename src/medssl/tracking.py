@@ -364,7 +364,8 @@ def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> No
 def run_link(exp: str, run_id: str) -> str:
     """The run's page in the MLflow UI when the store is a server, else its id and store."""
     uri = tracking_uri()
-    return f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}" if uri.startswith("http") else f"{run_id} ({uri})"
+    page = f"{uri.rstrip('/')}/#/experiments/{exp}/runs/{run_id}?{ML_VIEW}"
+    return page if uri.startswith("http") else f"{run_id} ({uri})"
 
 
 def mark_failed_stage(parent: str, stage: str, reason: str, status: str = "FAILED") -> None:
