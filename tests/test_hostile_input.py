@@ -220,3 +220,17 @@ def test_only_medssl_user_errors_end_in_one_line():
               KeyError("x")):
         with pytest.raises(type(e)):
             command(e)
+
+
+def test_report_html_holds_the_tables_it_links_to(tmp_path):
+    """A relative link leads nowhere in MLflow's sandboxed viewer: report.html carries each CSV it links to as a
+    table at its end, the link pointing there; an empty CSV (no comparison was possible) is an empty table."""
+    from medssl.evaluate import to_html
+
+    (tmp_path / "paired_differences.csv").write_text("init,diff\nvae,-0.0046834400855\nmim,<b>\n")
+    (tmp_path / "empty.csv").write_text("")
+    html = to_html("See [paired](paired_differences.csv), [none](empty.csv) and [away](missing.csv).", "t", tmp_path)
+    assert 'href="#paired_differences.csv"' in html and '<details id="paired_differences.csv">' in html
+    assert "<td>-0.004683</td>" in html and "<td>&lt;b&gt;</td>" in html  # rounded, escaped
+    assert '<details id="empty.csv"><summary>empty.csv: 0 rows' in html
+    assert 'href="missing.csv"' in html and 'id="missing.csv"' not in html  # a file that is not there stays a link

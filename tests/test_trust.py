@@ -487,7 +487,8 @@ def test_stale_grid_and_damaged_checkpoint_are_named(trained, tmp_path):
     """Fails on the code whose evaluate, over grid outputs of a run with other fractions, died with
     KeyError: 'subset_fractions_f0.01_s0', and whose export of a truncated model.pt printed a traceback."""
     from medssl.errors import StaleStageError
-    from medssl.finetune import choose_champion, load_classifier
+    from medssl.checkpoints import load_classifier
+    from medssl.finetune import choose_champion
 
     p, lay = trained["p"], trained["lay"]
     other = load_params(ROOT / "params.yaml", {**TINY, "grid.fractions": [0.5, 1.0]}, tuned=False)

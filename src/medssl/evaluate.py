@@ -9,14 +9,14 @@ import mlflow
 import torch
 
 from medssl import figures, tracking
+from medssl.checkpoints import load_classifier
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
 from medssl.core.train import scores
 from medssl.data.prepare import load_prepared
 from medssl.data.sources import md5sum
-from medssl.finetune import load_classifier
-from medssl.io import write_json, write_text
 from medssl.guard import one_writer
+from medssl.io import write_json, write_text
 from medssl.layout import Layout
 from medssl.metrics import confusion, task_metrics
 
@@ -152,7 +152,8 @@ def inline_tables(html: str, folder: Path) -> str:
     parts = []
     for n in names:
         with open(folder / n, newline="") as f:
-            head, *rows = list(csv.reader(f))
+            content = list(csv.reader(f))
+        head, rows = (content[0], content[1:]) if content else ([], [])  # empty: no comparison was possible
         table = ("<table><tr>" + "".join(f"<th>{escape.escape(h)}</th>" for h in head) + "</tr>"
                  + "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in r) + "</tr>" for r in rows) + "</table>")
         parts.append(f'<details id="{n}"><summary>{n}: {len(rows)} rows (the file beside this report)</summary>'

@@ -21,11 +21,11 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import registry_guard, tracking
+from medssl.checkpoints import load_classifier
 from medssl.config import Params
 from medssl.core.onnx import export_onnx, parity
 from medssl.data.sources import nhwc
 from medssl.errors import MissingInput, ParityError, PromotionError, StaleStageError
-from medssl.finetune import load_classifier
 from medssl.guard import one_writer
 from medssl.io import read_json, write_json
 from medssl.layout import Layout

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from medssl import tracking
+from medssl.checkpoints import build_classifier
 from medssl.config import Params
 from medssl.core.cells import encoder_seed, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features, one_torch_thread, pick_device, prepare_model
@@ -31,7 +32,6 @@ from medssl.core.progress import Progress
 from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
 from medssl.data.sources import Split
 from medssl.errors import ConfigError
-from medssl.finetune import build_classifier
 from medssl.guard import one_writer
 from medssl.host import at_once
 from medssl.io import save_npz, write_csv, write_json

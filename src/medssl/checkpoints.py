@@ -1,0 +1,69 @@
+"""Classifiers from checkpoints, for every stage that needs one: an init's starting classifier (grid cells, the
+champion's fine-tune) and the trained champion (evaluate, export), so no stage imports another for them."""
+from __future__ import annotations
+
+import torch
+
+from medssl.config import Params
+from medssl.core.rng import generator
+from medssl.errors import ConfigError, MissingInput, StaleStageError, UsageError
+from medssl.layout import Layout
+from medssl.models.classifier import Classifier
+
+
+def backbone_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
+    """The backbone's stages in input-to-output order (what `finetune.frozen_blocks` counts)."""
+    t = backbone.trunk
+    if hasattr(t, "features"):  # mobilenet_v2, efficientnet_b0
+        return list(t.features.children())
+    return [torch.nn.Sequential(t.conv1, t.bn1), t.layer1, t.layer2, t.layer3, t.layer4]
+
+
+def freeze_blocks(model: Classifier, k: int) -> None:
+    """Fix the weights and BatchNorm statistics of the first k blocks."""
+    blocks = backbone_blocks(model.backbone)
+    if k > len(blocks):
+        raise ConfigError(f"finetune.frozen_blocks={k} but the backbone has {len(blocks)} blocks")
+    for block in blocks[:k]:
+        block.requires_grad_(False)
+        for m in block.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = 0.0  # running statistics stay as initialised/pretrained
+
+
+def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = Layout()) -> Classifier:
+    """Classifier with the backbone weights of `init` (on CPU); random weights (the random init's backbone, every
+    head) are drawn from a generator seeded with `seed`; SSL inits load their pretrained encoder."""
+    if init not in p.inits.all:
+        raise UsageError(f"init {init!r} is not configured; inits are {p.inits.all}")
+    model = Classifier(p.model.backbone, len(meta["classes"]), p.model.dropout, imagenet=init == "imagenet",
+                       mean=meta["mean"], std=meta["std"], gen=generator(seed))
+    if init in p.inits.ssl:
+        path = lay.encoder(init)
+        if not path.is_file():
+            raise MissingInput(f"{path} missing: run `medssl pretrain {init}` first")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt["backbone"] != p.model.backbone:
+            raise ConfigError(f"{path}: encoder is a {ckpt['backbone']}, params.yaml model.backbone is {p.model.backbone}")
+        model.backbone.load_state_dict(ckpt["state_dict"])
+    freeze_blocks(model, p.finetune.frozen_blocks)
+    return model
+
+
+def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict]:
+    """The trained classifier (eval mode, on `device`) and its checkpoint metadata."""
+    from medssl.core.engine import prepare_model
+
+    if not lay.classifier.is_file():
+        raise MissingInput(f"{lay.classifier} missing: run `medssl finetune` first")
+    try:
+        ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or overwritten
+        raise StaleStageError(f"{lay.classifier}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                         f"rerun `medssl finetune`") from None
+    if "run_id" not in ckpt:
+        raise StaleStageError(f"{lay.classifier}: written by an earlier medssl, without its provenance (run, validation "
+                         f"scores); rerun `medssl finetune`")
+    model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
+    model.load_state_dict(ckpt["state_dict"])
+    return prepare_model(model, device).eval(), ckpt
