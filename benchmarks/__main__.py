@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medssl.core.engine import augment, extract_features, predict_proba, prepare_model, train_epoch
+from medssl.core.engine import Loop, augment, extract_features, predict_proba, prepare_model, train_epoch
 from medssl.core.methods import METHODS
 from medssl.core.probes import knn_probe, linear_probe
 from medssl.core.rng import generator
@@ -86,7 +86,7 @@ def train_fast(kind, x, y, bs, device):
     else:
         def step(idx):
             return obj.loss(augment(xd[idx], AUG, gen), gen)
-    return len(x) / timed(lambda: train_epoch(model, step, len(x), bs, opt, None, gen, device, desc=kind), device)
+    return len(x) / timed(lambda: train_epoch(model, step, len(x), Loop(opt, None, gen, device, bs), desc=kind), device)
 
 
 def train_naive(kind, x, y, bs, device):
@@ -150,7 +150,7 @@ def grid_cell(x, y, device, fraction: float):
     """One grid fine-tune cell on `fraction` of the pool, scored on a 1,024-image validation set: medssl's (a fixed
     number of optimizer steps, the train-val gap on a fixed 256-image part) against the naive one (epochs over the
     subset, the whole subset scored after each). Seconds per cell."""
-    from medssl.core.train import finetune
+    from medssl.core.train import FitData, FitSpec, finetune
 
     n = max(32, int(len(x) * fraction))
     tr = (x[:n].to(device), y[:n].to(device))
@@ -158,8 +158,10 @@ def grid_cell(x, y, device, fraction: float):
     cfg = NS(lr=1e-3, weight_decay=1e-4, batch_size=32, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
              augment=AUG)
     classes = [str(i) for i in range(7)]
-    run = lambda sub, epochs, steps: finetune(make("finetune", x.shape[1]), tr, val, sub, cfg, epochs, "balanced_accuracy",
-                                              classes, 0, device, quiet=True, steps=steps)
+    run = lambda sub, epochs, steps: finetune(
+        make("finetune", x.shape[1]), FitData(train=tr, val=val, sub=sub),
+        FitSpec(cfg=cfg, epochs=epochs, steps=steps, select="balanced_accuracy", classes=classes, seed=0, device=device),
+        quiet=True)
     fast = timed(lambda: run((tr[0][:256], tr[1][:256]), 3, 96), device)
     naive = timed(lambda: run(tr, 3, None), device)
     return fast, naive

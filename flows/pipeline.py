@@ -23,13 +23,14 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medssl import tracking
-from medssl.config import Params, load_params, run_overrides
+from medssl.config import Params, RunOverrides, load_params
 from medssl.data.prepare import run_prepare
 from medssl.data.sources import run_fetch
 from medssl.evaluate import inline_images, run_evaluate
 from medssl.export import champion_line, run_export
 from medssl.finetune import run_finetune
-from medssl.grid import Shard, grid_data, grid_tags, save_grid_data, write_grid
+from medssl.core.engine import pick_device
+from medssl.grid import InitGrid, Shard, grid_data, grid_tags, save_grid_data, write_grid
 from medssl.host import at_once
 from medssl.scale import grid_flow, task_runner
 from medssl.layout import Layout
@@ -66,8 +67,9 @@ def finetune_task(p: Params) -> dict:
 def grid_task(p: Params, init: str, shards: list[Shard], run_id: str, seconds: float) -> dict:
     """An init's shards -> the files `medssl grid <init>` writes; its MLflow grid run FINISHED."""
     data, meta = grid_data(p.for_init(init), LAY)
+    ig = InitGrid(p=p.for_init(init), init=init, data=data, meta=meta, lay=LAY, device=pick_device(), run_id=run_id)
     with tracking.resume_run(run_id):
-        result = write_grid(p.for_init(init), init, LAY, data, meta, shards, seconds, run_id)
+        result = write_grid(ig, shards, seconds)
     return {k: v for k, v in result.items() if k != "cells"}
 
 
@@ -174,9 +176,7 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     params_path = ROOT / params_path  # relative to the project, whatever the worker's working directory
-    over = run_overrides(load_params(params_path), budget=budget, epochs=epochs, pretrain_epochs=pretrain_epochs,
-                         image_size=image_size, seed=seed, max_train=max_train, max_eval=max_eval, inits=inits,
-                         grid_epochs=grid_epochs, grid_max_train=grid_max_train, fractions=fractions, dataset=dataset)
+    over = RunOverrides.pick(locals()).dotted(load_params(params_path))
     over |= {k: v for k, v in {"scale.runner": runner, "scale.dask_address": dask_address}.items() if v is not None}
     p = load_params(params_path, over)
     opts = {"retries": retries, "retry_delay_seconds": 5}

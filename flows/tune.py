@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from medssl.config import load_params, run_overrides
+from medssl.config import RunOverrides, load_params
 from medssl.tune import prepare_search, run_tune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +37,7 @@ def tune(n_trials: int | None = None, storage: str | None = None, workers: int =
     dataset: as medssl-pipeline's (a MedMNIST flag, or an npz, CSV or class-folder path)."""
     os.chdir(ROOT)
     base = load_params(params_path, tuned=False)
-    over = run_overrides(base, epochs=epochs, pretrain_epochs=pretrain_epochs, max_train=max_train, max_eval=max_eval,
-                         dataset=dataset)
+    over = RunOverrides.pick(locals()).dotted(base)
     if pruner is not None:
         over["tune.pruner"] = pruner
     if tune_inits is not None:

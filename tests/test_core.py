@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from medssl.core.cells import finetune_cell, plan, probe_cell
+from medssl.core.cells import CellData, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features
-from medssl.core.train import finetune
+from medssl.core.train import FitData, FitSpec, finetune
 from medssl.models.classifier import Classifier
 
 CLASSES = [str(i) for i in range(7)]
@@ -33,15 +33,16 @@ def model(seed: int) -> Classifier:
 def cells_of(seed: int, x, y) -> list[dict]:
     """A few cells of one seed: fine-tune at two fractions, linear and k-NN probes of the seed's encoder."""
     jobs = [j for j in plan(y["pool"], [0.5, 1.0], [], [seed])]
+    cd = CellData(y=y, scored=["val", "test"], classes=CLASSES, x=x)
     out = []
     for j in jobs:
-        cell, _, probas = finetune_cell("random", j, model(j.seed), x, y, ["val", "test"], CFG, BUDGET, "balanced_accuracy",
-                                        CLASSES, torch.device("cpu"))
+        cell, _, probas = finetune_cell(j, model(j.seed), cd, init="random", cfg=CFG, budget=BUDGET,
+                                        select="balanced_accuracy")
         out.append((cell, probas["test"].tolist()))
     feats = {s: extract_features(model(seed).backbone, v) for s, v in x.items()}
     for j in jobs:
         for pr in ("linear", "knn"):
-            cell, probas = probe_cell("random", pr, j, feats, y, ["val", "test"], GRID, CLASSES)
+            cell, probas = probe_cell(j, feats, cd, init="random", protocol=pr, grid=GRID)
             out.append((cell, probas["test"].tolist()))
     return out
 
@@ -71,7 +72,8 @@ def test_resumed_finetune_equals_uninterrupted(data):
     """Killed after epoch 1 and resumed from its state: the same best state, curves and metrics as 3 epochs in one go."""
     x, y = data
     train = (x["pool"], torch.from_numpy(y["pool"]).long())
-    args = (train, (x["val"], y["val"]), train, CFG, 3, "balanced_accuracy", CLASSES, 7, torch.device("cpu"))
+    args = (FitData(train=train, val=(x["val"], y["val"]), sub=train),
+            FitSpec(cfg=CFG, epochs=3, select="balanced_accuracy", classes=CLASSES, seed=7, device=torch.device("cpu")))
     full = finetune(model(7), *args)
 
     saved = {}
@@ -113,8 +115,9 @@ def test_fixed_steps_train_the_same_number_of_steps_at_any_subset_size(data, n):
 
     torch.optim.AdamW.step = step
     try:
-        fit = finetune(m, train, (x["val"], y["val"]), train, CFG, 3, "balanced_accuracy", CLASSES, 0,
-                       torch.device("cpu"), quiet=True, steps=12)
+        fit = finetune(m, FitData(train=train, val=(x["val"], y["val"]), sub=train),
+                       FitSpec(cfg=CFG, epochs=3, steps=12, select="balanced_accuracy", classes=CLASSES, seed=0,
+                               device=torch.device("cpu")), quiet=True)
     finally:
         torch.optim.AdamW.step = orig
     assert len(taken) == 12 and len(fit.curves) == 3

@@ -130,12 +130,50 @@ def test_cli_reports_data_error_without_traceback(tmp_path):
 
 
 def test_run_overrides_target_the_chosen_budget_and_split_inits():
-    from medssl.config import run_overrides
+    from pydantic import ValidationError
+
+    from medssl.config import RunOverrides
 
     base = load_params("params.yaml")
-    assert run_overrides(base) == {"budget": "demo"}
-    assert run_overrides(base, budget="full", epochs=2, max_train=512, inits=["random", "vae", "imagenet"]) == {
+    assert RunOverrides().dotted(base) == {"budget": "demo"}
+    assert RunOverrides(budget="full", epochs=2, max_train=512, inits=["random", "vae", "imagenet"]).dotted(base) == {
         "budget": "full", "budgets.full.finetune_epochs": 2, "data.max_train": 512,
         "inits.baselines": ["random", "imagenet"], "inits.ssl": ["vae"], "grid.fusion": []}
-    p = load_params("params.yaml", run_overrides(base, epochs=2, pretrain_epochs=3))
+    p = load_params("params.yaml", RunOverrides(epochs=2, pretrain_epochs=3).dotted(base))
     assert (p.epochs.finetune_epochs, p.epochs.pretrain_epochs) == (2, 3)
+    with pytest.raises(ValidationError, match="epoch"):
+        RunOverrides(epoch=2)  # a misspelt override is an error, never silently ignored
+
+
+def test_flows_take_every_run_override_under_its_own_name():
+    """The flows' parameters are the overrides' names (RunOverrides.pick reads them from the flow's locals): a field
+    the pipeline flow lacks would never be set, and a default other than None would override params.yaml."""
+    import inspect
+    from pathlib import Path
+
+    from medssl.config import RunOverrides
+
+    sys.path.insert(0, str(Path("flows").resolve()))
+    try:
+        import pipeline
+        import tune
+    finally:
+        sys.path.pop(0)
+    fields = set(RunOverrides.model_fields)
+    signatures = {f.name: inspect.signature(f.fn).parameters for f in (pipeline.pipeline, tune.tune)}
+    assert fields <= set(signatures["medssl-pipeline"]), fields - set(signatures["medssl-pipeline"])
+    assert {"epochs", "pretrain_epochs", "max_train", "max_eval", "dataset"} <= set(signatures["medssl-tune"])
+    assert {(flow, k): par.default for flow, ps in signatures.items() for k, par in ps.items()
+            if k in fields and par.default is not None} == {}
+
+
+def test_config_defaults_are_params_yaml_values():
+    """A value params.yaml leaves out means what params.yaml says: the model's defaults are params.yaml's."""
+    from pathlib import Path
+
+    from medssl.config import Params, _read_yaml, flatten
+
+    raw = _read_yaml(Path("params.yaml"))
+    default = flatten(Params.model_validate({"budgets": raw["budgets"]}).model_dump())
+    shipped = flatten(load_params("params.yaml", tuned=False).model_dump())
+    assert {k: (default.get(k), v) for k, v in shipped.items() if default.get(k) != v} == {}

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from medssl.core import engine
-from medssl.core.engine import augment, pick_device, train_epoch, warmup_cosine
+from medssl.core.engine import Loop, augment, pick_device, train_epoch, warmup_cosine
 from medssl.core.methods import METHODS
-from medssl.core.train import finetune
+from medssl.core.train import FitData, FitSpec, finetune
 from medssl.errors import DeviceUnavailable
 from medssl.models.classifier import Classifier
 from medssl.models.simclr import nt_xent
@@ -71,8 +71,8 @@ def test_pretraining_step_loop_makes_every_tensor_on_the_device_and_syncs_once_a
     opt = torch.optim.AdamW(method.model.parameters(), lr=1e-3)
     rec = Recorder()
     with rec:
-        train_epoch(method.model, lambda idx: method.loss(augment(x[idx], AUG, gen), gen), len(x), 8, opt,
-                    warmup_cosine(opt, 1, 2), gen, torch.device("cpu"))
+        train_epoch(method.model, lambda idx: method.loss(augment(x[idx], AUG, gen), gen), len(x),
+                    Loop(opt, warmup_cosine(opt, 1, 2), gen, torch.device("cpu"), 8))
     assert rec.off_device == [], f"{name}: tensors made off the model's device inside the step: {rec.off_device}"
     assert rec.syncs == [f"tolist at core/engine.py:{_line_of('*means, first, peak, weight')}"], rec.syncs
 
@@ -96,8 +96,9 @@ def test_finetune_step_loop_makes_every_tensor_on_the_device(monkeypatch):
     cfg = NS(lr=1e-3, weight_decay=0.0, batch_size=8, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
              augment=AUG)
     model = Classifier("mobilenet_v2", 3, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(0))
-    finetune(model, (x, y), (x[:6], y[:6].numpy()), (x[:6], y[:6]), cfg, 2, "balanced_accuracy", ["a", "b", "c"], 0,
-             torch.device("cpu"), quiet=True, steps=6)
+    finetune(model, FitData(train=(x, y), val=(x[:6], y[:6].numpy()), sub=(x[:6], y[:6])),
+             FitSpec(cfg=cfg, epochs=2, steps=6, select="balanced_accuracy", classes=["a", "b", "c"], seed=0,
+                     device=torch.device("cpu")), quiet=True)
     assert rec.off_device == [], rec.off_device
     assert len(rec.syncs) == 2 and all(s.startswith("tolist at core/engine.py") for s in rec.syncs), rec.syncs
 
@@ -192,7 +193,7 @@ def test_a_state_a_cuda_run_left_is_discarded_on_the_cpu_never_restored(tmp_path
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
              "generator": cuda_gen_state, "epoch": 1}
     with pytest.raises(RuntimeError):
-        _restore(state, model, opt, sched, torch.Generator())
+        _restore(state, model, Loop(opt, sched, torch.Generator(), torch.device("cpu"), 1))
     key = {"stage": "finetune", "init": "imagenet", "data": "d"}
     Checkpointer(tmp_path / "finetune-imagenet.pt", {**key, "device": "cuda"}).save(state)
     capsys.readouterr()

@@ -91,13 +91,21 @@ def _row(init, fraction, diff, decision, protocol="finetune", ref="imagenet"):
             "p": 0.001, "p_holm": 0.01 if decision != "no difference" else 0.5, "family_size": 6, "decision": decision}
 
 
+def design(fractions, budget, n_test, training):
+    """The comparison of these tests: fine-tune cells, two baselines, two SSL inits, three seeds."""
+    from medssl.compare import Design
+
+    return Design(protocols=["finetune"], baselines=["random", "imagenet"], ssl=["vae", "simclr"], fractions=fractions,
+                  budget=budget, n_test=n_test, n_seeds=3, training=training)
+
+
 def test_verdict_answers_per_label_budget():
     from medssl.compare import verdict
 
     rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
             _row("simclr", 0.1, 0.04, "better"), _row("vae", 0.1, 0.0, "no difference"),
             _row("simclr", 1.0, -0.05, "worse"), _row("vae", 1.0, -0.08, "worse")]
-    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.01, 0.1, 1.0], "full", 2005, 3, "30 epochs of batch 128")
+    text = verdict(rows, design([0.01, 0.1, 1.0], "full", 2005, "30 epochs of batch 128"))
     assert "at 1–10 % labels, **SimCLR beats ImageNet** (+0.060 [+0.030, +0.090] at 1 %; +0.040 [+0.010, +0.070] at 10 %)" in text
     assert "at 100 % labels, **ImageNet leads every self-supervised init** (closest: SimCLR -0.050" in text
     assert "The VAE never beats ImageNet." in text and "too small to decide" not in text
@@ -107,7 +115,7 @@ def test_verdict_says_when_the_budget_cannot_decide():
     from medssl.compare import verdict
 
     rows = [_row(i, f, 0.01, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
-    text = verdict(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0], "demo", 200, 3, "2 epochs of batch 32")
+    text = verdict(rows, design([0.1, 1.0], "demo", 200, "2 epochs of batch 32"))
     assert text.startswith("**The `demo` budget is too small to decide**") and "200 test images, 3 seeds" in text
     assert "fine-tune cells of 2 epochs of batch 32" in text and "make answer" in text
     assert "at 10–100 % labels, no self-supervised init beats ImageNet at this budget" in text
@@ -130,6 +138,5 @@ def test_story_counts_the_cells_the_verdict_decides():
     d = decided(none, ["finetune"], ["random", "imagenet"], ["vae", "simclr"])
     assert d["open"] == 2 and "too small to decide" in story("demo", d) and "not an answer" in story("demo", d)
     for rs, fs in ((rows, [0.01, 0.1, 1.0]), (none, [0.1, 1.0])):
-        said = "too small to decide" in verdict(rs, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], fs, "cpu",
-                                                  2005, 3, "96 steps")
+        said = "too small to decide" in verdict(rs, design(fs, "cpu", 2005, "96 steps"))
         assert said == ("too small to decide" in story("cpu", decided(rs, ["finetune"], ["random", "imagenet"], ["vae", "simclr"])))

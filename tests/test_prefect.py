@@ -165,7 +165,7 @@ def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stac
     import shutil
     import time
 
-    from medssl.config import load_params, run_overrides
+    from medssl.config import RunOverrides, load_params
     from medssl.grid import run_grid
     from medssl.layout import Layout
 
@@ -188,8 +188,8 @@ def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stac
     lay = Layout(tmp_path / "seq")
     shutil.copytree(d / "data/prepared", lay.prepared.parent)
     shutil.copytree(d / "models/pretrain/simclr", lay.encoder("simclr").parent)
-    over = run_overrides(load_params(d / "params.yaml"), epochs=1, pretrain_epochs=1, max_train=512, max_eval=256,
-                         grid_epochs=1, grid_max_train=128, fractions=[0.1, 1.0], inits=inits)
+    over = RunOverrides(epochs=1, pretrain_epochs=1, max_train=512, max_eval=256, grid_epochs=1, grid_max_train=128,
+                        fractions=[0.1, 1.0], inits=inits).dotted(load_params(d / "params.yaml"))
     p = load_params(d / "params.yaml", over)
     os.environ["MLFLOW_TRACKING_URI"] = mlflow_server
     t0 = time.time()

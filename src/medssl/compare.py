@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 
@@ -177,10 +178,25 @@ def story(budget: str, d: dict) -> str:
             f"verdict in the report); the champion is the best init on validation")
 
 
-def verdict(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str], fractions: list[float],
-            budget: str, n_test: int, n_seeds: int, training: str, shift: dict | None = None) -> str:
+@dataclass(frozen=True)
+class Design:
+    """What the comparison ran: its protocols, baseline and SSL inits, label fractions, the budget's name, the test
+    split's size, the seeds, and what a fine-tune cell got, in words ("2 epochs of batch 32")."""
+    protocols: list[str]
+    baselines: list[str]
+    ssl: list[str]
+    fractions: list[float]
+    budget: str
+    n_test: int
+    n_seeds: int
+    training: str
+
+
+def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     """A few generated sentences: per label budget, does pretraining on the domain's images beat the baseline?
-    training: what a fine-tune cell got, in words ("2 epochs of batch 32")."""
+    shift: the shift_sentence arguments, when a second source was scored."""
+    protocols, baselines, ssl, fractions = design.protocols, design.baselines, design.ssl, design.fractions
+    budget, n_test, n_seeds, training = design.budget, design.n_test, design.n_seeds, design.training
     ref = next((r for r in REFERENCES if r in baselines), None)
     if ref is None or not ssl:
         return ("No verdict: the comparison needs a baseline (imagenet or random in inits.baselines) and at least one "

@@ -199,7 +199,7 @@ def method_of(init: str) -> str:
 
 class Inits(_Strict):
     baselines: list[Literal[BASELINE_INITS]] = ["random", "imagenet"]
-    ssl: list[Literal[SSL_INITS]] = ["vae"]    # imagenet-<method>: the method pretrained from ImageNet weights
+    ssl: list[Literal[SSL_INITS]] = list(SSL_INITS)  # imagenet-<method>: the method pretrained from ImageNet weights
 
     @property
     def all(self) -> list[str]:
@@ -513,24 +513,42 @@ def dataset_overrides(dataset: str) -> dict:
             "export.registered_model": None, "tune.study_name": None, "tune.output": f"tuned-{name}.yaml"}
 
 
-def run_overrides(base: Params, *, budget: str | None = None, epochs: int | None = None,
-                  pretrain_epochs: int | None = None, image_size: int | None = None, seed: int | None = None,
-                  max_train: int | None = None, max_eval: int | None = None, inits: list[str] | None = None,
-                  grid_epochs: int | None = None, grid_max_train: int | None = None,
-                  fractions: list[float] | None = None, dataset: str | None = None) -> dict:
-    """Flow parameters -> dotted params.yaml overrides (None = keep); epochs apply to the chosen budget; dataset:
-    see dataset_overrides."""
-    budget = budget or base.budget
-    out = {"budget": budget, f"budgets.{budget}.finetune_epochs": epochs, f"budgets.{budget}.pretrain_epochs": pretrain_epochs,
-           "data.image_size": image_size, "seed": seed, "data.max_train": max_train, "data.max_eval": max_eval,
-           f"budgets.{budget}.grid.epochs": grid_epochs, f"budgets.{budget}.grid.max_train": grid_max_train,
-           f"budgets.{budget}.grid.fractions": fractions}
-    if inits is not None:
-        out["inits.baselines"] = [i for i in inits if i in BASELINE_INITS]
-        out["inits.ssl"] = [i for i in inits if i not in BASELINE_INITS]
-        out["grid.fusion"] = [g for g in base.grid.fusion if set(g) <= set(inits)]
-    out = {k: v for k, v in out.items() if v is not None}
-    return out | (dataset_overrides(dataset) if dataset else {})
+class RunOverrides(_Strict):
+    """The run parameters of the flows (medssl-pipeline, medssl-tune take those they name) as params.yaml values;
+    None keeps params.yaml's. Epochs and grid values apply to the chosen budget; inits are split into
+    baselines and SSL inits (fusion groups not covered are dropped); dataset: see dataset_overrides."""
+    budget: str | None = None
+    epochs: int | None = None                 # budgets.<budget>.finetune_epochs
+    pretrain_epochs: int | None = None
+    image_size: int | None = None
+    seed: int | None = None
+    max_train: int | None = None
+    max_eval: int | None = None
+    inits: list[str] | None = None
+    grid_epochs: int | None = None
+    grid_max_train: int | None = None
+    fractions: list[float] | None = None
+    dataset: str | None = None
+
+    @classmethod
+    def pick(cls, values: dict) -> RunOverrides:
+        """The overrides among a flow's parameters (its locals())."""
+        return cls(**{k: v for k, v in values.items() if k in cls.model_fields})
+
+    def dotted(self, base: Params) -> dict:
+        """-> dotted params.yaml overrides, as load_params and `dvc exp run -S` take them."""
+        budget = self.budget or base.budget
+        out = {"budget": budget, f"budgets.{budget}.finetune_epochs": self.epochs,
+               f"budgets.{budget}.pretrain_epochs": self.pretrain_epochs, "data.image_size": self.image_size,
+               "seed": self.seed, "data.max_train": self.max_train, "data.max_eval": self.max_eval,
+               f"budgets.{budget}.grid.epochs": self.grid_epochs, f"budgets.{budget}.grid.max_train": self.grid_max_train,
+               f"budgets.{budget}.grid.fractions": self.fractions}
+        if self.inits is not None:
+            out["inits.baselines"] = [i for i in self.inits if i in BASELINE_INITS]
+            out["inits.ssl"] = [i for i in self.inits if i not in BASELINE_INITS]
+            out["grid.fusion"] = [g for g in base.grid.fusion if set(g) <= set(self.inits)]
+        out = {k: v for k, v in out.items() if v is not None}
+        return out | (dataset_overrides(self.dataset) if self.dataset else {})
 
 
 def write_params(path: str | Path, overrides: dict) -> None:

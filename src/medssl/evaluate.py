@@ -69,7 +69,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
               "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
     write_json(lay.test_metrics, {init: {**test, "model_md5": md5sum(lay.classifier)}})  # export checks it scored this file
 
-    from medssl.grid import load_shift
+    from medssl.data.shift import load_shift
+    from medssl.fusion import fusion_cells
     from medssl.report import comparison
 
     champ = {"init": init, "test_balanced_accuracy": test["balanced_accuracy"]}
@@ -81,7 +82,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         with tracking.resume_run(summary["run_id"]):
             tracking.log_scores("shift", shift)
     select = p.export.select_metric
-    verdict, section, comp = comparison(p, classes, out, lay, champ)
+    fused = fusion_cells(p, classes, lay) if p.grid.fusion else ([], {})
+    verdict, section, comp = comparison(p, classes, out, lay, champ, fused)
     cands = summary.get("candidates_val") or {}
     gap = summary["gap_at_best"]
     keys = table_keys(meta)

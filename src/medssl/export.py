@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -181,8 +182,9 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                         f"val_{metric}": f"{val[metric]:.4f}",
                         **{f"test_{k}": f"{test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro")},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
-        description = version_description(p, champion, ckpt["backbone"], data_md5, info.model_uri, (h, w, c), meta, val,
-                                          test, check, promote, reason) + (f"\n\nThe comparison, {status['story']}." if status else "")
+        version = Version(init=champion, backbone=ckpt["backbone"], data_md5=data_md5, model_uri=info.model_uri,
+                          size=(h, w, c), val=val, test=test, check=check, promote=promote, reason=reason)
+        description = version_description(p, meta, version) + (f"\n\nThe comparison, {status['story']}." if status else "")
         # one call: a version exists complete (tags, description) or not at all
         mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
                                          description=description, model_id=info.model_id)
@@ -289,8 +291,26 @@ def registry_description(p: Params, meta: dict, size: tuple[int, int, int]) -> s
             f"(REST: POST {{\"inputs\": [...]}} to /invocations).")
 
 
-def version_description(p: Params, init: str, backbone: str, data_md5: str, model_uri: str, size, meta: dict, val: dict, test: dict,
-                        check: dict, promote: bool, reason: str) -> str:
+@dataclass(frozen=True)
+class Version:
+    """What a registered version records: the init and backbone it was trained from, the data file's md5, its logged
+    model's URI, its input (h, w, channels), validation and test scores, the ONNX parity check, and whether (and
+    why) the alias moved to it."""
+    init: str
+    backbone: str
+    data_md5: str
+    model_uri: str
+    size: tuple
+    val: dict
+    test: dict
+    check: dict
+    promote: bool
+    reason: str
+
+
+def version_description(p: Params, meta: dict, v: Version) -> str:
+    init, backbone, data_md5, model_uri, size = v.init, v.backbone, v.data_md5, v.model_uri, v.size
+    val, test, check, promote, reason = v.val, v.test, v.check, v.promote, v.reason
     classes = meta["classes"]
     from medssl.metrics import task_metrics
 

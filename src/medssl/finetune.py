@@ -18,7 +18,7 @@ from medssl import tracking
 from medssl.checkpoints import build_classifier, load_classifier
 from medssl.config import Params
 from medssl.core.engine import pick_device
-from medssl.core.train import finetune
+from medssl.core.train import FitData, FitSpec, finetune
 from medssl.data.prepare import load_prepared
 from medssl.errors import ConfigError
 from medssl.guard import one_writer
@@ -71,9 +71,10 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
             if on_epoch is not None:
                 on_epoch(epoch, row[f"val_{select}"] if f"val_{select}" in row else None)
 
-        fit = finetune(build_classifier(p, init, meta, p.seed, lay), (tr_x, tr_y), (va_x, splits["val"].labels),
-                       (tr_x[sub], tr_y[sub]), cfg, epochs, select, classes, p.seed, device, desc=f"finetune {init}",
-                       on_epoch=logged, resume=ckpt.load())
+        fit = finetune(build_classifier(p, init, meta, p.seed, lay),
+                       FitData(train=(tr_x, tr_y), val=(va_x, splits["val"].labels), sub=(tr_x[sub], tr_y[sub])),
+                       FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
+                       desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 
 import mlflow
 import numpy as np
@@ -26,36 +27,17 @@ import torch
 from medssl import tracking
 from medssl.checkpoints import build_classifier
 from medssl.config import Params
-from medssl.core.cells import encoder_seed, finetune_cell, plan, probe_cell
+from medssl.core.cells import CellData, Job, encoder_seed, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features, one_torch_thread, pick_device, prepare_model
 from medssl.core.progress import Progress
-from medssl.data.prepare import load_prepared, resize_u8, stratified_subset
+from medssl.data.prepare import load_prepared, stratified_subset
+from medssl.data.shift import load_shift
 from medssl.data.sources import Split
-from medssl.errors import ConfigError
 from medssl.guard import one_writer
 from medssl.host import at_once
 from medssl.io import save_npz, write_csv, write_json
 from medssl.layout import Layout
 from medssl.resume import Checkpointer, digests, inputs_key, resume_key
-
-
-def load_shift(p: Params, meta: dict) -> Split | None:
-    """The test split of the second source (a CSV whose labels are grid.shift.classes, or the dataset's class
-    names, by label order; split by its groups), at the prepared data's size and channels."""
-    if p.grid.shift is None:
-        return None
-    from medssl.config import Csv
-    from medssl.data.folder import build_csv
-    from medssl.data.images import to_channels
-
-    s, classes = p.grid.shift, meta["classes"]
-    if s.classes is not None and len(s.classes) != len(classes):
-        raise ConfigError(f"grid.shift.classes has {len(s.classes)} names {s.classes}; the dataset has {len(classes)}: "
-                         f"{classes} (one name per class, in the dataset's label order)")
-    cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=p.data.image_size)
-    test = build_csv(cfg, p.seed, s.classes or classes, complete=False).splits["test"]
-    x = resize_u8(test.images, p.data.image_size)
-    return Split(to_channels(x, meta.get("channels", 3)), test.labels)  # as `medssl predict` reads its files
 
 
 def save_grid_data(data: dict[str, Split], path) -> None:
@@ -93,12 +75,13 @@ class Shard(dict):
     back from a worker; merged by write_grid."""
 
 
-def grid_setup(p: Params, data: dict[str, Split], device) -> tuple[dict, dict, list[str], list]:
-    """Device tensors (x), labels (y), the scored splits and every job of the grid."""
-    x = {s: torch.from_numpy(v.images).to(device) for s, v in data.items()}
+def grid_setup(p: Params, data: dict[str, Split], classes: list[str], device=None) -> tuple[CellData, list[Job]]:
+    """The cells' data (images on `device`; None: labels only) and every job of the grid."""
     y = {s: v.labels.astype(np.int64) for s, v in data.items()}
-    scored = [s for s in data if s != "pool"]  # val, test (, shift)
-    return x, y, scored, plan(y["pool"], p.grid.fractions, p.grid.imbalance, p.grid.seeds)
+    x = {} if device is None else {s: torch.from_numpy(v.images).to(device) for s, v in data.items()}
+    cd = CellData(y=y, scored=[s for s in data if s != "pool"], classes=classes, x=x,  # val, test (, shift)
+                  device=torch.device("cpu") if device is None else torch.device(device))
+    return cd, plan(y["pool"], p.grid.fractions, p.grid.imbalance, p.grid.seeds)
 
 
 class SharedFeatures:
@@ -117,30 +100,41 @@ class SharedFeatures:
             return self.feats[es]
 
 
-def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dict, lay: Layout, device,
-              parent: str | None, done: dict | None = None, on_cell=None, stop: threading.Event | None = None,
-              features: SharedFeatures | None = None) -> Shard:
-    """Every cell of grid seed `seed` (all protocols, regimes, fractions), nested MLflow runs under `parent`.
+@dataclass
+class InitGrid:
+    """An init's grid in this process. p: its values (Params.for_init); data, meta: the grid's splits and the
+    prepared metadata; lay: where its encoder is (Layout.encoder) and its outputs go; run_id: its grid MLflow run,
+    the parent of its fine-tune cells' runs (None: no parent); features: frozen features its shards share."""
+    p: Params
+    init: str
+    data: dict[str, Split]
+    meta: dict
+    lay: Layout
+    device: torch.device
+    run_id: str | None = None
+    features: SharedFeatures = field(default_factory=SharedFeatures)
 
-    `p` holds the values of `init` (Params.for_init). Randomness comes from the cell's own seeds, so a shard gives
-    the same cells wherever and in whatever order it runs. done: cells already finished (resume; read only);
-    on_cell(key, cell, curve_rows, probas) after each new cell; stop: set by the caller to end the shard before its
-    next cell (a sibling shard failed). lay: where the encoder of an SSL init is (Layout.encoder). features:
-    shared with the shards of the same init in this process (None: this shard's own)."""
-    g = p.grid
-    x, y, scored, jobs = grid_setup(p, data, device)
+
+def run_shard(ig: InitGrid, seed: int, *, done: dict | None = None, on_cell=None,
+              stop: threading.Event | None = None) -> Shard:
+    """Every cell of grid seed `seed` (all protocols, regimes, fractions), nested MLflow runs under ig.run_id.
+
+    Randomness comes from the cell's own seeds, so a shard gives the same cells wherever and in whatever order it
+    runs. done: cells already finished (resume; read only); on_cell(key, cell, curve_rows, probas) after each new
+    cell; stop: set by the caller to end the shard before its next cell (a sibling shard failed)."""
+    p, init, g = ig.p, ig.init, ig.p.grid
+    cd, jobs = grid_setup(p, ig.data, ig.meta["classes"], ig.device)
     jobs = [j for j in jobs if j.seed == seed]
-    classes = meta["classes"]
     done = done or {"cells": {}, "curves": [], "probas": {}}
     cells, probas = dict(done["cells"]), dict(done["probas"])
     curves = [r for r in done["curves"] if r["seed"] == seed]
     es = encoder_seed(init, seed, p.seed)
 
     def extract():
-        enc = frozen_encoder(p, init, meta, device, es, lay)
-        return {s: extract_features(enc, x[s]) for s in x}
+        enc = frozen_encoder(p, init, ig.meta, ig.device, es, ig.lay)
+        return {s: extract_features(enc, cd.x[s]) for s in cd.x}
 
-    feats = (features or SharedFeatures()).get(es, extract)
+    feats = ig.features.get(es, extract)
     todo = [(job, protocol) for job in jobs for protocol in g.protocols if f"{protocol}_{job.key}" not in cells]
     total = len(jobs) * len(g.protocols)
     bar = Progress(f"grid {init} seed {seed}", total, total - len(todo), unit="cell")
@@ -151,11 +145,10 @@ def run_shard(p: Params, init: str, seed: int, data: dict[str, Split], meta: dic
         bar.set(key)
         rows = []
         if protocol == "finetune":
-            cells[key], rows, probas[key] = _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay,
-                                                           parent)
+            cells[key], rows, probas[key] = _finetune_cell(ig, cd, job)
             curves += rows
         else:
-            cells[key], probas[key] = probe_cell(init, protocol, job, feats, y, scored, g, classes)
+            cells[key], probas[key] = probe_cell(job, feats, cd, init=init, protocol=protocol, grid=g)
         if on_cell is not None:
             on_cell(key, cells[key], rows, probas[key])
     bar.close()
@@ -177,19 +170,17 @@ def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict
     return tags, params
 
 
-def write_grid(p: Params, init: str, lay: Layout, data: dict[str, Split], meta: dict, shards: list[Shard],
-               seconds: float, run_id: str) -> dict:
-    """The shards of `init` (one per grid seed) -> metrics/grid/<init>.json, the features, the held-out
-    probabilities and the curves, as `dvc repro` writes them; logged to the active MLflow run `run_id`.
+def write_grid(ig: InitGrid, shards: list[Shard], seconds: float) -> dict:
+    """The shards of ig.init (one per grid seed) -> metrics/grid/<init>.json, the features, the held-out
+    probabilities and the curves, as `dvc repro` writes them; logged to the active MLflow run ig.run_id.
     Every cell exactly once: a seed missing or given twice is an error."""
-    g = p.grid
+    p, init, lay, data, meta, run_id, g = ig.p, ig.init, ig.lay, ig.data, ig.meta, ig.run_id, ig.p.grid
     seeds = sorted(s["seed"] for s in shards)
     if seeds != sorted(g.seeds):
         raise ValueError(f"grid {init}: shards for seeds {seeds}, expected each of {sorted(g.seeds)} once")
     shards = sorted(shards, key=lambda s: g.seeds.index(s["seed"]))
-    y = {s: v.labels.astype(np.int64) for s, v in data.items()}
-    scored = [s for s in data if s != "pool"]
-    jobs = plan(y["pool"], g.fractions, g.imbalance, g.seeds)
+    cd, jobs = grid_setup(p, data, meta["classes"])
+    y, scored = cd.y, cd.scored
     tracking.log_datasets(p, meta, {("train" if s == "pool" else s): len(v) for s, v in y.items() if s != "shift"},
                           lay.raw(p.data.path))
     features = {}
@@ -269,7 +260,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     data, meta = grid_data(p, lay)
     state = Checkpointer(lay.resume(f"grid-{init}"), resume_key(p, "grid", init, meta, lay, device))
     done = state.load() or {"cells": {}, "curves": [], "probas": {}}
-    lock, stop, features = threading.Lock(), threading.Event(), SharedFeatures()
+    lock, stop = threading.Lock(), threading.Event()
 
     def on_cell(key, cell, rows, probas):  # every finished cell into the state file, one writer at a time
         with lock:
@@ -281,10 +272,11 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
     with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
         t0 = time.time()
         slots = Slots((lambda: workers) if workers else (lambda: shards_at_once(device)))
+        ig = InitGrid(p=p, init=init, data=data, meta=meta, lay=lay, device=device, run_id=run.info.run_id)
 
         def shard(seed):
             with slots:
-                return run_shard(p, init, seed, data, meta, lay, device, run.info.run_id, done, on_cell, stop, features)
+                return run_shard(ig, seed, done=done, on_cell=on_cell, stop=stop)
 
         with one_torch_thread(device), ThreadPoolExecutor(len(g.seeds)) as pool:
             futures = [pool.submit(shard, seed) for seed in g.seeds]
@@ -296,13 +288,14 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
             if errors:
                 raise next((e for e in errors if not isinstance(e, Stopped)), errors[0])
             shards = [f.result() for f in futures]
-        result = write_grid(p, init, lay, data, meta, shards, round(time.time() - t0, 1), run.info.run_id)
+        result = write_grid(ig, shards, round(time.time() - t0, 1))
     state.clear()
     return result
 
 
-def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, parent):
+def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dict], dict]:
     """One fine-tune cell as a nested MLflow run with its per-epoch curves; best epoch on validation."""
+    p, init = ig.p, ig.init
     b = p.epochs.grid
     tags = {**tracking.base_tags(p), "stage": "grid", tracking.LEVEL_TAG: "cell", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
@@ -310,11 +303,11 @@ def _finetune_cell(p, init, job, meta, x, y, scored, classes, device, lay, paren
     cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
                                         "batch_size": b.batch_size or p.finetune.batch_size})
     with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
-                                            "seed": job.seed, "batch_size": cfg.batch_size}, parent):
-        cell, fit, probas = finetune_cell(init, job, build_classifier(p, init, meta, job.seed, lay), x, y, scored, cfg,
-                                          b, p.export.select_metric, classes, device)
+                                            "seed": job.seed, "batch_size": cfg.batch_size}, ig.run_id):
+        cell, fit, probas = finetune_cell(job, build_classifier(p, init, ig.meta, job.seed, ig.lay), cd, init=init,
+                                          cfg=cfg, budget=b, select=p.export.select_metric)
         tracking.log_curves(fit.curves)
-        for split in scored:
+        for split in cd.scored:
             tracking.log_scores(split, cell[split])
         tracking.log_summary({"best_epoch": fit.best_epoch})
         tracking.log_curves_figure(fit.curves, name)

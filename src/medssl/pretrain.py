@@ -14,7 +14,7 @@ from medssl.config import HYBRIDS, SSL_INITS, Params, method_of
 from medssl.core.engine import one_torch_thread, pick_device
 from medssl.core.methods import METHODS
 from medssl.core.rng import generator, seed_of
-from medssl.core.train import pretrain
+from medssl.core.train import PretrainSpec, pretrain
 from medssl.data.prepare import load_prepared
 from medssl.errors import UsageError
 from medssl.guard import one_writer
@@ -57,8 +57,8 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
             ckpt.save(state)
 
         with one_torch_thread(device):  # the same encoder whatever the cores (stages side by side get one each)
-            res = pretrain(m, images, cfg, bs, epochs, p.finetune.augment, p.seed, device, desc=f"pretrain {init}",
-                           on_epoch=on_epoch, resume=ckpt.load())
+            spec = PretrainSpec(cfg=cfg, batch_size=bs, epochs=epochs, aug=p.finetune.augment, seed=p.seed, device=device)
+            res = pretrain(m, images, spec, desc=f"pretrain {init}", on_epoch=on_epoch, resume=ckpt.load())
         save_torch({"backbone": p.model.backbone, "method": method, "init": init, "state_dict": res.encoder}, lay.encoder(init))
         summary = {**res.curves[-1], "first_loss": res.curves[0]["loss"], "seconds": res.seconds, "run_id": run.info.run_id}
         tracking.log_summary({"seconds": res.seconds, "first_loss": res.curves[0]["loss"], "last_loss": res.curves[-1]["loss"]})

@@ -6,9 +6,7 @@ Called by the `evaluate` stage; reads metrics/grid/<init>.json and models/grid/<
 from __future__ import annotations
 
 import csv
-import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import matplotlib
@@ -19,11 +17,9 @@ from matplotlib.ticker import MaxNLocator
 import numpy as np
 from scipy import stats
 
-import torch
 
 from medssl import compare
 from medssl.config import BASELINE_INITS, Params, flatten
-from medssl.core.cells import Job, encoder_seed, probe_cell
 from medssl.io import read_json, write_csv
 from medssl.layout import Layout
 from medssl.resume import read_grid
@@ -62,37 +58,6 @@ def load_probas(p: Params, lay: Layout) -> tuple[dict, dict]:
                 protocol, regime, f, s = key.split("_")
                 probas[(init, protocol, regime, float(f[1:]), int(s[1:]), split)] = z[k]
     return probas, labels
-
-
-def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict], dict]:
-    """Linear probe on concatenated frozen embeddings of each grid.fusion group, same fractions and seeds.
-    Returns the cells and their held-out probabilities, keyed as load_probas."""
-    from medssl.core.engine import pick_device
-
-    device = pick_device()  # on a GPU the probes run there (torch L-BFGS), on a CPU as the grid's own probes do
-    feats = {}
-    for init in {i for group in p.grid.fusion for i in group}:
-        with np.load(lay.grid_features(init)) as z:
-            feats[init] = {k: z[k] for k in z.files}
-    def cell(group, seed, fraction):
-        name, first = "+".join(group), feats[group[0]]
-        y = {s[:-2]: first[s].astype(np.int64) for s in first if s.endswith("_y")}
-        # the probe standardises every feature, so each encoder enters with unit-variance features;
-        # a seeded encoder (random) contributes the draw its own cells of this seed probed
-        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1)).to(device)
-             for s in y}
-        job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
-        c, held = probe_cell(name, "linear", job, x, y, [s for s in y if s != "pool"], p.grid, classes)
-        return {**c, "regime": "fusion"}, {(name, "linear", "fusion", fraction, seed, s): pr for s, pr in held.items()}
-
-    jobs = [(g, s, f) for g in p.grid.fusion for s in p.grid.seeds for f in p.grid.fractions]
-    # one probe per core (each on one BLAS thread): the evaluate stage runs alone at the end of the pipeline
-    with ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0)))) as pool:
-        done = list(pool.map(lambda j: cell(*j), jobs))
-    cells, probas = [c for c, _ in done], {}
-    for _, held in done:
-        probas |= held
-    return cells, probas
 
 
 def aggregate(cells: list[dict], split: str = "test") -> dict:
@@ -273,13 +238,15 @@ def tuning_section(p: Params) -> list[str]:
     return md + [""]
 
 
-def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: dict | None = None) -> tuple[str, str, dict]:
+def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: dict | None = None,
+               fused: tuple[list[dict], dict] = ([], {})) -> tuple[str, str, dict]:
     """The verdict, the markdown section and a summary for `dvc metrics`; plots and CSVs written under `out`.
 
-    champion: {"init", "test_balanced_accuracy", "shift_balanced_accuracy"} of the exported classifier, if scored."""
+    champion: {"init", "test_balanced_accuracy", "shift_balanced_accuracy"} of the exported classifier, if scored;
+    fused: the fusion cells and their held-out probabilities (medssl.fusion.fusion_cells)."""
     g = p.grid
     cells, n_pool = load_cells(p, lay)
-    fused, fused_probas = fusion_cells(p, classes, lay) if g.fusion else ([], {})
+    fused, fused_probas = fused
     agg = aggregate(cells + fused)
     inits, fr = p.inits.all, g.fractions
     seeds = sorted({c["seed"] for c in cells})
@@ -299,8 +266,9 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                  "champion_test": (champion or {}).get("test_balanced_accuracy"),
                  "champion_shift": (champion or {}).get("shift_balanced_accuracy")}
     training = p.epochs.grid.training(p.finetune.batch_size)
-    verdict = compare.verdict(rows, g.protocols, p.inits.baselines, ssl, fr, p.budget, n_pool["test"], len(seeds),
-                              training, shift)
+    design = compare.Design(protocols=g.protocols, baselines=p.inits.baselines, ssl=ssl, fractions=fr, budget=p.budget,
+                            n_test=n_pool["test"], n_seeds=len(seeds), training=training)
+    verdict = compare.verdict(rows, design, shift)
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
     over = overfitting(inits, lay) if "finetune" in g.protocols else {}

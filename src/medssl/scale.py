@@ -21,7 +21,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from medssl import cas, tracking
 from medssl.config import Params
 from medssl.core.engine import pick_device
-from medssl.grid import Shard, load_grid_data, run_shard, shards_at_once
+from medssl.grid import InitGrid, Shard, load_grid_data, run_shard, shards_at_once
 from medssl.layout import Layout
 
 # Threads in the flow's process, as in `medssl grid` (medssl.host.at_once).
@@ -47,7 +47,8 @@ def grid_shard_task(p: Params, init: str, seed: int, refs: dict, grid_run: str) 
             tmp.replace(dst)
     attempt = uuid4().hex
     with tracking.extra_tags({tracking.SHARD_TAG: f"{init}-s{seed}", tracking.ATTEMPT_TAG: attempt}):
-        shard = run_shard(p.for_init(init), init, seed, data, meta, lay, pick_device(), grid_run)
+        shard = run_shard(InitGrid(p=p.for_init(init), init=init, data=data, meta=meta, lay=lay, device=pick_device(),
+                                   run_id=grid_run), seed)
     shard["attempt"] = attempt
     return shard
 

@@ -5,17 +5,30 @@ and the seed, so the same cells come out whatever runs them, in whatever order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from medssl.core.engine import predict_proba
 from medssl.core.probes import knn_probe, linear_probe
-from medssl.core.train import FitResult, finetune, scores
+from medssl.core.train import FitData, FitResult, FitSpec, finetune, scores
 from medssl.data.fractions import nested_fractions
 
 SCORED = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece")
+
+
+@dataclass(frozen=True)
+class CellData:
+    """What the cells of an init train and are scored on. y: split -> labels (N,) numpy, with "pool" (the labelled
+    pool a job's positions index) and each scored split; scored: the splits a cell is scored on (val, test, shift);
+    classes: names in label order; x: split -> images (N, S, S, 3) uint8 on `device` (fine-tune cells; the
+    frozen-feature cells take features instead)."""
+    y: dict[str, np.ndarray]
+    scored: list[str]
+    classes: list[str]
+    x: dict[str, torch.Tensor] = field(default_factory=dict)
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass(frozen=True)
@@ -76,11 +89,12 @@ def held_out(probas: dict[str, torch.Tensor], scored: list[str]) -> dict[str, np
     return {s: probas[s].float().cpu().numpy() for s in scored if s != "val"}
 
 
-def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor], y: dict[str, np.ndarray],
-               scored: list[str], grid, classes: list[str]) -> tuple[dict, dict[str, np.ndarray]]:
-    """A frozen-feature cell. feats: split -> (N, D) features on the device, with "pool"; y: split -> labels.
-    grid: the grid section (linear_c, linear_class_weight, knn_k). Scored on its own training rows and `scored`.
+def probe_cell(job: Job, feats: dict[str, torch.Tensor], data: CellData, *, init: str, protocol: str,
+               grid) -> tuple[dict, dict[str, np.ndarray]]:
+    """A frozen-feature cell. feats: split -> (N, D) features on one device, with "pool"; data: its labels.
+    grid: the grid section (linear_c, linear_class_weight, knn_k). Scored on its own training rows and data.scored.
     Returns the cell and its held-out probabilities (held_out)."""
+    y, scored, classes = data.y, data.scored, data.classes
     nc = len(classes)
     sel = torch.as_tensor(job.idx, device=feats["pool"].device)
     tr_x, tr_y = feats["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=sel.device).long()
@@ -98,22 +112,23 @@ def probe_cell(init: str, protocol: str, job: Job, feats: dict[str, torch.Tensor
     return cell, held_out(parts, scored)
 
 
-def finetune_cell(init: str, job: Job, model: torch.nn.Module, x: dict[str, torch.Tensor], y: dict[str, np.ndarray],
-                  scored: list[str], cfg, budget, select: str, classes: list[str],
-                  device: torch.device, on_epoch=None) -> tuple[dict, FitResult, dict[str, np.ndarray]]:
+def finetune_cell(job: Job, model: torch.nn.Module, data: CellData, *, init: str, cfg, budget, select: str,
+                  on_epoch=None) -> tuple[dict, FitResult, dict[str, np.ndarray]]:
     """A fine-tune cell: `model` (a Classifier built for this init and seed) trained on the job's subset, best
-    epoch on validation, then scored on the held-out splits. x: split -> (N, S, S, 3) uint8 on the device.
+    epoch on validation `select`, then scored on the held-out splits. cfg: the finetune section.
     budget: the grid budget (epochs, steps: a fixed number of optimizer steps for every fraction, or null;
     max_eval); the train - val gap scores a fixed random part of the subset, max_eval (else
     cfg.train_eval_size) images, so a cell's cost follows its steps, not its subset's size.
     Returns the cell, the fit (curves) and the held-out probabilities."""
+    x, y, scored, classes, device = data.x, data.y, data.scored, data.classes, data.device
     sel = torch.as_tensor(job.idx, device=device)
     tr_x, tr_y = x["pool"][sel], torch.as_tensor(y["pool"][job.idx], device=device).long()
     n_gap = budget.max_eval or cfg.train_eval_size
     sub = torch.as_tensor(np.random.default_rng(job.seed).permutation(len(job.idx))[:n_gap], device=device)
-    fit = finetune(model, (tr_x, tr_y), (x["val"], y["val"]), (tr_x[sub], tr_y[sub]), cfg, budget.epochs, select, classes,
-                   job.seed, device, desc=f"{init} {job.key}", on_epoch=on_epoch, quiet=True,  # the grid reports per cell
-                   steps=budget.steps)
+    fit = finetune(model, FitData(train=(tr_x, tr_y), val=(x["val"], y["val"]), sub=(tr_x[sub], tr_y[sub])),
+                   FitSpec(cfg=cfg, epochs=budget.epochs, steps=budget.steps, select=select, classes=classes,
+                           seed=job.seed, device=device),
+                   desc=f"{init} {job.key}", on_epoch=on_epoch, quiet=True)  # the grid reports per cell
     model.load_state_dict(fit.state)
     # train subset and val were scored at the best epoch inside finetune; only the held-out splits remain
     probas = {s: predict_proba(model, x[s]) for s in scored if s != "val"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -62,8 +63,18 @@ EXPLODE = 1e4       # a step loss this many times the run's first step loss coun
 MAX_WEIGHT = 1e6    # so does a parameter of this magnitude (trained weights stay within ~1e2)
 
 
-def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, optimizer: torch.optim.Optimizer,
-                scheduler, gen: torch.Generator, device: torch.device, desc: str = "train", epoch: int = 1,
+@dataclass
+class Loop:
+    """What one epoch steps with: the optimiser, its per-step schedule (or None), the generator of every draw (on
+    the data's device), the device and the batch size."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    gen: torch.Generator
+    device: torch.device
+    batch_size: int
+
+
+def train_epoch(model: torch.nn.Module, step: Step, n: int, loop: Loop, *, desc: str = "train", epoch: int = 1,
                 ref_loss: float | None = None) -> dict[str, float]:
     """One pass over n examples in random order; returns the example-weighted mean of the loss and its parts,
     and `first_step_loss` (the reference for later epochs' `ref_loss`).
@@ -72,14 +83,14 @@ def train_epoch(model: torch.nn.Module, step: Step, n: int, batch_size: int, opt
     reference (`ref_loss`, else this epoch's first step), or a weight exceeds MAX_WEIGHT; read in the one sync."""
     model.train()
     sums, seen, first, peak = None, 0, None, None
-    for idx in tqdm(list(batches(n, batch_size, gen, device)), desc=desc, leave=False, disable=None):
-        with autocast(device):
+    for idx in tqdm(list(batches(n, loop.batch_size, loop.gen, loop.device)), desc=desc, leave=False, disable=None):
+        with autocast(loop.device):
             loss, parts = step(idx)
-        optimizer.zero_grad(set_to_none=True)
+        loop.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        loop.optimizer.step()
+        if loop.scheduler is not None:
+            loop.scheduler.step()
         vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]) * len(idx)
         sums = vals if sums is None else sums + vals
         step_loss = loss.detach().float()

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medssl.core.engine import augment, predict_proba, prepare_model, train_epoch, warmup_cosine
+from medssl.core.engine import Loop, augment, predict_proba, prepare_model, train_epoch, warmup_cosine
 from medssl.core.progress import Progress
 from medssl.core.rng import generator
 from medssl.metrics import classification_metrics, overfitting_gap
@@ -33,19 +34,46 @@ def _copy(state: dict) -> dict:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
-def _state(model, opt, sched, gen, extra: dict) -> dict:
-    return {"model": _copy(model.state_dict()), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "generator": gen.get_state(), **extra}
+def _state(model, loop: Loop, extra: dict) -> dict:
+    return {"model": _copy(model.state_dict()), "optimizer": loop.optimizer.state_dict(),
+            "scheduler": loop.scheduler.state_dict(), "generator": loop.gen.get_state(), **extra}
 
 
-def _restore(resume: dict | None, model, opt, sched, gen) -> int:
+def _restore(resume: dict | None, model, loop: Loop) -> int:
     if resume is None:
         return 0
     model.load_state_dict(resume["model"])
-    opt.load_state_dict(resume["optimizer"])
-    sched.load_state_dict(resume["scheduler"])
-    gen.set_state(resume["generator"])
+    loop.optimizer.load_state_dict(resume["optimizer"])
+    loop.scheduler.load_state_dict(resume["scheduler"])
+    loop.gen.set_state(resume["generator"])
     return int(resume["epoch"])
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """How a classifier trains. cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing,
+    warmup_epochs, augment, class_weight); epochs: evaluation points; steps: optimizer steps in all, whatever the
+    size of the training set (a 70-image subset learns as long as a 7,000-image one), `epochs` then being points
+    steps / epochs steps apart over fresh random orders of it; None: `epochs` passes over it. select: the
+    validation metric that picks the best epoch. Every draw (order, augmentation, dropout) comes from one
+    generator on `device` seeded with `seed`."""
+    cfg: Any
+    epochs: int
+    select: str
+    classes: list[str]
+    seed: int
+    device: torch.device
+    steps: int | None = None
+
+
+@dataclass(frozen=True)
+class FitData:
+    """train, sub: (images (N, S, S, 3) uint8 on the device, labels (N,) int64 on the device); `sub` is a train
+    subset scored in eval mode like validation, so the train - val gap compares like with like.
+    val: (images on the device, labels numpy)."""
+    train: tuple
+    val: tuple
+    sub: tuple
 
 
 @dataclass
@@ -59,30 +87,21 @@ class FitResult:
     seconds: float = 0.0
 
 
-def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, epochs: int, select: str,
-             classes: list[str], seed: int, device: torch.device, desc: str = "finetune",
-             on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False,
-             steps: int | None = None) -> FitResult:
-    """Train a Classifier (built by the caller, on CPU) and keep its best epoch on validation.
-
-    train, sub: (images (N, S, S, 3) uint8 on device, labels (N,) int64 on device); `sub` is a train subset
-    scored in eval mode like validation, so the train - val gap compares like with like. val: (images, labels
-    numpy). cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing, warmup_epochs, augment).
-    Every draw (order, augmentation, dropout) comes from one generator on `device` seeded with `seed`.
-    Progress: a bar on a terminal, else a line per epoch on stderr (quiet: none, e.g. for the grid's short cells).
-    steps: optimizer steps in all, whatever the size of `train` (a 70-image subset learns as long as a 7,000-image
-    one); `epochs` are then evaluation points, each after steps / epochs steps over fresh random orders of the
-    subset. None: `epochs` passes over `train`."""
+def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str = "finetune",
+             on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False) -> FitResult:
+    """Train a Classifier (built by the caller, on CPU) on `data` as `spec` says; keep its best epoch on validation.
+    Progress: a bar on a terminal, else a line per epoch on stderr (quiet: none, e.g. for the grid's short cells)."""
     t0 = time.time()
-    (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = train, val, sub
-    gen = generator(seed, device)
+    (tr_x, tr_y), (va_x, va_y), (sub_x, sub_y) = data.train, data.val, data.sub
+    cfg, epochs, steps, select, classes, device = spec.cfg, spec.epochs, spec.steps, spec.select, spec.classes, spec.device
+    gen = generator(spec.seed, device)
     model = prepare_model(model, device)
     model.set_generator(gen)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(tr_y))
     per_epoch = len(tr_y) if steps is None else -(-steps // epochs) * batch  # examples drawn between evaluations
     steps_per_epoch = per_epoch // batch + (per_epoch % batch >= 2)
-    sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch)
+    loop = Loop(opt, warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch), gen, device, batch)
     sub_np = sub_y.cpu().numpy()
     nc = len(classes)
     weight = None
@@ -100,14 +119,14 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
 
     best, curves = (resume or {}).get("best"), list((resume or {}).get("curves", []))
     ref = (resume or {}).get("ref_loss")
-    start = _restore(resume, model, opt, sched, gen)
+    start = _restore(resume, model, loop)
     bar = Progress(desc, epochs, start, items=len(tr_y), quiet=quiet, leave=False)
     for epoch in bar:
         if steps is not None:
             reps = -(-per_epoch // len(tr_y))
             order[0] = torch.cat([torch.randperm(len(tr_y), generator=gen, device=gen.device)
                                   for _ in range(reps)])[:per_epoch].to(device)
-        fit = train_epoch(model, step, per_epoch, batch, opt, sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
+        fit = train_epoch(model, step, per_epoch, loop, desc=desc, epoch=epoch, ref_loss=ref)
         ref = fit["first_step_loss"] if ref is None else ref
         proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
         tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
@@ -120,8 +139,8 @@ def finetune(model: torch.nn.Module, train: tuple, val: tuple, sub: tuple, cfg, 
             best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(model.state_dict()),
                     "gap": {k: row[k] for k in row if k.startswith("gap_")}}
         if on_epoch is not None:
-            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "best": best, "curves": curves,
-                                                                         "ref_loss": ref}))
+            on_epoch(epoch, row, lambda: _state(model, loop, {"epoch": epoch, "best": best, "curves": curves,
+                                                              "ref_loss": ref}))
     bar.close()
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
@@ -135,24 +154,36 @@ class PretrainResult:
     seconds: float = 0.0
 
 
-def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, aug, seed: int, device: torch.device,
-             desc: str = "pretrain", on_epoch: OnEpoch | None = None, resume: dict | None = None) -> PretrainResult:
-    """Train a core.methods method on unlabelled images (N, S, S, 3) uint8 on `device`.
-    cfg: the method's section (lr, weight_decay); aug: the flips/rotations applied before the method's own views."""
+@dataclass(frozen=True)
+class PretrainSpec:
+    """cfg: the method's section (lr, weight_decay); aug: the flips/rotations applied before the method's own views;
+    `epochs` passes of `batch_size`, warm-up over the first tenth of the steps; every draw from one generator on
+    `device` seeded with `seed`."""
+    cfg: Any
+    batch_size: int
+    epochs: int
+    aug: Any
+    seed: int
+    device: torch.device
+
+
+def pretrain(method, images: torch.Tensor, spec: PretrainSpec, *, desc: str = "pretrain",
+             on_epoch: OnEpoch | None = None, resume: dict | None = None) -> PretrainResult:
+    """Train a core.methods method on unlabelled images (N, S, S, 3) uint8 on `spec.device`, as `spec` says."""
     t0 = time.time()
-    gen = generator(seed, device)
-    model = prepare_model(method.model, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    bs = min(batch_size, len(images))
-    steps = epochs * (len(images) // bs + (len(images) % bs >= 2))
-    sched = warmup_cosine(opt, steps // 10, steps)
+    gen = generator(spec.seed, spec.device)
+    model = prepare_model(method.model, spec.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.cfg.lr, weight_decay=spec.cfg.weight_decay)
+    bs = min(spec.batch_size, len(images))
+    steps = spec.epochs * (len(images) // bs + (len(images) % bs >= 2))
+    loop = Loop(opt, warmup_cosine(opt, steps // 10, steps), gen, spec.device, bs)
     curves = list((resume or {}).get("curves", []))
     ref = (resume or {}).get("ref_loss")
-    start = _restore(resume, model, opt, sched, gen)
-    bar = Progress(desc, epochs, start, items=len(images))
+    start = _restore(resume, model, loop)
+    bar = Progress(desc, spec.epochs, start, items=len(images))
     for epoch in bar:
-        row = train_epoch(model, lambda idx: method.loss(augment(images[idx], aug, gen), gen), len(images), bs, opt,
-                          sched, gen, device, desc=desc, epoch=epoch, ref_loss=ref)
+        row = train_epoch(model, lambda idx: method.loss(augment(images[idx], spec.aug, gen), gen), len(images), loop,
+                          desc=desc, epoch=epoch, ref_loss=ref)
         first = row.pop("first_step_loss")
         ref = first if ref is None else ref
         row = {"epoch": epoch, **row}
@@ -160,6 +191,6 @@ def pretrain(method, images: torch.Tensor, cfg, batch_size: int, epochs: int, au
         bar.set(f"loss {row['loss']:.4g}")
         if on_epoch is not None:
             model.eval()
-            on_epoch(epoch, row, lambda: _state(model, opt, sched, gen, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
+            on_epoch(epoch, row, lambda: _state(model, loop, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
     bar.close()
     return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))

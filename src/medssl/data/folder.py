@@ -83,7 +83,8 @@ def build_folder(cfg, seed: int, classes: list[str] | None = None) -> Built:
         names, split_of = classes or class_order(labels), None
     y = np.array([names.index(n) for n in labels], np.int64)
     files = np.array([str(f.relative_to(root)) for f in paths])
-    return _build(paths, y, files, files, names, cfg, seed, str(root), split_of, grouped=False)
+    return _build(Listing(paths=paths, y=y, files=files, groups=files, names=names, where=str(root), split_of=split_of),
+                  cfg, seed)
 
 
 def read_rows(csv_path: Path, columns) -> list[dict]:
@@ -147,7 +148,8 @@ def build_csv(cfg, seed: int, classes: list[str] | None = None, complete: bool =
     files = np.array([r[c.path].strip() for r in rows])
     groups = np.array([(r[c.group] or "").strip() or r[c.path] for r in rows]) if grouped else files
     y = np.array([names.index(v) for v in labels], np.int64)
-    return _build(paths, y, files, groups, names, cfg, seed, str(csv_path), None, grouped, complete)
+    return _build(Listing(paths=paths, y=y, files=files, groups=groups, names=names, where=str(csv_path), grouped=grouped),
+                  cfg, seed, complete)
 
 
 def carve(labels: np.ndarray, groups: np.ndarray, idx: np.ndarray, frac: float, seed: int,
@@ -192,7 +194,26 @@ def _read_all(paths: list[Path], size: int, fit: str, where: str) -> tuple[np.nd
     return images, grey
 
 
-def _build(paths, y, files, groups, names, cfg, seed, where, split_of, grouped, complete: bool = True) -> Built:
+@dataclass
+class Listing:
+    """The images a folder or CSV names, before any is read. paths: image files; y: labels (N,); files: each one's
+    name as its source gives it (leak checks, ids); groups: the unit splits keep together (a patient, a lesion; the
+    file itself when ungrouped); names: class names in label order; where: the source, for messages; split_of:
+    the folder's own train/val/test per image (None: split here); grouped: whether the source named groups."""
+    paths: list
+    y: np.ndarray
+    files: np.ndarray
+    groups: np.ndarray
+    names: list[str]
+    where: str
+    split_of: np.ndarray | None = None
+    grouped: bool = False
+
+
+def _build(ls: Listing, cfg, seed: int, complete: bool = True) -> Built:
+    """Read, split (grouped, stratified) and check a listing. cfg: size, fit, val, test; complete: every class
+    in every split (a shift source's test split alone may lack some)."""
+    paths, y, files, groups, names, where, split_of = ls.paths, ls.y, ls.files, ls.groups, ls.names, ls.where, ls.split_of
     images, grey = _read_all(paths, cfg.size, cfg.fit, where)
     if grey.all():
         images = images[..., :1]
@@ -207,7 +228,7 @@ def _build(paths, y, files, groups, names, cfg, seed, where, split_of, grouped, 
     if complete:
         check_classes(splits, where, names)
     check_leaks(splits, where, ids)
-    return Built(splits, {s: groups[idx[s]] for s in SPLITS}, ids, list(names), int(grey.sum()), grouped)
+    return Built(splits, {s: groups[idx[s]] for s in SPLITS}, ids, list(names), int(grey.sum()), ls.grouped)
 
 
 def fingerprint(images_dir: str | Path, csv_path: str | Path | None, settings: list) -> str:
