@@ -16,7 +16,8 @@ from itertools import groupby
 import numpy as np
 from scipy import stats
 
-from medssl.core.paired import METRICS, Bootstrap, holm, paired_difference
+from medssl.core.paired import Bootstrap, holm, paired_difference
+from medssl.metric_names import PAIRED
 
 ALPHA = 0.05
 N_BOOT = 2000
@@ -68,7 +69,7 @@ def comparisons(probas: dict, labels: dict[str, np.ndarray], seeds: list[int], b
             reps = dict(zip(needed, pool.map(lambda k: boot.replicates(np.stack([probas[(*k, s, split)] for s in seeds])),
                                              needed)))
         for protocol, regime, fraction, init, ref, against in pairs:
-            for metric in METRICS:
+            for metric in PAIRED:
                 d = paired_difference(reps[(init, protocol, regime, fraction)], reps[(ref, protocol, against, fraction)],
                                       metric, seed)
                 rows.append({"split": split, "protocol": protocol, "regime": regime, "fraction": fraction,

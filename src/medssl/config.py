@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medssl.errors import ConfigError
+from medssl.metric_names import SELECTABLE
 
 BACKBONES = ("mobilenet_v2", "resnet18", "resnet50", "efficientnet_b0")
 BASELINE_INITS = ("random", "imagenet")
@@ -16,7 +17,6 @@ SSL_METHODS = ("vae", "simclr", "mim")
 HYBRIDS = {"imagenet-simclr": "simclr", "imagenet-mim": "mim"}  # the method continued from ImageNet weights
 SSL_INITS = (*SSL_METHODS, *HYBRIDS)
 PROTOCOLS = ("linear", "finetune", "knn")
-METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro")
 
 
 class _Strict(BaseModel):
@@ -306,7 +306,7 @@ class Grid(_Strict):
 
 
 class Export(_Strict):
-    select_metric: Literal[("auto", *METRICS)] = "auto"  # auto: kappa_quadratic for ordinal tasks, else balanced_accuracy
+    select_metric: Literal[("auto", *SELECTABLE)] = "auto"  # auto: kappa_quadratic for ordinal tasks, else balanced_accuracy
     registered_model: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # null: <data.name>-classifier
     alias: str = Field(default="champion", pattern=r"^[A-Za-z0-9_-]{1,64}$")  # MLflow's alias characters
     parity_images: int = Field(default=256, ge=64)

@@ -18,19 +18,19 @@ from medssl.data.sources import md5sum
 from medssl.guard import one_writer
 from medssl.io import write_json, write_text
 from medssl.layout import Layout
+from medssl.metric_names import TABLE
 from medssl.metrics import confusion, task_metrics
 
-TABLE_KEYS = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")
 
 
 def table_keys(meta: dict) -> tuple[str, ...]:
     """The champion's table columns: quadratic κ first for ordinal grades; sensitivity and specificity for binary."""
     task = meta.get("task")
     if task == "ordinal":
-        return ("kappa_quadratic", *TABLE_KEYS)
+        return ("kappa_quadratic", *TABLE)
     if task == "binary":
-        return (*TABLE_KEYS, "sensitivity", "specificity")
-    return TABLE_KEYS
+        return (*TABLE, "sensitivity", "specificity")
+    return TABLE
 
 
 def read_curves(path: Path) -> list[dict]:
@@ -38,7 +38,7 @@ def read_curves(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _table(rows: dict[str, dict], keys=TABLE_KEYS) -> str:
+def _table(rows: dict[str, dict], keys=TABLE) -> str:
     head = "| init | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
     return head + "".join(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |\n" for i, m in rows.items())
 

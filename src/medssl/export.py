@@ -30,6 +30,7 @@ from medssl.errors import MissingInput, ParityError, PromotionError, StaleStageE
 from medssl.guard import one_writer
 from medssl.io import read_json, write_json
 from medssl.layout import Layout
+from medssl.metric_names import BRIEF
 from medssl.metrics import classification_metrics
 from medssl.models.classifier import ExportModel
 
@@ -137,7 +138,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             onnx_val = onnx_scores(tmp, val_all, val_labels, classes)
             floor = constant_scores(val_labels, classes)
             metric = p.export.select_metric
-            mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")})
+            mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in BRIEF})
             if not onnx_val[metric] > floor[metric]:
                 raise PromotionError(
                     f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "
@@ -180,7 +181,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                         "config_digest": ckpt["config_digest"], "onnx_sha256": onnx_sha256(proto),
                         "data_md5": data_md5, "git_commit": tags["git_commit"], "select_metric": p.export.select_metric,
                         f"val_{metric}": f"{val[metric]:.4f}",
-                        **{f"test_{k}": f"{test[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro")},
+                        **{f"test_{k}": f"{test[k]:.4f}" for k in BRIEF},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         version = Version(init=champion, backbone=ckpt["backbone"], data_md5=data_md5, model_uri=info.model_uri,
                           size=(h, w, c), val=val, test=test, check=check, promote=promote, reason=reason)
@@ -201,8 +202,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               f"onnx_val_{metric}": onnx_val[metric], **({f"champion_val_{metric}": held[metric]} if held else {}),
               "onnx_bytes": len(proto.SerializeToString()), "onnx_sha256": onnx_sha256(proto),
               "champion_file_version": alias_model, **check,
-              **{f"val_{k}": val[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")},
-              **{f"test_{k}": test[k] for k in ("accuracy", "balanced_accuracy", "auc_macro")}}
+              **{f"val_{k}": val[k] for k in BRIEF},
+              **{f"test_{k}": test[k] for k in BRIEF}}
     write_json(lay.export_metrics, result)
     return result
 

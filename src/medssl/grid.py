@@ -37,6 +37,7 @@ from medssl.guard import one_writer
 from medssl.host import at_once
 from medssl.io import save_npz, write_csv, write_json
 from medssl.layout import Layout
+from medssl.metric_names import BRIEF
 from medssl.resume import Checkpointer, digests, inputs_key, resume_key
 
 
@@ -194,9 +195,8 @@ def write_grid(ig: InitGrid, shards: list[Shard], seconds: float) -> dict:
     by_key = {k: c for s in shards for k, c in s["cells"].items()}
     probas = {k: pr for s in shards for k, pr in s["probas"].items()}
     cells = [by_key[f"{pr}_{j.key}"] for j in jobs for pr in g.protocols]
-    keys = ("accuracy", "balanced_accuracy", "auc_macro")  # the cells as one table (MLflow's evaluation view)
     tracking.log_table({k: [c[k] for c in cells] for k in ("protocol", "regime", "fraction", "seed", "n_train")}
-                       | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in keys}
+                       | {f"{s}_{k}": [c[s][k] for c in cells] for s in scored for k in BRIEF}
                        | {"gap_accuracy": [c["gap_accuracy"] for c in cells]}, "grid/cells.json")
     main = [c for c in cells if c["regime"] == "fractions"]
     means = {f"test_balanced_accuracy_{protocol}_f{f:g}": float(np.mean(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medssl.metric_names import CURVE
+
 
 def confusion(y_true: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """(C, C) counts, rows = true class, columns = predicted (argmax) class."""
@@ -103,6 +105,6 @@ def task_metrics(m: dict, meta: dict) -> dict:
     return {"sensitivity": m[f"recall_{pos}"], "specificity": m[f"recall_{neg}"]}
 
 
-def overfitting_gap(train: dict, val: dict, keys=("loss", "accuracy", "balanced_accuracy")) -> dict:
+def overfitting_gap(train: dict, val: dict, keys=CURVE) -> dict:
     """gap_<k> = train[k] - val[k]: positive accuracy gap / negative loss gap = overfitting."""
     return {f"gap_{k}": float(train[k] - val[k]) for k in keys if k in train and k in val}

@@ -15,6 +15,7 @@ from types import MappingProxyType
 import mlflow
 
 from medssl.config import Params, flatten
+from medssl.metric_names import LOGGED
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
@@ -164,8 +165,6 @@ def flat_params(d: dict, prefix: str = "") -> dict[str, str]:
 
 
 GROUPS = ("train", "val", "gap", "test", "shift", "onnx", "parity")  # MLflow's UI makes a chart section per prefix
-HEADLINE = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece", "loss",
-            "sensitivity", "specificity")  # the last two: binary tasks only
 
 
 def metric_key(name: str, group: str | None = None) -> str:
@@ -195,7 +194,7 @@ def log_curves(curves: list[dict], group: str | None = None) -> None:
 def log_scores(split: str, scores: dict) -> None:
     """A split's scores: the headline ones as `<split>/<name>` metrics (searchable, one chart section), all of them
     (per-class recalls included) in the run's table `summary/<split>.json`, not as dozens of one-point charts."""
-    mlflow.log_metrics({f"{split}/{k}": float(v) for k, v in scores.items() if k in HEADLINE})
+    mlflow.log_metrics({f"{split}/{k}": float(v) for k, v in scores.items() if k in LOGGED})
     log_summary(scores, f"summary/{split}.json")
 
 

@@ -14,8 +14,8 @@ from medssl.core.engine import predict_proba
 from medssl.core.probes import knn_probe, linear_probe
 from medssl.core.train import FitData, FitResult, FitSpec, finetune, scores
 from medssl.data.fractions import nested_fractions
+from medssl.metric_names import GAP, SCORED
 
-SCORED = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "kappa_quadratic", "f1_macro", "ece")
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ def kept(m: dict) -> dict:
 
 def make_cell(init: str, protocol: str, job: Job, sc: dict, **extra) -> dict:
     """sc: split -> metrics, with "train" (the cell's own training rows, eval mode) and "val"."""
-    gap = {k: sc["train"][k] - sc["val"][k] for k in ("accuracy", "balanced_accuracy")}
+    gap = {k: sc["train"][k] - sc["val"][k] for k in GAP}
     return {"init": init, "protocol": protocol, "regime": job.regime, "fraction": job.fraction, "seed": job.seed,
             "n_train": int(len(job.idx)), **{s: sc[s] for s in sc if s != "train"}, "train": sc["train"],
             "gap_accuracy": gap["accuracy"], "gap_balanced_accuracy": gap["balanced_accuracy"], **extra}

@@ -16,7 +16,6 @@ import math
 
 import numpy as np
 
-METRICS = ("balanced_accuracy", "auc_macro")
 
 
 def stratified_counts(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:

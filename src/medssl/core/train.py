@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from medssl.core.engine import Loop, augment, predict_proba, prepare_model, train_epoch, warmup_cosine
 from medssl.core.progress import Progress
 from medssl.core.rng import generator
+from medssl.metric_names import CURVE
 from medssl.metrics import classification_metrics, overfitting_gap
 
-CURVE_KEYS = ("loss", "accuracy", "balanced_accuracy")
 OnEpoch = Callable[[int, dict, Callable[[], dict]], None]
 
 
@@ -130,8 +130,8 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
         ref = fit["first_step_loss"] if ref is None else ref
         proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
         tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
-        row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE_KEYS}, **{f"val_{k}": va[k] for k in CURVE_KEYS},
-               "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE_KEYS)}
+        row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE}, **{f"val_{k}": va[k] for k in CURVE},
+               "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE)}
         curves.append(row)
         bar.set(f"val {select} {va[select]:.3f}")
         if best is None or va[select] > best["val"][select]:
