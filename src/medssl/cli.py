@@ -183,71 +183,38 @@ def pipeline(params: Path = PARAMS, force: bool = typer.Option(False, help="reru
 
     One pipeline per project at a time. Ctrl-C or SIGTERM ends `dvc repro` and its stage (their runs KILLED);
     if this process is killed outright, its stages notice within a second and end too."""
-    import signal
-
-    import mlflow
-
-    from medssl import guard, repro, tracking
-    from medssl.io import read_json
-    from medssl.layout import Layout
+    from medssl import repro, tracking
 
     if sets:
         from medssl.config import write_params
 
         write_params(params, _overrides(sets))  # validated before the file changes
         err.print(f"{params}: " + ", ".join(sets), highlight=False)
-    p = _params(params)
-    exp = tracking.experiment_id(p)  # checks the tracking server first
-    env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
-    start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": tracking.unique_name("pipeline")}
-    with guard.exclusive(Layout().lock("pipeline"), "medssl pipeline in this project"), \
-            mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline", tracking.RUN_TAG: "pipeline",
-                                            tracking.PROCESS_TAG: guard.process_id()}) as run:
-        tracking.end_stale_runs(exp)
-        mlflow.log_params(tracking.flat_params(p.model_dump()))
-        mlflow.log_artifact(str(params))
-        env = {**os.environ, tracking.PARENT_ENV: run.info.run_id, guard.PIPELINE_PID_ENV: guard.process_id()}
-        rc = repro.repro(env, jobs or repro.default_jobs(), force)
-        if rc != 0:
-            tracking.end_stale_runs(exp)  # a stage killed outright leaves its run RUNNING
-            tags = mlflow.get_run(run.info.run_id).data.tags
-            if rc in (-signal.SIGINT, -signal.SIGTERM, 130, 143):
-                tracking.mark_failed_stage(run.info.run_id, tags.get("failed_stage", "dvc repro"),
-                                           f"interrupted (exit {rc})", "KILLED")
-                err.print(f"[bold red]interrupted; dvc repro and its stage ended, parent run {run.info.run_id} KILLED[/]")
-                mlflow.end_run("KILLED")
-                raise typer.Exit(130)
-            stage = tags.get("failed_stage")
-            if stage is None:
-                tracking.mark_failed_stage(run.info.run_id, "dvc repro", f"exit {rc} before any MLflow run failed")
-            err.print(f"[bold red]dvc repro failed (exit {rc}) in {stage or 'dvc repro'}"
-                      f"{': ' + tags['error'] if 'error' in tags else ''}; parent run {run.info.run_id} marked FAILED[/]",
-                      highlight=False)
-            raise typer.Exit(rc if rc > 0 else 1)
-        for f in ("dvc.lock", "metrics/test.json", "metrics/export.json", "metrics/data_card.json"):
-            if Path(f).is_file():
-                mlflow.log_artifact(f, "pipeline")
-        if Path("reports").is_dir():
-            mlflow.log_artifacts("reports", "reports")
-        if Path("metrics/export.json").is_file():
-            ex = read_json("metrics/export.json")
-            from medssl.export import champion_line
+    o = repro.run_pipeline(_params(params), params, jobs=jobs or repro.default_jobs(), force=force)
+    if o.interrupted:
+        err.print(f"[bold red]interrupted; dvc repro and its stage ended, parent run {o.run_id} KILLED[/]")
+        raise typer.Exit(130)
+    if o.rc:
+        err.print(f"[bold red]dvc repro failed (exit {o.rc}) in {o.stage}{': ' + o.error if o.error else ''}; "
+                  f"parent run {o.run_id} marked FAILED[/]", highlight=False)
+        raise typer.Exit(o.rc if o.rc > 0 else 1)
+    if o.export:
+        from medssl.export import champion_line
 
-            mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"]), "promoted": str(ex["promoted"])})
-            mlflow.log_metrics({tracking.metric_key(k): v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
-            err.print(f"{champion_line(ex)}; test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
-                      f"parity {ex['parity_max_abs_diff']:.2e}" + (f"\n{ex['verdict']}" if ex.get("verdict") else ""),
-                      highlight=False)
-        if Path("reports/verdict.md").is_file():
-            from rich.markup import escape
+        ex = o.export
+        err.print(f"{champion_line(ex)}; test acc {ex['test_accuracy']:.4f}, macro AUC {ex['test_auc_macro']:.4f}, "
+                  f"parity {ex['parity_max_abs_diff']:.2e}" + (f"\n{ex['verdict']}" if ex.get("verdict") else ""),
+                  highlight=False)
+    if o.verdict:
+        from rich.markup import escape
 
-            err.print(f"\n[bold]Verdict[/]\n{escape(Path('reports/verdict.md').read_text().strip())}\n", highlight=False)
-        uri = tracking.tracking_uri()
-        err.print(f"MLflow parent run {run.info.run_id} at {uri}")
-        web = uri.startswith("http")
-        err.print(f"The inits side by side in the MLflow UI{'' if web else ' (make mlflow-ui)'}: "
-                  f"{tracking.ui_links(run.info.experiment_id, *([uri] if web else []))['compare']}", highlight=False,
-                  soft_wrap=True)
+        err.print(f"\n[bold]Verdict[/]\n{escape(o.verdict)}\n", highlight=False)
+    uri = tracking.tracking_uri()
+    err.print(f"MLflow parent run {o.run_id} at {uri}")
+    web = uri.startswith("http")
+    err.print(f"The inits side by side in the MLflow UI{'' if web else ' (make mlflow-ui)'}: "
+              f"{tracking.ui_links(o.experiment_id, *([uri] if web else []))['compare']}", highlight=False,
+              soft_wrap=True)
 
 
 @app.command()

@@ -111,7 +111,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     )
     write_text(out / "report.md", md)
     write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}", out))
-    write_text(out / "verdict.md", verdict + "\n")
+    write_text(lay.verdict, verdict + "\n")
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
     write_json(lay.headline_metrics, headline(p, init, test, comp))

@@ -95,6 +95,10 @@ class Layout:
         return self.root / "reports"
 
     @property
+    def verdict(self) -> Path:
+        return self.reports / "verdict.md"
+
+    @property
     def test_metrics(self) -> Path:
         return self.root / "metrics/test.json"
 
@@ -117,6 +121,10 @@ class Layout:
     @property
     def export_metrics(self) -> Path:
         return self.root / "metrics/export.json"
+
+    @property
+    def dvc_lock(self) -> Path:  # DVC's record of the last reproduction, logged on the pipeline's parent run
+        return self.root / "dvc.lock"
 
     # one writer at a time (guard.exclusive); not outputs either
     def lock(self, name: str) -> Path:

@@ -28,10 +28,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from graphlib import TopologicalSorter
 from pathlib import Path
 
 from medssl.host import at_once, has_nvidia_gpu
+from medssl.layout import Layout
 
 DVC = ["dvc", "--wait-for-lock"]
 # DVC's advice after every stage (git add dvc.lock, autostage, dvc push): said once by the caller instead
@@ -281,3 +283,71 @@ def repro(env: dict, jobs: int, force: bool = False, cores: list[int] | None = N
     if runner.lock_updated:
         runner.say("dvc.lock updated: `git add dvc.lock` to track it")
     return 0
+
+
+INTERRUPTED = (-signal.SIGINT, -signal.SIGTERM, 130, 143)  # exit codes of a pipeline stopped by Ctrl-C or SIGTERM
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How `medssl pipeline` ended. rc: 0, the first failed stage's exit code, or minus the signal that stopped it."""
+    rc: int
+    run_id: str                 # the parent MLflow run
+    experiment_id: str
+    stage: str | None = None    # the stage that ended it ("dvc repro" when no stage's run failed)
+    error: str | None = None    # the failed stage's one-line reason, as its run tagged it
+    export: dict | None = None  # metrics/export.json of a finished pipeline
+    verdict: str | None = None  # reports/verdict.md of a finished pipeline
+
+    @property
+    def interrupted(self) -> bool:
+        return self.rc in INTERRUPTED
+
+
+def run_pipeline(p, params: Path, *, jobs: int, force: bool = False, lay: Layout = Layout()) -> Outcome:
+    """`repro` inside one parent MLflow run, which every stage nests its runs under (tracking.PARENT_ENV); one
+    pipeline per project at a time (guard.exclusive).
+
+    A failure names the failed stage and its reason on the parent, which ends FAILED (KILLED when interrupted);
+    runs its stages left RUNNING are ended. A finished pipeline logs its outputs (dvc.lock, the metrics, reports/)
+    and the champion's tags and validation/test/parity metrics on the parent. p: the validated params.yaml."""
+    import mlflow
+
+    from medssl import guard, tracking
+    from medssl.io import read_json
+
+    exp = tracking.experiment_id(p)  # checks the tracking server first
+    env_run = os.environ.pop("MLFLOW_RUN_ID", None)  # under `mlflow run`, that run is the parent
+    start = {"run_id": env_run} if env_run else {"experiment_id": exp, "run_name": tracking.unique_name("pipeline")}
+    with guard.exclusive(lay.lock("pipeline"), "medssl pipeline in this project"), \
+            mlflow.start_run(**start, tags={**tracking.base_tags(p), "stage": "pipeline", tracking.RUN_TAG: "pipeline",
+                                            tracking.PROCESS_TAG: guard.process_id()}) as run:
+        run_id = run.info.run_id
+        tracking.end_stale_runs(exp)
+        mlflow.log_params(tracking.flat_params(p.model_dump()))
+        mlflow.log_artifact(str(params))
+        env = {**os.environ, tracking.PARENT_ENV: run_id, guard.PIPELINE_PID_ENV: guard.process_id()}
+        rc = repro(env, jobs, force, cwd=lay.root)
+        if rc != 0:
+            tracking.end_stale_runs(exp)  # a stage killed outright leaves its run RUNNING
+            tags = mlflow.get_run(run_id).data.tags
+            stage, error = tags.get("failed_stage"), tags.get("error")
+            if rc in INTERRUPTED:
+                tracking.mark_failed_stage(run_id, stage or "dvc repro", f"interrupted (exit {rc})", "KILLED")
+                mlflow.end_run("KILLED")
+            else:
+                if stage is None:
+                    tracking.mark_failed_stage(run_id, "dvc repro", f"exit {rc} before any MLflow run failed")
+                mlflow.end_run("FAILED")
+            return Outcome(rc, run_id, run.info.experiment_id, stage or "dvc repro", error)
+        for f in (lay.dvc_lock, lay.test_metrics, lay.export_metrics, lay.data_card):
+            if f.is_file():
+                mlflow.log_artifact(str(f), "pipeline")
+        if lay.reports.is_dir():
+            mlflow.log_artifacts(str(lay.reports), "reports")
+        ex = read_json(lay.export_metrics) if lay.export_metrics.is_file() else None
+        if ex:
+            mlflow.set_tags({"champion": ex["champion"], "model_version": str(ex["version"]), "promoted": str(ex["promoted"])})
+            mlflow.log_metrics({tracking.metric_key(k): v for k, v in ex.items() if k.startswith(("val_", "test_", "parity_"))})
+        verdict = lay.verdict.read_text().strip() if lay.verdict.is_file() else None
+        return Outcome(0, run_id, run.info.experiment_id, export=ex, verdict=verdict)
