@@ -9,7 +9,7 @@
 # and `python -m benchmarks` (args from $MEDSSL_BENCH_ARGS). Exit 0 adds every stage's seconds and the
 # champion's test metrics to the benchmark's benchmarks/results/<device>_<date>_<commit>.{json,md}.
 #
-#   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full data.image_size=64
+#   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full
 #
 # Resumable: each call stops its stages with SIGINT after $MEDSSL_SLICE seconds (default 480; a stage then
 # finishes its running epoch or cell, and is killed 60 s later at most), and they keep their last finished
@@ -39,7 +39,7 @@ P=$R/params.yaml
 # params.yaml with the overrides, validated before any GPU time is spent; the MLflow store and experiment
 # created here, once, so that stages starting side by side do not race to create them
 # (stdout: the SSL inits, then all inits)
-(($#)) || set -- budget=full data.image_size=64
+(($#)) || set -- budget=full
 inits=$(python3 - "$P" "$@" <<'EOF'
 import sys, yaml
 from medssl.config import load_params, set_dotted
@@ -56,9 +56,9 @@ try:
 except ConfigError as e:
     sys.exit(f"{e} (from params.yaml with {' '.join(sets)})")
 experiment_id(p)
-print(f"budget {p.budget} at {p.data.image_size} px: {p.epochs.pretrain_epochs} pretraining epochs, grid "
-      f"{p.epochs.grid.epochs} epochs x {len(p.grid.fractions)} fractions x {len(p.grid.seeds)} seeds, champion "
-      f"{p.epochs.finetune_epochs} epochs; inits {p.inits.all}", file=sys.stderr)
+print(f"budget {p.budget} at {p.image_size} px: {p.run_budget.pretrain_epochs} pretraining epochs, grid "
+      f"{p.run_budget.grid.epochs} epochs x {len(p.grid.fractions)} fractions x {len(p.grid.seeds)} seeds, champion "
+      f"{p.run_budget.finetune_epochs} epochs; inits {p.inits.all}", file=sys.stderr)
 print(*p.inits.ssl)
 print(*p.inits.all)
 EOF
@@ -142,11 +142,12 @@ print("seconds over all slices (slice: whole calls, setup included):", total)
 stem = open(sys.argv[2]).read().strip()  # the benchmark's files: the pipeline's figures join them
 params = yaml.safe_load(open(sys.argv[3]))
 res = json.load(open(f"{stem}.json"))
-res["pipeline"] = {"budget": params["budget"], "image_size": params["data"]["image_size"], "champion": init,
+size = json.load(open("metrics/data_card.json"))["image_size"]  # what prepare used: the budget's or data.image_size
+res["pipeline"] = {"budget": params["budget"], "image_size": size, "champion": init,
                    "test": {k: test[k] for k in keys}, "seconds": total, "calls": sum(r[1] == "slice" for r in rows) + 1}
 open(f"{stem}.json", "w").write(json.dumps(res, indent=2) + "\n")
 md = [open(f"{stem}.md").read().split("\n## The pipeline")[0].rstrip("\n"), "",  # (again on a later exit 0)
-      f"## The pipeline: budget {params['budget']} at {params['data']['image_size']} px, "
+      f"## The pipeline: budget {params['budget']} at {size} px, "
       f"{res['pipeline']['calls']} call(s) of benchmarks/gpu_host.sh", "",
       f"Champion **{init}** on the test split: " + ", ".join(f"{k} {test[k]:.4f}" for k in keys) + ".", "",
       "| stage | seconds over all calls |", "|---|---|"] + [f"| {k} | {v:,} |" for k, v in total.items()]

@@ -92,7 +92,7 @@ def test_resize_and_stratified_subset():
 def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     p = load_params("params.yaml")
     assert p.inits.all == ["random", "imagenet", "vae", "simclr", "mim", "imagenet-simclr", "imagenet-mim"]
-    assert p.epochs.finetune_epochs >= 1 and p.tune_inits == p.inits.all
+    assert p.run_budget.finetune_epochs >= 1 and p.tune_inits == p.inits.all
     assert p.grid.protocols == ["linear", "finetune", "knn"] and len(p.grid.seeds) >= 3
     assert p.grid.fractions == [0.01, 0.1, 1.0]  # the demo budget's (budgets.demo.grid.fractions)
     bad = tmp_path / "params.yaml"
@@ -111,7 +111,7 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
     # the budget's fractions are the grid's; a different grid.fractions beside them is named, not ignored
     assert load_params("params.yaml", {"budget": "full"}).grid.fractions == [0.01, 0.05, 0.1, 0.25, 0.5, 1.0]
     assert load_params("params.yaml", {"budgets.demo.grid.fractions": [1.0, 0.1]}).grid.fractions == [0.1, 1.0]
-    assert p.epochs.grid.batch_size == 32 and load_params("params.yaml", {"budget": "full"}).epochs.grid.batch_size is None
+    assert p.run_budget.grid.batch_size == 32 and load_params("params.yaml", {"budget": "full"}).run_budget.grid.batch_size is None
     with pytest.raises(ConfigError, match=r"budgets\.demo\.grid\.batch_size.*0"):
         load_params("params.yaml", {"budgets.demo.grid.batch_size": 0})
     with pytest.raises(ConfigError, match=r"grid\.fractions \[0\.5, 1\.0\] and budgets\.demo\.grid\.fractions"):
@@ -140,7 +140,7 @@ def test_run_overrides_target_the_chosen_budget_and_split_inits():
         "budget": "full", "budgets.full.finetune_epochs": 2, "data.max_train": 512,
         "inits.baselines": ["random", "imagenet"], "inits.ssl": ["vae"], "grid.fusion": []}
     p = load_params("params.yaml", RunOverrides(epochs=2, pretrain_epochs=3).dotted(base))
-    assert (p.epochs.finetune_epochs, p.epochs.pretrain_epochs) == (2, 3)
+    assert (p.run_budget.finetune_epochs, p.run_budget.pretrain_epochs) == (2, 3)
     with pytest.raises(ValidationError, match="epoch"):
         RunOverrides(epoch=2)  # a misspelt override is an error, never silently ignored
 
@@ -177,3 +177,15 @@ def test_config_defaults_are_params_yaml_values():
     default = flatten(Params.model_validate({"budgets": raw["budgets"]}).model_dump())
     shipped = flatten(load_params("params.yaml", tuned=False).model_dump())
     assert {k: (default.get(k), v) for k, v in shipped.items() if default.get(k) != v} == {}
+
+
+def test_the_budget_carries_its_image_size_and_data_image_size_overrides_it():
+    full = load_params("params.yaml", {"budget": "full"}, tuned=False)
+    assert (full.image_size, full.image_size_key) == (64, "budgets.full.image_size")
+    assert load_params("params.yaml", {"budget": "demo"}, tuned=False).image_size == 32
+    own = load_params("params.yaml", {"budget": "full", "data.image_size": 48}, tuned=False)
+    assert (own.image_size, own.image_size_key) == (48, "data.image_size")
+    with pytest.raises(ConfigError, match=r"budgets\.full\.image_size: must be a multiple of 16"):
+        load_params("params.yaml", {"budgets.full.image_size": 40}, tuned=False)
+    with pytest.raises(ConfigError, match=r"does not divide budgets\.full\.image_size=64"):
+        load_params("params.yaml", {"budget": "full", "pretrain.mim.patch": 24}, tuned=False)

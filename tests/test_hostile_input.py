@@ -118,7 +118,7 @@ def test_bad_source_never_replaces_good_data(tmp_path, monkeypatch):
     ({"finetune.lr": "abc"}, "finetune.lr: Input should be a valid number"),
     ({"data.image_size": 30}, "data.image_size: must be a multiple of 16"),
     ({"inits.ssl": ["simclrr"]}, "inits.ssl.0: Input should be 'vae', 'simclr', 'mim', 'imagenet-simclr' or 'imagenet-mim'"),
-    ({"pretrain.mim.patch": 5}, "pretrain.mim.patch=5 does not divide data.image_size=32"),
+    ({"pretrain.mim.patch": 5}, "pretrain.mim.patch=5 does not divide budgets.demo.image_size=32"),
     ({"data.npz": "data/raw/dermamnist.npz"}, "data.npz (data/raw/dermamnist.npz) is data.path"),
 ])
 def test_config_is_strict(override, words):

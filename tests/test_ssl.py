@@ -108,7 +108,7 @@ def test_ssl_objective_decreases_and_encoder_beats_random_under_linear_probe(met
     backbone.load_state_dict(ckpt["state_dict"])  # the encoder drops into the classifier's backbone
     run = mlflow.get_run(s["run_id"])
     images = [a.path for a in mlflow.MlflowClient().list_artifacts(s["run_id"], method)]
-    assert run.info.status == "FINISHED" and len(images) == p.epochs.pretrain_epochs  # one diagnostic image per epoch
+    assert run.info.status == "FINISHED" and len(images) == p.run_budget.pretrain_epochs  # one diagnostic image per epoch
 
     ssl_scores = _linear_probe_at_full_labels(p, prepared, method, p.seed)
     # the report's two metrics, against the mean of the random draws the grid's random row averages

@@ -70,10 +70,19 @@ class GridBudget(_Strict):
         return f"{self.epochs} epochs of batch {b}"
 
 
+def _multiple_of_16(v: int | None) -> int | None:
+    if v is not None and v % 16:
+        raise ValueError(f"must be a multiple of 16 (the VAE decoder upsamples 16x), got {v}")
+    return v
+
+
 class Budget(_Strict):
     pretrain_epochs: int = Field(ge=1)
     finetune_epochs: int = Field(ge=1)
     grid: GridBudget = GridBudget()
+    image_size: int = Field(default=32, ge=16, le=512)  # prepared resolution under this budget (data.image_size overrides)
+
+    _size = field_validator("image_size")(_multiple_of_16)
 
 
 class Built(_Strict):
@@ -120,7 +129,7 @@ class Data(_Strict):
     task: Literal[TASKS] = "auto"               # auto: binary for 2 classes, else multiclass; ordinal: say so
     positive: str | None = None                 # binary tasks: the positive class; null: the second class
     path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads (under data/)
-    image_size: int = Field(default=32, ge=16, le=512)
+    image_size: int | None = Field(default=None, ge=16, le=512)  # null: the budget's (budgets.<budget>.image_size)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
 
@@ -171,12 +180,7 @@ class Data(_Strict):
                              f"keep your file elsewhere and point data.npz at it")
         return self
 
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_16(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"must be a multiple of 16 (the VAE decoder upsamples 16x), got {v}")
-        return v
+    _size = field_validator("image_size")(_multiple_of_16)
 
     @field_validator("classes", "positive", mode="before")
     @classmethod
@@ -399,10 +403,9 @@ class Params(_Strict):
 
     @model_validator(mode="after")
     def _fits_image_size(self) -> Params:
-        size = self.data.image_size
-        if size % self.pretrain.mim.patch:
-            raise ValueError(f"pretrain.mim.patch={self.pretrain.mim.patch} does not divide data.image_size={size} "
-                             f"(MIM masks whole patches)")
+        if self.image_size % self.pretrain.mim.patch:
+            raise ValueError(f"pretrain.mim.patch={self.pretrain.mim.patch} does not divide {self.image_size_key}="
+                             f"{self.image_size} (MIM masks whole patches)")
         return self
 
     @model_validator(mode="after")
@@ -425,8 +428,19 @@ class Params(_Strict):
         return self
 
     @property
-    def epochs(self) -> Budget:
+    def run_budget(self) -> Budget:
+        """The chosen budget's values (budgets.<budget>)."""
         return self.budgets[self.budget]
+
+    @property
+    def image_size_key(self) -> str:
+        """Where the prepared resolution is set: data.image_size when given, else the budget's."""
+        return "data.image_size" if self.data.image_size is not None else f"budgets.{self.budget}.image_size"
+
+    @property
+    def image_size(self) -> int:
+        """The prepared resolution (px): data.image_size when given, else budgets.<budget>.image_size."""
+        return self.data.image_size if self.data.image_size is not None else self.run_budget.image_size
 
     @property
     def tune_inits(self) -> list[str]:

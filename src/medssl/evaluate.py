@@ -91,7 +91,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
              f"For the answer: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).\n\n"
              if p.budget == "demo" else "")
     md = (
-        smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.data.image_size}px, budget `{p.budget}`\n\n"
+        smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.image_size}px, budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
         f"Task: {meta.get('task', 'multiclass')}, {len(classes)} classes ({', '.join(classes)})"
         + (f", positive class `{meta['positive_class']}`" if meta.get("positive_class") else "")
@@ -102,7 +102,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
-        + f". Then trained on all {meta['n']['train']} train images for {p.epochs.finetune_epochs} epochs "
+        + f". Then trained on all {meta['n']['train']} train images for {p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation.\n\n"
         f"### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
         f"### Test\n\n{_table({init: test}, keys)}\n"

@@ -49,7 +49,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     if init is None:
         init, candidates = choose_champion(p, lay)
     p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
-    cfg, epochs, select = p.finetune, p.epochs.finetune_epochs, p.export.select_metric
+    cfg, epochs, select = p.finetune, p.run_budget.finetune_epochs, p.export.select_metric
     device = pick_device()
     splits, meta = load_prepared(lay)
     classes = meta["classes"]
@@ -61,7 +61,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
-              "image_size": p.data.image_size, "n_train": len(tr_y), "seed": p.seed,
+              "image_size": p.image_size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
     with tracking.model_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path))
@@ -76,7 +76,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                        FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
                        desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
-                    "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.data.image_size,
+                    "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.image_size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
                     # provenance, read by evaluate and export from the weights themselves (never from a file beside

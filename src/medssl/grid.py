@@ -55,7 +55,7 @@ def load_grid_data(path) -> dict[str, Split]:
 def grid_data(p: Params, lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
     """Labelled pool (train, capped by the budget) and the val/test subsets every cell is scored on."""
     splits, meta = load_prepared(lay)
-    b, seed = p.epochs.grid, p.seed
+    b, seed = p.run_budget.grid, p.seed
     data = {"pool": stratified_subset(splits["train"], b.max_train, seed),
             "val": stratified_subset(splits["val"], b.max_eval, seed),
             "test": stratified_subset(splits["test"], b.max_eval, seed)}
@@ -162,11 +162,11 @@ def run_shard(ig: InitGrid, seed: int, *, done: dict | None = None, on_cell=None
 
 def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict]:
     """Tags and params of an init's grid run (the parent of its fine-tune cells' runs)."""
-    g, b = p.grid, p.epochs.grid
+    g, b = p.grid, p.run_budget.grid
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "grid", "init": init, "method": init,
             "tuned": str(init in p.tuned), tracking.LEVEL_TAG: "init"}
     params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
-              "n_pool": n_pool, "backbone": p.model.backbone, "image_size": p.data.image_size,
+              "n_pool": n_pool, "backbone": p.model.backbone, "image_size": p.image_size,
               **tracking.flat_params({"finetune": p.finetune.model_dump()})}
     return tags, params
 
@@ -296,7 +296,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
 def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dict], dict]:
     """One fine-tune cell as a nested MLflow run with its per-epoch curves; best epoch on validation."""
     p, init = ig.p, ig.init
-    b = p.epochs.grid
+    b = p.run_budget.grid
     tags = {**tracking.base_tags(p), "stage": "grid", tracking.LEVEL_TAG: "cell", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"

@@ -31,12 +31,12 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     if init not in SSL_INITS:
         raise UsageError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
     p, method = p.for_init(init), method_of(init)
-    cfg, epochs, bs = getattr(p.pretrain, method), p.epochs.pretrain_epochs, p.pretrain.batch_size
+    cfg, epochs, bs = getattr(p.pretrain, method), p.run_budget.pretrain_epochs, p.pretrain.batch_size
     device = pick_device()
     splits, meta = load_prepared(lay)
     images = torch.from_numpy(splits["train"].images).to(device)  # labels are never read here
     shown = torch.from_numpy(splits["val"].images[:8]).to(device)
-    m = METHODS[method](cfg, p.model.backbone, p.data.image_size, meta["mean"], meta["std"], generator(p.seed))
+    m = METHODS[method](cfg, p.model.backbone, p.image_size, meta["mean"], meta["std"], generator(p.seed))
     start = "imagenet" if init in HYBRIDS else "random"
     if start == "imagenet":  # continue from the supervised ImageNet weights (the method's head stays random)
         m.model.encoder.load_state_dict(build_backbone(p.model.backbone, meta["mean"], meta["std"], imagenet=True)[0].state_dict())
@@ -45,7 +45,7 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "pretrain", "method": method, "init": init,
             "tuned": str(init in p.tuned)}
     params = {"method": method, "start": start, "epochs": epochs, "batch_size": bs, **cfg.model_dump(),
-              "backbone": p.model.backbone, "image_size": p.data.image_size, "n_unlabelled": len(images), "seed": p.seed}
+              "backbone": p.model.backbone, "image_size": p.image_size, "n_unlabelled": len(images), "seed": p.seed}
     with tracking.model_run(p, f"pretrain-{init}", tags, params, parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(images)}, lay.raw(p.data.path))
         diag_gen = generator(seed_of("diagnostics", init, p.seed), device)

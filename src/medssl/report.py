@@ -265,7 +265,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                  "champion": (champion or {}).get("init", ""),
                  "champion_test": (champion or {}).get("test_balanced_accuracy"),
                  "champion_shift": (champion or {}).get("shift_balanced_accuracy")}
-    training = p.epochs.grid.training(p.finetune.batch_size)
+    training = p.run_budget.grid.training(p.finetune.batch_size)
     design = compare.Design(protocols=g.protocols, baselines=p.inits.baselines, ssl=ssl, fractions=fr, budget=p.budget,
                             n_test=n_pool["test"], n_seeds=len(seeds), training=training)
     verdict = compare.verdict(rows, design, shift)

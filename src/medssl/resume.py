@@ -39,13 +39,13 @@ def inputs_key(p, stage: str, init: str, meta: dict, lay) -> dict[str, object]:
 
         method = method_of(init)
         key |= {"method": getattr(p.pretrain, method).model_dump(), "batch_size": p.pretrain.batch_size,
-                "epochs": p.epochs.pretrain_epochs, "augment": p.finetune.augment.model_dump()}
+                "epochs": p.run_budget.pretrain_epochs, "augment": p.finetune.augment.model_dump()}
     else:
         enc = lay.encoder(init)
         key |= {"encoder": md5sum(enc) if init in p.inits.ssl and enc.is_file() else init,
                 "finetune": p.finetune.model_dump(), "select": p.export.select_metric}
-        key |= ({"epochs": p.epochs.finetune_epochs} if stage == "finetune" else
-                {"grid": p.grid.model_dump(), "budget": p.epochs.grid.model_dump()})
+        key |= ({"epochs": p.run_budget.finetune_epochs} if stage == "finetune" else
+                {"grid": p.grid.model_dump(), "budget": p.run_budget.grid.model_dump()})
     return {"stage": stage, "init": init, **key}
 
 

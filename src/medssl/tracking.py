@@ -337,7 +337,7 @@ def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> No
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types.schema import Schema, TensorSpec
 
-    size = p.data.image_size
+    size = p.image_size
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, meta.get("channels", 3)), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "label")])
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time

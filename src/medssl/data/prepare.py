@@ -48,7 +48,7 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
 
     arrays = {}
     for s in SPLITS:
-        arrays[f"{s}_images"] = resize_u8(splits[s].images, p.data.image_size)
+        arrays[f"{s}_images"] = resize_u8(splits[s].images, p.image_size)
         arrays[f"{s}_labels"] = splits[s].labels
     x = arrays["train_images"].reshape(-1, info.channels).astype(np.float64) / 255.0  # train only: no leakage
     mean, std = x.mean(0).tolist(), x.std(0).tolist()
@@ -64,7 +64,7 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
         "dataset": p.data.name,
         "raw_md5": md5sum(raw_path),
         "raw_image_size": raw_size,
-        "image_size": p.data.image_size,
+        "image_size": p.image_size,
         "channels": info.channels,
         "task": info.task,
         **({"positive_class": classes[info.positive]} if info.positive is not None else {}),
