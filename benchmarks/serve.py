@@ -33,7 +33,6 @@ def cpu_model() -> str:
 
 def register(store: Path) -> str:
     import mlflow
-    import onnx
     import torch
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -45,11 +44,11 @@ def register(store: Path) -> str:
     mlflow.set_experiment("bench")
     clf = Classifier("mobilenet_v2", 7, 0.2, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(0)).eval()
     x = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
-    export_onnx(ExportModel(clf, 32).eval(), x, store / "m.onnx")
+    proto = export_onnx(ExportModel(clf, 32).eval(), x)
     sig = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28, 3), "images")]),
                          Schema([TensorSpec(np.dtype(np.float32), (-1, 7), "probabilities")]))
     with mlflow.start_run():
-        info = mlflow.onnx.log_model(onnx.load(str(store / "m.onnx")), name="model", signature=sig,
+        info = mlflow.onnx.log_model(proto, name="model", signature=sig,
                                      metadata={"class_names": list("abcdefg"), "input_size": [28, 28]})
     mv = mlflow.register_model(info.model_uri, "bench")
     return f"models:/bench/{mv.version}"

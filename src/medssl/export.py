@@ -24,7 +24,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from medssl import registry_guard, tracking
 from medssl.checkpoints import load_classifier
 from medssl.config import Params
-from medssl.core.onnx import export_onnx, parity
+from medssl.core.onnx import cpu_session, export_onnx, parity
 from medssl.data.sources import nhwc
 from medssl.errors import MissingInput, ParityError, PromotionError, StaleStageError
 from medssl.guard import one_writer
@@ -40,9 +40,9 @@ def pip_requirements() -> list[str]:
     return [f"onnx=={onnx.__version__}", f"onnxruntime-gpu=={ort.__version__}", f"numpy=={np.__version__}"]
 
 
-def onnx_scores(path, images: np.ndarray, labels: np.ndarray, classes: list[str], batch: int = 512) -> dict:
-    """Validation metrics of an ONNX model (uint8 images at its input size -> probabilities)."""
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def onnx_scores(proto, images: np.ndarray, labels: np.ndarray, classes: list[str], batch: int = 512) -> dict:
+    """Validation metrics of an ONNX model (onnx.ModelProto: uint8 images at its input size -> probabilities)."""
+    sess = cpu_session(proto)
     proba = np.concatenate([sess.run(None, {"images": images[i : i + batch]})[0] for i in range(0, len(images), batch)])
     return classification_metrics(labels, proba.astype(np.float64) / proba.sum(1, keepdims=True), classes)
 
@@ -78,7 +78,7 @@ def score_version(name: str, version, images: np.ndarray, labels: np.ndarray, cl
                              f"{images.shape[-1]}")
     if images.shape[1:3] != (h, w):
         images = np.stack([fit_image(im, (h, w), "stretch") for im in images])
-    return onnx_scores(local / "model.onnx", images, labels, classes)
+    return onnx_scores(onnx.load(str(local / "model.onnx")), images, labels, classes)
 
 
 def promotion(p: Params, candidate: dict, champion_version, images, labels, classes, force: bool) -> tuple[bool, str, dict]:
@@ -121,33 +121,27 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
             "source_run_id": ckpt["run_id"]}
-    tmp = lay.onnx.with_name(f".{lay.onnx.name}.candidate.tmp")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     with tracking.model_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
                                                 **{f"candidate_val_{i}": v for i, v in (ckpt.get("candidates_val") or {}).items()},
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
-        try:
-            export_onnx(export_model, val_raw[:2], tmp)
-            check = parity(export_model, tmp, val_raw)
-            mlflow.log_metrics({tracking.metric_key(k): v for k, v in check.items()})
-            if check["parity_max_abs_diff"] > p.export.parity_tolerance:
-                raise ParityError(
-                    f"ONNX Runtime differs from PyTorch by {check['parity_max_abs_diff']:.3g} "
-                    f"(> export.parity_tolerance {p.export.parity_tolerance:g}) on {check['parity_images']} "
-                    f"validation images; {champion} not registered")
-            onnx_val = onnx_scores(tmp, val_all, val_labels, classes)
-            floor = constant_scores(val_labels, classes)
-            metric = p.export.select_metric
-            mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in BRIEF})
-            if not onnx_val[metric] > floor[metric]:
-                raise PromotionError(
-                    f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "
-                    f"majority-class predictor ({floor[metric]:.4f}) on {len(val_labels)} images; not registered")
-            held_by = current_champion(p.export.registered_model, p.export.alias)
-            promote, reason, held = promotion(p, onnx_val, held_by, val_all, val_labels, classes, force)
-            proto = onnx.load(str(tmp))
-        finally:
-            tmp.unlink(missing_ok=True)  # the project's copy is the alias's model, written below
+        proto = export_onnx(export_model, val_raw[:2])  # in memory: lay.onnx is the alias's model, written below
+        check = parity(export_model, proto, val_raw)
+        mlflow.log_metrics({tracking.metric_key(k): v for k, v in check.items()})
+        if check["parity_max_abs_diff"] > p.export.parity_tolerance:
+            raise ParityError(
+                f"ONNX Runtime differs from PyTorch by {check['parity_max_abs_diff']:.3g} "
+                f"(> export.parity_tolerance {p.export.parity_tolerance:g}) on {check['parity_images']} "
+                f"validation images; {champion} not registered")
+        onnx_val = onnx_scores(proto, val_all, val_labels, classes)
+        floor = constant_scores(val_labels, classes)
+        metric = p.export.select_metric
+        mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in BRIEF})
+        if not onnx_val[metric] > floor[metric]:
+            raise PromotionError(
+                f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "
+                f"majority-class predictor ({floor[metric]:.4f}) on {len(val_labels)} images; not registered")
+        held_by = current_champion(p.export.registered_model, p.export.alias)
+        promote, reason, held = promotion(p, onnx_val, held_by, val_all, val_labels, classes, force)
 
         h, w, c = val_raw.shape[1:4]
         # no input schema: MLflow would cast a request to it first (floats in [0, 1] to black uint8 images) and
