@@ -189,3 +189,32 @@ def test_the_budget_carries_its_image_size_and_data_image_size_overrides_it():
         load_params("params.yaml", {"budgets.full.image_size": 40}, tuned=False)
     with pytest.raises(ConfigError, match=r"does not divide budgets\.full\.image_size=64"):
         load_params("params.yaml", {"budget": "full", "pretrain.mim.patch": 24}, tuned=False)
+
+
+def test_the_champion_is_prepared_and_trained_at_its_own_size(tmp_path):
+    """budgets.<b>.finetune_image_size: prepare writes the splits at both sizes from the raw images (not one resized
+    from the other), load_prepared hands each out, and a size that was not prepared is named."""
+    from medssl.data.prepare import load_prepared, run_prepare
+    from medssl.errors import StaleStageError
+    from medssl.layout import Layout
+
+    cpu = load_params("params.yaml", {"budget": "cpu"}, tuned=False)
+    assert (cpu.image_size, cpu.finetune_image_size) == (32, cpu.budgets["cpu"].finetune_image_size) != (32, 32)
+    assert load_params("params.yaml", {"budget": "demo"}, tuned=False).finetune_image_size == 32  # null: image_size
+    own = load_params("params.yaml", {"budget": "cpu", "data.image_size": 48}, tuned=False)
+    assert (own.image_size, own.finetune_image_size) == (48, 48)  # data.image_size sets both
+
+    p = load_params("params.yaml", {"budgets.demo.finetune_image_size": 48}, tuned=False)
+    lay = Layout(tmp_path)
+    with np.load(write_npz(lay.raw(p.data.path), n=14)) as z:
+        raw = dict(z)
+    run_prepare(p, lay)
+    small, meta = load_prepared(lay)
+    big, meta48 = load_prepared(lay, 48)
+    assert (meta["image_size"], meta["finetune_image_size"]) == (32, 48) and meta48 == meta
+    assert small["test"].images.shape == (14, 32, 32, 3) and big["test"].images.shape == (14, 48, 48, 3)
+    assert np.array_equal(small["val"].images, resize_u8(raw["val_images"], 32))
+    assert np.array_equal(big["val"].images, resize_u8(raw["val_images"], 48))
+    assert np.array_equal(big["train"].labels, small["train"].labels)
+    with pytest.raises(StaleStageError, match=r"prepared at 32 px, not at 64 px; run `medssl prepare`"):
+        load_prepared(lay, 64)

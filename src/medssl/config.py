@@ -81,6 +81,7 @@ class Budget(_Strict):
     finetune_epochs: int = Field(ge=1)
     grid: GridBudget = GridBudget()
     image_size: int = Field(default=32, ge=16, le=512)  # prepared resolution under this budget (data.image_size overrides)
+    finetune_image_size: int | None = Field(default=None, ge=16, le=512)  # the champion's (the shipped model's); null: image_size
 
     _size = field_validator("image_size")(_multiple_of_16)
 
@@ -441,6 +442,13 @@ class Params(_Strict):
     def image_size(self) -> int:
         """The prepared resolution (px): data.image_size when given, else budgets.<budget>.image_size."""
         return self.data.image_size if self.data.image_size is not None else self.run_budget.image_size
+
+    @property
+    def finetune_image_size(self) -> int:
+        """The champion's resolution (px), what `finetune` trains and `export` ships at: data.image_size when given,
+        else budgets.<budget>.finetune_image_size, else the prepared resolution. Prepared beside the comparison's."""
+        b = self.run_budget
+        return self.data.image_size or b.finetune_image_size or b.image_size
 
     @property
     def tune_inits(self) -> list[str]:

@@ -47,13 +47,13 @@ def _table(rows: dict[str, dict], keys=TABLE) -> str:
 def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     """Test metrics of the champion's classifier (chosen on validation by `finetune`) and the report."""
     device = pick_device()
-    splits, meta = load_prepared(lay)
+    model, summary = load_classifier(lay, device)  # its provenance (init, run, validation) travels in the file
+    splits, meta = load_prepared(lay, summary["image_size"])  # the test images at the size it was trained at
     classes = meta["classes"]
     te_y = splits["test"].labels
     out = lay.reports
     out.mkdir(parents=True, exist_ok=True)
 
-    model, summary = load_classifier(lay, device)  # its provenance (init, run, validation) travels in the file
     proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
     test = scores(te_y, proba, classes)
     test |= task_metrics(test, meta)
@@ -62,7 +62,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
                  out / "confusion.png", dpi=110)
     figures.save(figures.curves_figure(curves, init), out / "curves.png")
     with tracking.resume_run(summary["run_id"]):
-        tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path))
+        tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path), summary["image_size"])
         tracking.log_scores("test", test)
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
     result = {"init": init, "test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
@@ -74,7 +74,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     from medssl.report import comparison
 
     champ = {"init": init, "test_balanced_accuracy": test["balanced_accuracy"]}
-    shifted = load_shift(p, meta)
+    shifted = load_shift(p, meta, summary["image_size"])
     if shifted is not None:  # the champion on the second source too (scored only, never selected on)
         shift = scores(shifted.labels, predict_proba(model, torch.from_numpy(shifted.images).to(device)), classes)
         champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
@@ -91,7 +91,9 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
              f"For the answer: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).\n\n"
              if p.budget == "demo" else "")
     md = (
-        smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.image_size}px, budget `{p.budget}`\n\n"
+        smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.image_size}px"
+        + (f" (the champion @ {summary['image_size']}px)" if summary["image_size"] != p.image_size else "")
+        + f", budget `{p.budget}`\n\n"
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
         f"Task: {meta.get('task', 'multiclass')}, {len(classes)} classes ({', '.join(classes)})"
         + (f", positive class `{meta['positive_class']}`" if meta.get("positive_class") else "")
@@ -102,7 +104,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
-        + f". Then trained on all {meta['n']['train']} train images for {p.run_budget.finetune_epochs} epochs "
+        + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
+        f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation.\n\n"
         f"### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
         f"### Test\n\n{_table({init: test}, keys)}\n"

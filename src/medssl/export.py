@@ -314,7 +314,7 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
              (("sensitivity", "sensitivity"), ("specificity", "specificity")) if "sensitivity" in test else ())
     rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in (*extra, *KEYS))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
-            f"`data.path`) at {p.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
+            f"`data.path`) at {p.finetune_image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
             f"test only scored.\n\n"
             f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
             f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "

@@ -43,7 +43,7 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
                  on_epoch=None, log_model: bool = True) -> dict:
     """Train the classifier of `init` (default: the champion on validation) on all train images for
-    budgets.<b>.finetune_epochs; best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
+    budgets.<b>.finetune_epochs at the champion's resolution (Params.finetune_image_size); best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
     log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
     candidates = None
     if init is None:
@@ -51,7 +51,8 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
     cfg, epochs, select = p.finetune, p.run_budget.finetune_epochs, p.export.select_metric
     device = pick_device()
-    splits, meta = load_prepared(lay)
+    size = p.finetune_image_size  # the champion's resolution, prepared beside the comparison's
+    splits, meta = load_prepared(lay, size)
     classes = meta["classes"]
     tr_x, tr_y = (torch.from_numpy(a).to(device) for a in (splits["train"].images, splits["train"].labels.astype(np.int64)))
     va_x = torch.from_numpy(splits["val"].images).to(device)
@@ -61,10 +62,10 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
-              "image_size": p.image_size, "n_train": len(tr_y), "seed": p.seed,
+              "image_size": size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
     with tracking.model_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
-        tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path))
+        tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path), size)
         def logged(epoch, row, state):
             tracking.log_epoch(row)
             ckpt.save(state)
@@ -76,7 +77,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                        FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
                        desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
-                    "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": p.image_size,
+                    "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
                     # provenance, read by evaluate and export from the weights themselves (never from a file beside

@@ -328,7 +328,7 @@ def end_superseded(exp: str, kept: list[tuple[str, str]]) -> list[str]:
     return ended
 
 
-def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> None:
+def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path, size: int | None = None) -> None:
     """The splits the active run read (split -> images used), as MLflow dataset inputs (the UI's Datasets column
     and lineage): name `<data.name>-<split>`, digest = the raw file's md5, the value DVC records for data.path;
     source: that file."""
@@ -337,7 +337,7 @@ def log_datasets(p: Params, meta: dict, splits: dict[str, int], raw: Path) -> No
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types.schema import Schema, TensorSpec
 
-    size = p.image_size
+    size = size or p.image_size  # the images the run read: the comparison's size, or the champion's
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, meta.get("channels", 3)), "image"),
                      TensorSpec(np.dtype(np.int64), (-1,), "label")])
     with warnings.catch_warnings():  # MLflow registers the local-file source twice and says so each time

@@ -1,4 +1,5 @@
-"""Stage `prepare`: raw npz -> arrays at `image_size`, normalisation stats, data card."""
+"""Stage `prepare`: raw npz -> arrays at `image_size` (and at the champion's `finetune_image_size` where that differs),
+normalisation stats, data card."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from medssl.config import Params
 from medssl.data.fractions import nested_fractions
 from medssl.data.sources import SPLITS, Split, md5sum, validate_raw
-from medssl.errors import DataError, MissingInput
+from medssl.errors import DataError, MissingInput, StaleStageError
 from medssl.guard import one_writer
 from medssl.io import save_npz, write_json
 from medssl.layout import Layout
@@ -50,6 +51,8 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     for s in SPLITS:
         arrays[f"{s}_images"] = resize_u8(splits[s].images, p.image_size)
         arrays[f"{s}_labels"] = splits[s].labels
+        if p.finetune_image_size != p.image_size:  # the champion's own resolution, resized from the raw images
+            arrays[images_key(s, p.finetune_image_size)] = resize_u8(splits[s].images, p.finetune_image_size)
     x = arrays["train_images"].reshape(-1, info.channels).astype(np.float64) / 255.0  # train only: no leakage
     mean, std = x.mean(0).tolist(), x.std(0).tolist()
 
@@ -65,6 +68,7 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
         "raw_md5": md5sum(raw_path),
         "raw_image_size": raw_size,
         "image_size": p.image_size,
+        "finetune_image_size": p.finetune_image_size,
         "channels": info.channels,
         "task": info.task,
         **({"positive_class": classes[info.positive]} if info.positive is not None else {}),
@@ -81,14 +85,26 @@ def run_prepare(p: Params, lay: Layout = Layout()) -> dict:
     return card
 
 
-def load_prepared(lay: Layout = Layout()) -> tuple[dict[str, Split], dict]:
-    """Prepared splits and meta (classes, mean/std, raw md5, sizes)."""
+def images_key(split: str, size: int | None = None) -> str:
+    """The prepared npz's key of a split's images: at the comparison's size (size None), else at `size` px."""
+    return f"{split}_images" if size is None else f"{split}_images_{size}"
+
+
+def load_prepared(lay: Layout = Layout(), size: int | None = None) -> tuple[dict[str, Split], dict]:
+    """Prepared splits and meta (classes, mean/std, raw md5, sizes); images at `size` px (None: the comparison's
+    image_size; the champion's finetune_image_size is prepared too)."""
     if not lay.prepared.is_file():
         raise MissingInput(f"{lay.prepared} missing: run `medssl prepare` (or `dvc repro prepare`) first")
     try:
-        with np.load(lay.prepared) as z:
-            splits = {s: Split(z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS}
         meta = json.loads(lay.meta.read_text())
+        sized = None if size in (None, meta["image_size"]) else size
+        with np.load(lay.prepared) as z:
+            if images_key("train", sized) not in z.files:
+                raise StaleStageError(f"{lay.prepared}: prepared at {meta['image_size']} px, not at {size} px; run "
+                                      f"`medssl prepare` (or `dvc repro prepare`) again")
+            splits = {s: Split(z[images_key(s, sized)], z[f"{s}_labels"]) for s in SPLITS}
+    except StaleStageError:
+        raise
     except Exception as e:  # truncated, overwritten, or of another layout
         raise DataError(f"{lay.prepared}: prepared data unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         f"run `medssl prepare` (or `dvc repro prepare`) again") from None

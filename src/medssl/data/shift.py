@@ -10,9 +10,9 @@ from medssl.data.sources import Split
 from medssl.errors import ConfigError
 
 
-def load_shift(p: Params, meta: dict) -> Split | None:
+def load_shift(p: Params, meta: dict, size: int | None = None) -> Split | None:
     """The test split of the second source (a CSV whose labels are grid.shift.classes, or the dataset's class
-    names, by label order; split by its groups), at the prepared data's size and channels."""
+    names, by label order; split by its groups), at `size` px (None: the prepared data's) and its channels."""
     if p.grid.shift is None:
         return None
     s, classes = p.grid.shift, meta["classes"]
@@ -21,5 +21,5 @@ def load_shift(p: Params, meta: dict) -> Split | None:
                          f"{classes} (one name per class, in the dataset's label order)")
     cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=p.image_size)
     test = build_csv(cfg, p.seed, s.classes or classes, complete=False).splits["test"]
-    x = resize_u8(test.images, p.image_size)
+    x = resize_u8(test.images, size or p.image_size)
     return Split(to_channels(x, meta.get("channels", 3)), test.labels)  # as `medssl predict` reads its files
