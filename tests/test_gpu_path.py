@@ -178,6 +178,19 @@ def test_doctor_on_this_host_and_on_a_claimed_gpu(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: a GPU is claimed but would not be used: device: MEDSSL_DEVICE=cuda")
 
 
+def test_a_gpu_host_with_the_cpu_build_of_onnxruntime_fails_naming_both_ways_out():
+    """A GPU host whose onnxruntime is the CPU build (as a stock PyTorch image has) failed `medssl doctor` with no way
+    to say that is meant, so `benchmarks/gpu_host.sh` stopped before any training."""
+    from medssl.doctor import ONNX_CPU_ENV, onnx_finding
+
+    cpu, both = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_finding(both, claimed=True, cpu_ok=False).ok and onnx_finding(cpu, claimed=False, cpu_ok=False).ok
+    refused = onnx_finding(cpu, claimed=True, cpu_ok=False)
+    assert not refused.ok and "install onnxruntime-gpu" in refused.value and f"{ONNX_CPU_ENV}=1" in refused.value
+    meant = onnx_finding(cpu, claimed=True, cpu_ok=True)
+    assert meant.ok and meant.value.startswith("CPUExecutionProvider (MEDSSL_ONNX_CPU=1")
+
+
 def test_a_state_a_cuda_run_left_is_discarded_on_the_cpu_never_restored(tmp_path, capsys):
     """A CUDA generator's state (16 bytes: seed and offset) set into a CPU generator raises: the resume key's device
     keeps such a state from ever reaching `set_state`, and the stage starts over with one line saying why."""
