@@ -205,5 +205,5 @@ def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
         for k, v in tags.items():
             client.set_tag(parent, k, v)
         return
-    with tracking.model_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", **tags}):
+    with tracking.stage_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", **tags}):
         mlflow.log_artifacts(str(folder), "reports")

@@ -121,7 +121,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
 
     tags = {**tracking.base_tags(p, data_md5), "stage": "export", "init": champion, "method": champion,
             "source_run_id": ckpt["run_id"]}
-    with tracking.model_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
+    with tracking.stage_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
                                                 **{f"candidate_val_{i}": v for i, v in (ckpt.get("candidates_val") or {}).items()},
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
         proto = export_onnx(export_model, val_raw[:2])  # in memory: lay.onnx is the alias's model, written below

@@ -64,7 +64,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
               "image_size": size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
-    with tracking.model_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
+    with tracking.stage_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path), size)
         def logged(epoch, row, state):
             tracking.log_epoch(row)

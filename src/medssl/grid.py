@@ -269,7 +269,7 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
             state.save(done)
 
     tags, params = grid_tags(p, init, meta, len(data["pool"].labels))
-    with tracking.model_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
+    with tracking.stage_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
         t0 = time.time()
         slots = Slots((lambda: workers) if workers else (lambda: shards_at_once(device)))
         ig = InitGrid(p=p, init=init, data=data, meta=meta, lay=lay, device=device, run_id=run.info.run_id)
@@ -302,7 +302,7 @@ def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dic
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
     cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
                                         "batch_size": b.batch_size or p.finetune.batch_size})
-    with tracking.model_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
+    with tracking.stage_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
                                             "seed": job.seed, "batch_size": cfg.batch_size}, ig.run_id):
         cell, fit, probas = finetune_cell(job, build_classifier(p, init, ig.meta, job.seed, ig.lay), cd, init=init,
                                           cfg=cfg, budget=b, select=p.export.select_metric)

@@ -46,7 +46,7 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
             "tuned": str(init in p.tuned)}
     params = {"method": method, "start": start, "epochs": epochs, "batch_size": bs, **cfg.model_dump(),
               "backbone": p.model.backbone, "image_size": p.image_size, "n_unlabelled": len(images), "seed": p.seed}
-    with tracking.model_run(p, f"pretrain-{init}", tags, params, parent, system_metrics=True) as run:
+    with tracking.stage_run(p, f"pretrain-{init}", tags, params, parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(images)}, lay.raw(p.data.path))
         diag_gen = generator(seed_of("diagnostics", init, p.seed), device)
 

@@ -240,9 +240,10 @@ def end_status(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None,
+def stage_run(p: Params, name: str, tags: dict[str, str], params: dict | None = None, parent: str | None = None,
               system_metrics: bool = False):
-    """A run for one trained model, nested under `parent` or the pipeline run when there is one.
+    """A run of one stage's work (a trained encoder or classifier, a grid cell, a tuning trial, the report, the
+    export), nested under `parent` or the pipeline run when there is one.
 
     system_metrics: sample CPU, memory (and GPU where pynvml finds one) every 5 s into the run (stage runs; the
     seconds-long nested runs of grid cells would catch no sample). An exception inside marks the run FAILED
@@ -285,7 +286,7 @@ def model_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
 
 @contextlib.contextmanager
 def extra_tags(tags: dict[str, str]):
-    """Tags every run model_run starts in this context (thread, task) gets too."""
+    """Tags every run stage_run starts in this context (thread, task) gets too."""
     token = _extra_tags.set({**_extra_tags.get(), **tags})
     try:
         yield

@@ -115,7 +115,7 @@ def objective_for(p: Params, init: str, parent: str, root: Path):
         lay = Layout(trial_root, data_root=Path("."), prepared_root=Layout().tuning().prepared_root)
         tags = {**tracking.base_tags(p), "stage": "tune-trial", "optuna_study": study_name(p, init),
                 "optuna_trial": str(trial.number), "init": init}
-        with tracking.model_run(p, f"trial-{init}-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"},
+        with tracking.stage_run(p, f"trial-{init}-{trial.number:04d}", tags, {**values, "objective": f"val_{select}"},
                                 parent) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             try:
@@ -201,7 +201,7 @@ def _run_tune(p: Params, params_path: Path, n_trials: int | None, storage: str |
         load_study(p, init, storage)  # create them once, before workers race to
     tags = {**tracking.base_tags(p), "stage": "tune", "optuna_study": p.tune.study_name,
             "optuna_storage": storage.split("@")[-1], "tune_inits": ",".join(p.tune_inits)}
-    with tracking.model_run(p, f"tune-{p.tune.study_name}", tags, {"n_trials_per_init": n_trials, "workers": workers,
+    with tracking.stage_run(p, f"tune-{p.tune.study_name}", tags, {"n_trials_per_init": n_trials, "workers": workers,
                                                                     "pruner": p.tune.pruner, "sampler": "TPE",
                                                                     "inits": ",".join(p.tune_inits)}) as run:
         shares = split_trials(n_trials, workers)
