@@ -218,3 +218,8 @@ def test_the_champion_is_prepared_and_trained_at_its_own_size(tmp_path):
     assert np.array_equal(big["train"].labels, small["train"].labels)
     with pytest.raises(StaleStageError, match=r"prepared at 32 px, not at 64 px; run `medssl prepare`"):
         load_prepared(lay, 64)
+    # a fine-tune state (and the checkpoint's config digest) is keyed on the size it trains at, not only on the data
+    from medssl.resume import inputs_key
+
+    at32 = load_params("params.yaml", {"budgets.demo.finetune_image_size": 32}, tuned=False)
+    assert [inputs_key(q, "finetune", "imagenet", meta, lay)["image_size"] for q in (at32, p)] == [32, 48]

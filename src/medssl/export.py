@@ -178,7 +178,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                         **{f"test_{k}": f"{test[k]:.4f}" for k in BRIEF},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         version = Version(init=champion, backbone=ckpt["backbone"], data_md5=data_md5, model_uri=info.model_uri,
-                          size=(h, w, c), val=val, test=test, check=check, promote=promote, reason=reason)
+                          size=(h, w, c), image_size=ckpt["image_size"], val=val, test=test, check=check, promote=promote, reason=reason)
         description = version_description(p, meta, version) + (f"\n\nThe comparison, {status['story']}." if status else "")
         # one call: a version exists complete (tags, description) or not at all
         mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
@@ -295,7 +295,8 @@ class Version:
     backbone: str
     data_md5: str
     model_uri: str
-    size: tuple
+    size: tuple            # input (h, w, channels)
+    image_size: int        # the resolution it was trained at (the graph resizes its input to it)
     val: dict
     test: dict
     check: dict
@@ -314,7 +315,7 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
              (("sensitivity", "sensitivity"), ("specificity", "specificity")) if "sensitivity" in test else ())
     rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in (*extra, *KEYS))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
-            f"`data.path`) at {p.finetune_image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
+            f"`data.path`) at {v.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
             f"test only scored.\n\n"
             f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
             f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "
