@@ -447,8 +447,7 @@ class Params(_Strict):
     def finetune_image_size(self) -> int:
         """The champion's resolution (px), what `finetune` trains and `export` ships at: data.image_size when given,
         else budgets.<budget>.finetune_image_size, else the prepared resolution. Prepared beside the comparison's."""
-        b = self.run_budget
-        return self.data.image_size or b.finetune_image_size or b.image_size
+        return self.data.image_size or self.run_budget.finetune_image_size or self.image_size
 
     @property
     def tune_inits(self) -> list[str]:

@@ -99,13 +99,12 @@ def load_prepared(lay: Layout = Layout(), size: int | None = None) -> tuple[dict
         meta = json.loads(lay.meta.read_text())
         sized = None if size in (None, meta["image_size"]) else size
         with np.load(lay.prepared) as z:
-            if images_key("train", sized) not in z.files:
-                raise StaleStageError(f"{lay.prepared}: prepared at {meta['image_size']} px, not at {size} px; run "
-                                      f"`medssl prepare` (or `dvc repro prepare`) again")
-            splits = {s: Split(z[images_key(s, sized)], z[f"{s}_labels"]) for s in SPLITS}
-    except StaleStageError:
-        raise
+            splits = ({s: Split(z[images_key(s, sized)], z[f"{s}_labels"]) for s in SPLITS}
+                      if images_key("train", sized) in z.files else None)
     except Exception as e:  # truncated, overwritten, or of another layout
         raise DataError(f"{lay.prepared}: prepared data unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                         f"run `medssl prepare` (or `dvc repro prepare`) again") from None
+    if splits is None:
+        raise StaleStageError(f"{lay.prepared}: prepared at {meta['image_size']} px, not at {size} px; run "
+                              f"`medssl prepare` (or `dvc repro prepare`) again")
     return splits, meta

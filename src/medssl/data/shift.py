@@ -15,11 +15,11 @@ def load_shift(p: Params, meta: dict, size: int | None = None) -> Split | None:
     names, by label order; split by its groups), at `size` px (None: the prepared data's) and its channels."""
     if p.grid.shift is None:
         return None
-    s, classes = p.grid.shift, meta["classes"]
+    s, classes, size = p.grid.shift, meta["classes"], size or p.image_size
     if s.classes is not None and len(s.classes) != len(classes):
         raise ConfigError(f"grid.shift.classes has {len(s.classes)} names {s.classes}; the dataset has {len(classes)}: "
                          f"{classes} (one name per class, in the dataset's label order)")
-    cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=size or p.image_size)
+    cfg = Csv(file=s.csv, images=s.images, columns=s.columns, size=size)
     test = build_csv(cfg, p.seed, s.classes or classes, complete=False).splits["test"]
-    x = resize_u8(test.images, size or p.image_size)
+    x = resize_u8(test.images, size)
     return Split(to_channels(x, meta.get("channels", 3)), test.labels)  # as `medssl predict` reads its files
