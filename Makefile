@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo answer lint test test-all mlflow-ui serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
+.PHONY: env lock weights demo answer exps lint test test-all mlflow-ui serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
 
 env: $(VENV)/.installed
 
@@ -52,6 +52,11 @@ answer: env weights           # the comparison that decides on a CPU: sets budge
 # single-threaded trainings on 2 cores do more per second than one on two threads, and never oversubscribe.
 # Modules stay whole on a worker (--dist loadscope), in the order tests/conftest.py gives them.
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -n logical --dist loadscope --no-loadscope-reorder
+
+# Experiments side by side (`dvc exp run -S ...`, then `make exps`): the params that differ between them and the
+# headline (champion, its test scores, the verdict's cell counts); all 300+ columns: `dvc exp show --csv`.
+exps: env
+	$(BIN)/dvc exp show --no-pager --md --only-changed --keep 'champion|test\.|cells\.'
 
 lint: env                    # ruff, configured in pyproject.toml: a failing check fails the tests too
 	$(BIN)/ruff check src flows tests benchmarks

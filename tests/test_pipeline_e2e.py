@@ -194,6 +194,8 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert head["champion"] in INITS and 0 < head["test"]["bal_acc"] <= 1 and sum(head["cells"].values()) >= 1
     table = sh(["dvc", "metrics", "show"], d, project["env"]).stdout.splitlines()
     assert len(table) == 2 and max(map(len, table)) <= 160, table  # one row, fits a terminal
+    exps = [r for r in sh(["make", "-s", "exps", f"BIN={BIN}", "-o", ".venv/.installed"], d, project["env"]).stdout.splitlines() if r]
+    assert len(exps) >= 3 and max(map(len, exps)) <= 160 and head["champion"] in exps[2], exps  # `dvc exp show`, readable
     full = sh(["dvc", "metrics", "show", "metrics/report.json", "--json"], d, project["env"]).stdout
     assert '"linear"' in full and '"simclr-vs-imagenet"' in full  # the full table, for `dvc metrics diff --targets`
     client = mlflow.MlflowClient()
