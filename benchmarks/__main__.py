@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmarks.index import write_index
 from medssl.core.engine import Loop, augment, extract_features, predict_proba, prepare_model, train_epoch
 from medssl.core.methods import METHODS
 from medssl.core.probes import knn_probe, linear_probe
@@ -300,6 +301,7 @@ def main() -> None:
     elif "onnx_vs_eager" in res:
         md += ["", f"ONNX Runtime: {res['onnx_vs_eager']['skipped']}"]
     (a.out / f"{tag}.md").write_text("\n".join(md) + "\n")
+    write_index(a.out)  # README.md: the latest result per host
     if a.stem_file:
         a.stem_file.write_text(f"{a.out / tag}\n")
     print("\n".join(md))

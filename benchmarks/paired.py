@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from benchmarks.index import write_index
 from benchmarks.serve import ROOT, cpu_model
 from medssl.compare import N_BOOT, comparisons
 
@@ -60,6 +61,7 @@ def main() -> None:
         f"{res['cells']} cells x {res['test_images']} test images, {res['resamples']} stratified resamples, "
         f"{res['comparison_rows']} comparison rows (balanced accuracy and macro AUC vs ImageNet and random): "
         f"**{res['seconds']} s**.\n")
+    write_index(stem.parent)
     print(json.dumps(res, indent=2))
 
 

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from benchmarks.index import write_index
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,4 +154,5 @@ if __name__ == "__main__":
         f"| 64 MiB chunked, no length | {s['status']} | {s['seconds']} | {s['rss_after_mib']} |", "",
         f"Peak RSS over the run: {res['peak_rss_mib']} MiB. SIGTERM to exit: {res['sigterm_exit_seconds']} s.", ""])
     stem.with_suffix(".md").write_text(md)
+    write_index(stem.parent)
     print(md)
