@@ -122,3 +122,40 @@ def test_fixed_steps_train_the_same_number_of_steps_at_any_subset_size(data, n):
         torch.optim.AdamW.step = orig
     assert len(taken) == 12 and len(fit.curves) == 3
     assert seen.count(min(CFG.batch_size, n)) >= 12  # every training batch full-sized (the rest: evaluation)
+
+
+def test_pretraining_traces_a_curve_from_one_epoch_and_resumes_to_the_same_trace(data):
+    """The loss by optimizer step: ~TRACE_POINTS windows per epoch (a one-epoch run is a curve, not a dot), their
+    step counts and means consistent with the epoch means; killed after epoch 1 and resumed: the same trace."""
+    from medssl.core.methods import METHODS
+    from medssl.core.train import TRACE_POINTS, PretrainSpec, pretrain
+
+    x, _ = data
+    images = x["pool"]  # 70 images, batch 2: 35 steps per epoch
+    cfg = NS(latent_dim=16, beta=1.0, lr=1e-3, weight_decay=0.0)
+    spec = PretrainSpec(cfg=cfg, batch_size=2, epochs=2, aug=CFG.augment, seed=3, device=torch.device("cpu"))
+
+    def method():
+        return METHODS["vae"](cfg, "mobilenet_v2", 32, [0.5] * 3, [0.25] * 3, torch.Generator().manual_seed(3))
+
+    full = pretrain(method(), images, spec)
+    assert [r["epoch"] for r in full.curves] == [1, 2]
+    for epoch, row in zip((1, 2), full.curves):
+        pts = [t for t in full.trace if t["epoch"] == epoch]
+        assert TRACE_POINTS // 2 <= len(pts) <= TRACE_POINTS and pts[-1]["step"] == 35 * epoch
+        assert set(pts[0]) == {"step", *row}  # epoch, loss and the method's parts
+        assert min(t["loss"] for t in pts) <= row["loss"] <= max(t["loss"] for t in pts)  # windows around the mean
+    saved = {}
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(epoch, row, state):
+        assert row["points"] == [t for t in full.trace if t["epoch"] == 1]
+        saved["state"] = state()
+        raise Killed
+
+    with pytest.raises(Killed):
+        pretrain(method(), images, spec, on_epoch=kill_after_first)
+    resumed = pretrain(method(), images, spec, resume=saved["state"])
+    assert resumed.trace == full.trace and resumed.curves == full.curves

@@ -225,6 +225,10 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
     linear = shown["data"]["test balanced accuracy vs labels: linear probe (mean of seeds)"][0]["content"]
     assert linear["encoding"]["x"]["scale"]["type"] == "log" and linear["encoding"]["color"]["field"] == "series"
     assert {v["field"] for v in linear["data"]["values"]} == set(INITS)  # a series (a colour) per init
+    for method in SSL:  # one pretraining epoch (of 4 steps: 512 images, batch 128) is a line, not a dot
+        trace = list(csv.DictReader((d / f"plots/pretrain/{method}.csv").open()))
+        steps = [int(r["step"]) for r in trace]
+        assert len(trace) >= 3 and steps == sorted(set(steps)) and {r["epoch"] for r in trace} == {"1"}, trace
     gap = shown["data"]["fine-tune cells at 100 % labels: overfitting gap by epoch (mean of seeds)"][0]["content"]
     assert {v["filename"] for v in gap["data"]["values"]} == {f"{i}.csv" for i in INITS}
     assert gap["encoding"]["y"]["aggregate"] == "mean" and "fraction" in gap["transform"][0]["filter"]

@@ -13,9 +13,10 @@ from matplotlib.ticker import MaxNLocator
 
 
 def curves_figure(curves: list[dict], title: str, metric: str = "balanced_accuracy") -> Figure:
-    """Per-epoch rows -> one figure. Classifier rows (train_*, val_*, gap_*): loss and `metric` with train and val
+    """Per-epoch rows (or pretraining's per-window rows, by `step`) -> one figure. Classifier rows (train_*, val_*, gap_*): loss and `metric` with train and val
     overlaid, and the train - val gaps. Other rows (pretraining: loss and its parts): one panel per value."""
-    ep = [c["epoch"] for c in curves]
+    x = "step" if curves and "step" in curves[0] else "epoch"  # pretraining traces: by optimizer step
+    ep = [c[x] for c in curves]
     if curves and f"val_{metric}" in curves[0]:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
         for ax, key in zip(axes[:2], ("loss", metric)):
@@ -29,11 +30,11 @@ def curves_figure(curves: list[dict], title: str, metric: str = "balanced_accura
         axes[2].set(xlabel="epoch", title="train - val gap")
         axes[2].legend(fontsize=8)
     else:
-        keys = [k for k in (curves[0] if curves else {}) if k != "epoch"]
+        keys = [k for k in (curves[0] if curves else {}) if k not in ("epoch", "step")]
         fig, axes = plt.subplots(1, max(len(keys), 1), figsize=(4 * max(len(keys), 1), 3.4), squeeze=False)
         for ax, key in zip(axes[0], keys):
-            ax.plot(ep, [c[key] for c in curves], "o-")
-            ax.set(xlabel="epoch", title=key)
+            ax.plot(ep, [c[key] for c in curves], "o-" if len(curves) <= 12 else "-")
+            ax.set(xlabel="optimizer step" if x == "step" else x, title=key)
     for ax in fig.axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)

@@ -51,7 +51,7 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
         diag_gen = generator(seed_of("diagnostics", init, p.seed), device)
 
         def on_epoch(epoch, row, state):
-            tracking.log_epoch(row, "pretrain")
+            tracking.log_curves(row["points"], "pretrain", x="step")  # pretrain/<loss|part> by optimizer step
             for name, img in m.diagnostics(shown, diag_gen).items():
                 mlflow.log_image(img, artifact_file=f"{init}/{name}_epoch{epoch:03d}.png")
             ckpt.save(state)
@@ -62,8 +62,8 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
         save_torch({"backbone": p.model.backbone, "method": method, "init": init, "state_dict": res.encoder}, lay.encoder(init))
         summary = {**res.curves[-1], "first_loss": res.curves[0]["loss"], "seconds": res.seconds, "run_id": run.info.run_id}
         tracking.log_summary({"seconds": res.seconds, "first_loss": res.curves[0]["loss"], "last_loss": res.curves[-1]["loss"]})
-        tracking.log_curves_figure(res.curves, f"pretrain-{init}")
-    write_csv(lay.pretrain_curves(init), res.curves)
+        tracking.log_curves_figure(res.trace, f"pretrain-{init}")
+    write_csv(lay.pretrain_curves(init), res.trace)  # by optimizer step: a curve even from one epoch
     write_json(lay.pretrain_metrics(init), summary)
     ckpt.clear()
     return summary

@@ -181,13 +181,14 @@ def log_epoch(row: dict, group: str | None = None) -> None:
     mlflow.log_metrics({metric_key(k, group): float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
 
 
-def log_curves(curves: list[dict], group: str | None = None) -> None:
-    """Every per-epoch row of a finished fit into the active run, in one request."""
+def log_curves(curves: list[dict], group: str | None = None, x: str = "epoch") -> None:
+    """Rows of a fit ({x: ..., name: value, ...}; per epoch, or per window of steps with x="step") into the active
+    run, at MLflow step row[x], in one request. Only the x key and `epoch` are not logged."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(metric_key(k, group), float(v), now, int(row["epoch"])) for row in curves
-               for k, v in row.items() if k != "epoch"]
+    metrics = [Metric(metric_key(k, group), float(v), now, int(row[x])) for row in curves
+               for k, v in row.items() if k not in (x, "epoch")]
     mlflow.MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 

@@ -151,7 +151,23 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
 class PretrainResult:
     encoder: dict                      # the encoder's state_dict (CPU copy)
     curves: list[dict]                 # per epoch: loss and its parts
+    trace: list[dict] = field(default_factory=list)  # per window of steps: step (optimizer steps done), epoch, loss, parts
     seconds: float = 0.0
+
+
+TRACE_POINTS = 20  # loss points per epoch in PretrainResult.trace: a curve even from a one-epoch run
+
+
+def trace_windows(values: list[list[float]], names: list[str], epoch: int, done: int) -> list[dict]:
+    """Per-step values (loss, parts) of one epoch -> their means over ~TRACE_POINTS windows of consecutive steps,
+    each row at the optimizer steps done by its end (`done`: steps before this epoch)."""
+    w = max(1, -(-len(values) // TRACE_POINTS))
+    rows = []
+    for i in range(0, len(values), w):
+        chunk = values[i : i + w]
+        rows.append({"step": done + i + len(chunk), "epoch": epoch,
+                     **{k: sum(v[j] for v in chunk) / len(chunk) for j, k in enumerate(names)}})
+    return rows
 
 
 @dataclass(frozen=True)
@@ -169,7 +185,8 @@ class PretrainSpec:
 
 def pretrain(method, images: torch.Tensor, spec: PretrainSpec, *, desc: str = "pretrain",
              on_epoch: OnEpoch | None = None, resume: dict | None = None) -> PretrainResult:
-    """Train a core.methods method on unlabelled images (N, S, S, 3) uint8 on `spec.device`, as `spec` says."""
+    """Train a core.methods method on unlabelled images (N, S, S, 3) uint8 on `spec.device`, as `spec` says.
+    on_epoch's row: the epoch's mean loss and parts, and `points`, the epoch's rows of PretrainResult.trace."""
     t0 = time.time()
     gen = generator(spec.seed, spec.device)
     model = prepare_model(method.model, spec.device)
@@ -177,20 +194,31 @@ def pretrain(method, images: torch.Tensor, spec: PretrainSpec, *, desc: str = "p
     bs = min(spec.batch_size, len(images))
     steps = spec.epochs * (len(images) // bs + (len(images) % bs >= 2))
     loop = Loop(opt, warmup_cosine(opt, steps // 10, steps), gen, spec.device, bs)
-    curves = list((resume or {}).get("curves", []))
+    curves, trace = list((resume or {}).get("curves", [])), list((resume or {}).get("trace", []))
     ref = (resume or {}).get("ref_loss")
     start = _restore(resume, model, loop)
+    steps_taken: list[torch.Tensor] = []  # this epoch's step values (loss, parts) on the device, read once per epoch
+
+    def step(idx):
+        loss, parts = method.loss(augment(images[idx], spec.aug, gen), gen)
+        steps_taken.append(torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]))
+        return loss, parts
+
     bar = Progress(desc, spec.epochs, start, items=len(images))
     for epoch in bar:
-        row = train_epoch(model, lambda idx: method.loss(augment(images[idx], spec.aug, gen), gen), len(images), loop,
-                          desc=desc, epoch=epoch, ref_loss=ref)
+        steps_taken.clear()
+        row = train_epoch(model, step, len(images), loop, desc=desc, epoch=epoch, ref_loss=ref)
         first = row.pop("first_step_loss")
         ref = first if ref is None else ref
         row = {"epoch": epoch, **row}
         curves.append(row)
+        points = trace_windows(torch.stack(steps_taken).tolist(), [k for k in row if k != "epoch"], epoch,
+                               trace[-1]["step"] if trace else 0)
+        trace += points
         bar.set(f"loss {row['loss']:.4g}")
         if on_epoch is not None:
             model.eval()
-            on_epoch(epoch, row, lambda: _state(model, loop, {"epoch": epoch, "curves": curves, "ref_loss": ref}))
+            on_epoch(epoch, {**row, "points": points},
+                     lambda: _state(model, loop, {"epoch": epoch, "curves": curves, "trace": trace, "ref_loss": ref}))
     bar.close()
-    return PretrainResult(_copy(method.model.encoder.state_dict()), curves, round(time.time() - t0, 1))
+    return PretrainResult(_copy(method.model.encoder.state_dict()), curves, trace, round(time.time() - t0, 1))
