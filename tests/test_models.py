@@ -86,3 +86,27 @@ def test_normalisation_lives_in_the_model():
     x = torch.rand(2, 3, 32, 32)
     enc = clf.backbone.eval()
     assert torch.allclose(enc(x), enc.trunk((x - enc.mean) / enc.std))
+
+
+def test_view_average_is_the_mean_over_the_eight_flips_and_transposes_and_ignores_them():
+    """finetune.views 8: probabilities averaged over each image's dihedral views, so a flipped or transposed image
+    scores the same; ExportModel applies softmax to the log-mean and returns that mean."""
+    from medssl.models.classifier import with_views
+
+    torch.manual_seed(0)
+    clf = Classifier("mobilenet_v2", 7, imagenet=True, mean=[0.5] * 3, std=[0.25] * 3,
+                     gen=torch.Generator().manual_seed(1)).eval()  # ImageNet features: views that differ
+    x = torch.rand(3, 3, 32, 32)
+    avg = with_views(clf, 8).eval()
+    assert with_views(clf, 1) is clf
+    with torch.no_grad():
+        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+        views += [v.transpose(2, 3) for v in views]
+        mean = torch.stack([clf(v).softmax(1) for v in views]).mean(0)
+        assert torch.allclose(avg(x).softmax(1), mean, atol=1e-6)
+        assert not torch.allclose(clf(x).softmax(1), mean, atol=1e-3)  # the views do differ for this model
+        for moved in (x.flip(3), x.flip(2), x.transpose(2, 3), x.transpose(2, 3).flip(2)):
+            assert torch.allclose(avg(moved), avg(x), atol=1e-5)
+        raw = (torch.rand(2, 20, 20, 3) * 255).to(torch.uint8)
+        out = ExportModel(avg, 32).eval()(raw)
+        assert out.shape == (2, 7) and torch.allclose(out.sum(1), torch.ones(2), atol=1e-5)

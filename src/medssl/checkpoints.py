@@ -8,7 +8,7 @@ from medssl.config import Params
 from medssl.core.rng import generator
 from medssl.errors import ConfigError, MissingInput, StaleStageError, UsageError
 from medssl.layout import Layout
-from medssl.models.classifier import Classifier
+from medssl.models.classifier import Classifier, with_views
 
 
 def backbone_blocks(backbone: torch.nn.Module) -> list[torch.nn.Module]:
@@ -51,7 +51,8 @@ def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = 
 
 
 def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict]:
-    """The trained classifier (eval mode, on `device`) and its checkpoint metadata."""
+    """The trained classifier as it is shipped (eval mode, on `device`; averaging its views when the checkpoint says
+    so, models.classifier.with_views) and its checkpoint metadata."""
     from medssl.core.engine import prepare_model
 
     if not lay.classifier.is_file():
@@ -66,4 +67,4 @@ def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict
                          f"scores); rerun `medssl finetune`")
     model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     model.load_state_dict(ckpt["state_dict"])
-    return prepare_model(model, device).eval(), ckpt
+    return with_views(prepare_model(model, device), ckpt.get("views", 1)).eval(), ckpt

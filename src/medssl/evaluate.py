@@ -106,8 +106,10 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
         + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
-        f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation.\n\n"
-        f"### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
+        f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
+        + (", its probabilities averaged over each image's 8 flips and transposes (`finetune.views`; validation at one "
+           f"view: `{select}` {summary['val_one_view'][select]:.4f})" if summary.get("views", 1) == 8 else "")
+        + f".\n\n### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
         f"### Test\n\n{_table({init: test}, keys)}\n"
         f"Gap at best epoch (train - val): acc {gap['gap_accuracy']:+.3f}, loss {gap['gap_loss']:+.3f}.\n\n"
         "![curves](curves.png)\n![confusion](confusion.png)\n\n"

@@ -17,13 +17,14 @@ import medssl
 from medssl import tracking
 from medssl.checkpoints import build_classifier, load_classifier
 from medssl.config import Params
-from medssl.core.engine import pick_device
-from medssl.core.train import FitData, FitSpec, finetune
+from medssl.core.engine import pick_device, predict_proba
+from medssl.core.train import FitData, FitSpec, finetune, scores
 from medssl.data.prepare import load_prepared
 from medssl.errors import ConfigError
 from medssl.guard import one_writer
 from medssl.io import save_torch, write_csv, write_json
 from medssl.layout import Layout
+from medssl.models.classifier import with_views
 from medssl.resume import Checkpointer, read_grid, resume_key
 
 
@@ -72,23 +73,28 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
             if on_epoch is not None:
                 on_epoch(epoch, row[f"val_{select}"] if f"val_{select}" in row else None)
 
-        fit = finetune(build_classifier(p, init, meta, p.seed, lay),
+        model = build_classifier(p, init, meta, p.seed, lay)
+        fit = finetune(model,
                        FitData(train=(tr_x, tr_y), val=(va_x, splits["val"].labels), sub=(tr_x[sub], tr_y[sub])),
                        FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
                        desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
+        model.load_state_dict(fit.state)  # the best epoch, scored as it ships: over cfg.views views of each image
+        val = scores(splits["val"].labels, predict_proba(with_views(model, cfg.views), va_x), classes)
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
+                    "views": cfg.views,
                     # provenance, read by evaluate and export from the weights themselves (never from a file beside
                     # them that a killed stage can leave stale)
-                    "run_id": run.info.run_id, "select_metric": select, "val": fit.val, "gap_at_best": fit.gap,
+                    "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
                     "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
                    lay.classifier)
-        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "val": fit.val,
-                   "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
+        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": cfg.views, "val": val,
+                   "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
                    "candidates_val": candidates}
         tracking.log_summary({"best_epoch": fit.best_epoch, "seconds": fit.seconds, **{f"best_val_{k}": v for k, v in fit.val.items()},
+                              **{f"shipped_val_{k}": v for k, v in val.items()},
                               **{f"at_best_{k}": v for k, v in fit.gap.items()}})
         tracking.log_curves_figure(fit.curves, f"finetune-{init}")
         if log_model:

@@ -53,10 +53,30 @@ class Classifier(nn.Module):
 class ExportModel(nn.Module):
     """Raw images in, probabilities out: x (N, h, w, C) uint8 -> (N, num_classes) float32."""
 
-    def __init__(self, classifier: Classifier, image_size: int):
+    def __init__(self, classifier: nn.Module, image_size: int):
         super().__init__()
         self.classifier = classifier
         self.image_size = image_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(to_input(x, self.image_size)).softmax(dim=1)
+
+
+class ViewAverage(nn.Module):
+    """A classifier scored on each image's 8 flips/transposes (the group the training augmentation draws from),
+    probabilities averaged: x (N, C, S, S) -> the log of the mean probabilities (N, num_classes), so that softmax
+    (as every caller applies to logits) gives the mean. One forward per view: memory as for one view."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [x, x.flip(3), x.flip(2), x.flip(2).flip(3)]
+        proba = sum(self.classifier(v).float().softmax(1) for v in views + [v.transpose(2, 3) for v in views])
+        return (proba / 8).log()
+
+
+def with_views(classifier: Classifier, views: int) -> nn.Module:
+    """The classifier as it is scored and shipped: itself (views 1) or ViewAverage (views 8; finetune.views)."""
+    return ViewAverage(classifier) if views == 8 else classifier
