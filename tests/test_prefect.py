@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -108,6 +109,32 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     export_run = mlflow.get_run(mv.tags["export_run_id"])
     assert export_run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # produced by this flow run
 
+
+
+def test_the_flow_run_and_its_results_read_in_prefects_own_ui(prefect_stack, tmp_path):
+    """Headless Chromium on the Prefect server's UI (nothing beyond 127.0.0.1): the deployment run's page shows it
+    Completed, and the `medssl-results` artifact renders its markdown, the verdict before the champion."""
+    from browser import Chromium
+
+    runs, _ = flow_runs(prefect_stack, "medssl-pipeline")
+    run = next(r for r in runs if r["state_type"] == "COMPLETED")
+    ui = prefect_stack["env"]["PREFECT_API_URL"].removesuffix("/api")
+    shots = Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path)
+    chromium = Chromium(tmp_path / "profile")
+    try:
+        page = chromium.open(f"{ui}/runs/flow-run/{run['id']}")
+        page.wait(f"document.body.innerText.includes({json.dumps(run['name'])}) && "
+                  "document.body.innerText.includes('Completed')", timeout=120)
+        page.screenshot(shots / "prefect-flow-run.png")
+        art = chromium.open(f"{ui}/artifacts/key/medssl-results")
+        headings = art.wait("(() => { const h = [...document.querySelectorAll('h2')].map(e => e.innerText.trim());"
+                            " return h.includes('Verdict') && h.some(t => t.startsWith('Champion')) ? h : null; })()",
+                            timeout=120)
+        assert headings.index("Verdict") < next(i for i, t in enumerate(headings) if t.startswith("Champion")), headings
+        assert "difference to ImageNet" in art.eval("document.body.innerText")
+        art.screenshot(shots / "prefect-results.png")
+    finally:
+        chromium.close()
 
 SMALL_RUN = ("epochs=1", "pretrain_epochs=1", "max_train=512", "max_eval=256", "grid_epochs=1", "grid_max_train=128",
              "fractions=[0.1, 1.0]")
