@@ -120,7 +120,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     write_json(lay.report_metrics, {**comp, "champion": init,
                                     **({"champion_shift": champ["shift_balanced_accuracy"]} if shifted is not None else {})})
     write_json(lay.headline_metrics, headline(p, init, test, comp))
-    _log_report(p, out, verdict, comp["verdict"])
+    _log_report(p, out, verdict, comp)
     result["verdict"] = verdict
     return result
 
@@ -194,9 +194,28 @@ def headline(p: Params, init: str, test: dict, comp: dict) -> dict:
             "cells": {"ssl": v["ssl"], "reference": v["reference"], "open": v["open"]}}
 
 
-def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
+def comparison_rows(comp: dict) -> dict[str, list]:
+    """The comparison as one table, a row per protocol x init x label fraction: mean test balanced accuracy over
+    the seeds, and the paired difference to the reference init with its 95 % interval and Holm-adjusted p."""
+    ref = comp["verdict"]["reference_init"]
+    paired = comp.get("paired", {}).get("test", {}).get("balanced_accuracy", {})
+    cols = {k: [] for k in ("protocol", "init", "labels", "test_balanced_accuracy", f"minus_{ref}", "ci_low", "ci_high",
+                            "p_holm")}
+    for protocol, inits in comp["balanced_accuracy"].items():
+        for init, by_fraction in inits.items():
+            for fraction, mean in by_fraction.items():
+                d = paired.get(protocol, {}).get("fractions", {}).get(fraction, {}).get(f"{init}-vs-{ref}", {})
+                for k, v in zip(cols, (protocol, init, fraction, mean, d.get("diff"), d.get("lo"), d.get("hi"),
+                                       d.get("p_holm"))):
+                    cols[k].append(v)
+    return cols
+
+
+def _log_report(p: Params, folder: Path, verdict: str, comp: dict) -> None:
     """reports/ -> the pipeline's parent MLflow run (medssl pipeline, Prefect), else a `report` run; the verdict
-    becomes that run's description, and its tags say whether it decides (the same sentence as the report)."""
+    becomes that run's description, and its tags say whether it decides (the same sentence as the report); the
+    comparison as an MLflow table `comparison.json` (one row per protocol x init x fraction: sortable in the UI)."""
+    status = comp["verdict"]
     tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_cells": f"ssl {status['ssl']} / {status['reference_init']} {status['reference']} / open {status['open']} "
                                                                              f"of {status['cells']}",
             "budget": p.budget}
@@ -204,8 +223,10 @@ def _log_report(p: Params, folder: Path, verdict: str, status: dict) -> None:
     if parent:
         client = mlflow.MlflowClient()
         client.log_artifacts(parent, str(folder), "reports")
+        tracking.log_table(comparison_rows(comp), "comparison.json", run_id=parent)
         for k, v in tags.items():
             client.set_tag(parent, k, v)
         return
     with tracking.stage_run(p, "report", {**tracking.base_tags(p), "stage": "evaluate", **tags}):
         mlflow.log_artifacts(str(folder), "reports")
+        tracking.log_table(comparison_rows(comp), "comparison.json")

@@ -204,11 +204,11 @@ def log_summary(values: dict, artifact: str = "summary/run.json") -> None:
     log_table({"name": list(values), "value": [float(v) for v in values.values()]}, artifact)
 
 
-def log_table(columns: dict[str, list], artifact: str) -> None:
-    """Columns as an MLflow table (the run's artifacts, and the UI's evaluation view)."""
+def log_table(columns: dict[str, list], artifact: str, run_id: str | None = None) -> None:
+    """Columns as an MLflow table of the active run (or `run_id`): the run's artifacts, and the UI's evaluation view."""
     with warnings.catch_warnings():  # pandas' deprecation notice from inside mlflow.log_table
         warnings.simplefilter("ignore", DeprecationWarning)
-        mlflow.log_table(columns, artifact_file=artifact)
+        mlflow.log_table(columns, artifact_file=artifact, run_id=run_id)
 
 
 def log_curves_figure(curves: list[dict], title: str, metric: str = "balanced_accuracy") -> None:
