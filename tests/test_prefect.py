@@ -116,8 +116,9 @@ def test_the_flow_run_and_its_results_read_in_prefects_own_ui(prefect_stack, tmp
     Completed, and the `medssl-results` artifact renders its markdown, the verdict before the champion."""
     from browser import Chromium
 
-    runs, _ = flow_runs(prefect_stack, "medssl-pipeline")
+    runs, arts = flow_runs(prefect_stack, "medssl-pipeline")
     run = next(r for r in runs if r["state_type"] == "COMPLETED")
+    results = next(a for a in arts if a["key"] == "medssl-results" and a["flow_run_id"] == run["id"])
     ui = prefect_stack["env"]["PREFECT_API_URL"].removesuffix("/api")
     shots = Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path)
     chromium = Chromium(tmp_path / "profile")
@@ -126,7 +127,7 @@ def test_the_flow_run_and_its_results_read_in_prefects_own_ui(prefect_stack, tmp
         page.wait(f"document.body.innerText.includes({json.dumps(run['name'])}) && "
                   "document.body.innerText.includes('Completed')", timeout=120)
         page.screenshot(shots / "prefect-flow-run.png")
-        art = chromium.open(f"{ui}/artifacts/key/medssl-results")
+        art = chromium.open(f"{ui}/artifacts/artifact/{results['id']}")  # (the key's page is a timeline of versions)
         headings = art.wait("(() => { const h = [...document.querySelectorAll('h2')].map(e => e.innerText.trim());"
                             " return h.includes('Verdict') && h.some(t => t.startsWith('Champion')) ? h : null; })()",
                             timeout=120)
