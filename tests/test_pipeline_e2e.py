@@ -194,6 +194,8 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert head["champion"] in INITS and 0 < head["test"]["bal_acc"] <= 1 and sum(head["cells"].values()) >= 1
     table = sh(["dvc", "metrics", "show"], d, project["env"]).stdout.splitlines()
     assert len(table) == 2 and max(map(len, table)) <= 160, table  # one row, fits a terminal
+    sh(["git", "add", "tuned.yaml", "metrics/headline.json"], d, project["env"])  # as a user commits a run's results
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tuned values, headline"], d, project["env"])
     exps = [r for r in sh(["make", "-s", "exps", f"BIN={BIN}", "-o", ".venv/.installed"], d, project["env"]).stdout.splitlines() if r]
     assert len(exps) >= 3 and max(map(len, exps)) <= 160 and head["champion"] in exps[2], exps  # `dvc exp show`, readable
     full = sh(["dvc", "metrics", "show", "metrics/report.json", "--json"], d, project["env"]).stdout
@@ -427,13 +429,13 @@ def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     assert set(rows[0]) == {"file", "predicted", *(f"p_{c}" for c in NAMES)}
 
     sys.path.insert(0, str(d / "src"))
-    from medssl.models.classifier import Classifier, ExportModel
+    from medssl.models.classifier import Classifier, ExportModel, with_views
 
     ckpt = torch.load(d / "models/finetune/model.pt", weights_only=True)
     clf = Classifier(ckpt["backbone"], 7, ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     clf.load_state_dict(ckpt["state_dict"])
     with torch.no_grad():
-        ref = ExportModel(clf, ckpt["image_size"]).eval()(torch.from_numpy(x)).argmax(1)
+        ref = ExportModel(with_views(clf, ckpt["views"]), ckpt["image_size"]).eval()(torch.from_numpy(x)).argmax(1)
     assert [r["predicted"] for r in rows] == [ckpt["classes"][i] for i in ref.tolist()]
 
     bad = folder / "broken.jpg"

@@ -259,7 +259,7 @@ class Finetune(_Strict):
     frozen_blocks: int = Field(default=0, ge=0)  # leading backbone blocks kept fixed
     augment: Augment = Augment()
     train_eval_size: int = Field(default=1000, ge=16)
-    views: Literal[1, 8] = 8  # the champion's probabilities: averaged over each image's 8 flips/transposes, or 1 view
+    views: Literal[1, 8] = 8  # 8: the champion averages each image's 8 flips/transposes if that scores higher on validation; 1: never
 
 
 class Scale(_Strict):

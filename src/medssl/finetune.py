@@ -78,19 +78,23 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                        FitData(train=(tr_x, tr_y), val=(va_x, splits["val"].labels), sub=(tr_x[sub], tr_y[sub])),
                        FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
                        desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
-        model.load_state_dict(fit.state)  # the best epoch, scored as it ships: over cfg.views views of each image
-        val = scores(splits["val"].labels, predict_proba(with_views(model, cfg.views), va_x), classes)
+        model.load_state_dict(fit.state)  # the best epoch; averaged over its views only where validation says so
+        views, val = 1, fit.val
+        if cfg.views == 8:
+            val8 = scores(splits["val"].labels, predict_proba(with_views(model, 8), va_x), classes)
+            if val8[select] > fit.val[select]:  # else (e.g. a weak model averaged into one class) one view
+                views, val = 8, val8
         save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
-                    "views": cfg.views,
+                    "views": views,
                     # provenance, read by evaluate and export from the weights themselves (never from a file beside
                     # them that a killed stage can leave stale)
                     "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
                     "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
                    lay.classifier)
-        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": cfg.views, "val": val,
+        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views, "val": val,
                    "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
                    "candidates_val": candidates}
         tracking.log_summary({"best_epoch": fit.best_epoch, "seconds": fit.seconds, **{f"best_val_{k}": v for k, v in fit.val.items()},
