@@ -54,9 +54,10 @@ answer: env weights           # the comparison that decides on a CPU: sets budge
 PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -n logical --dist loadscope --no-loadscope-reorder
 
 # Experiments side by side (`dvc exp run -S ...`, then `make exps`): the params that differ between them and the
-# headline (champion, its test scores, the verdict's cell counts); all 300+ columns: `dvc exp show --csv`.
+# headline (champion, its test scores, the verdict's cell counts), not the file dependencies' hashes; all 300+
+# columns: `dvc exp show --csv`.
 exps: env
-	$(BIN)/dvc exp show --no-pager --md --only-changed --keep 'champion|test\.|cells\.'
+	$(BIN)/dvc exp show --no-pager --md --only-changed --drop '.*/.*' --keep 'champion|test\.|cells\.'
 
 lint: env                    # ruff, configured in pyproject.toml: a failing check fails the tests too
 	$(BIN)/ruff check src flows tests benchmarks
