@@ -203,7 +203,7 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     client = mlflow.MlflowClient()
     parent = [r for r in runs_of("e2e") if r.data.tags.get("stage") == "pipeline"][0]
     assert "reports/report.md" in {a.path for a in client.list_artifacts(parent.info.run_id, "reports")}
-    table = mlflow.load_table("comparison.json", run_ids=[parent.info.run_id])  # the comparison, sortable in the UI
+    table = client.load_table(parent.info.experiment_id, "comparison.json", run_ids=[parent.info.run_id])  # sortable in the UI
     assert len(table) == 3 * len(INITS) * len(FRACTIONS) and set(table["init"]) == set(INITS), table
     ssl = table[(table["init"] == "simclr") & (table["protocol"] == "linear")]
     assert ssl["minus_imagenet"].notna().all() and (ssl["ci_low"] <= ssl["minus_imagenet"]).all()
