@@ -156,7 +156,7 @@ def grid_cell(x, y, device, fraction: float):
     tr = (x[:n].to(device), y[:n].to(device))
     val = (x[:1024].to(device), y[:1024].numpy())
     cfg = NS(lr=1e-3, weight_decay=1e-4, batch_size=32, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
-             augment=AUG)
+             augment=AUG, ema_window=0.0)
     classes = [str(i) for i in range(7)]
     run = lambda sub, epochs, steps: finetune(
         make("finetune", x.shape[1]), FitData(train=tr, val=val, sub=sub),

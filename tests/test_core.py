@@ -13,7 +13,7 @@ from medssl.models.classifier import Classifier
 
 CLASSES = [str(i) for i in range(7)]
 CFG = NS(lr=1e-3, weight_decay=1e-4, batch_size=16, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
-         augment=NS(hflip=True, vflip=True, rot90=True, strength=0.5))
+         augment=NS(hflip=True, vflip=True, rot90=True, strength=0.5), ema_window=0.0)
 GRID = NS(linear_c=1.0, linear_class_weight="balanced", knn_k=5)
 BUDGET = NS(epochs=1, steps=None, max_eval=16)
 
@@ -68,12 +68,15 @@ def test_cells_are_identical_sequential_or_on_concurrent_threads(data):
     assert concurrent == sequential
 
 
-def test_resumed_finetune_equals_uninterrupted(data):
-    """Killed after epoch 1 and resumed from its state: the same best state, curves and metrics as 3 epochs in one go."""
+@pytest.mark.parametrize("ema_window", [0.0, 0.5])
+def test_resumed_finetune_equals_uninterrupted(data, ema_window):
+    """Killed after epoch 1 and resumed from its state: the same best state, curves and metrics as 3 epochs in one go
+    (with a weight average too: its state travels with the rest)."""
     x, y = data
     train = (x["pool"], torch.from_numpy(y["pool"]).long())
+    cfg = NS(**{**vars(CFG), "ema_window": ema_window})
     args = (FitData(train=train, val=(x["val"], y["val"]), sub=train),
-            FitSpec(cfg=CFG, epochs=3, select="balanced_accuracy", classes=CLASSES, seed=7, device=torch.device("cpu")))
+            FitSpec(cfg=cfg, epochs=3, select="balanced_accuracy", classes=CLASSES, seed=7, device=torch.device("cpu")))
     full = finetune(model(7), *args)
 
     saved = {}
@@ -90,6 +93,32 @@ def test_resumed_finetune_equals_uninterrupted(data):
     resumed = finetune(model(7), *args, resume=saved["state"])
     assert resumed.curves == full.curves and resumed.best_epoch == full.best_epoch and resumed.val == full.val
     assert all(torch.equal(resumed.state[k], full.state[k]) for k in full.state)
+
+
+def test_weight_average_is_what_finetune_scores_and_keeps(data):
+    """finetune.ema_window: validation scores, and the state returned is, the moving average of the weights over the
+    run (decay 1 - 1/(window x steps), every step averaged in), not the last step's weights."""
+    x, y = data
+    train = (x["pool"], torch.from_numpy(y["pool"]).long())
+    seen = {}
+
+    def last(epoch, row, state):
+        seen["state"], seen["row"] = state(), row
+
+    fit = finetune(model(3), FitData(train=train, val=(x["val"], y["val"]), sub=train),
+                   FitSpec(cfg=NS(**{**vars(CFG), "ema_window": 0.5}), epochs=1, select="balanced_accuracy",
+                           classes=CLASSES, seed=3, device=torch.device("cpu")), on_epoch=last, quiet=True)
+    raw, avg = seen["state"]["model"], seen["state"]["ema"]
+    steps = 70 // CFG.batch_size + (70 % CFG.batch_size >= 2)  # 5: the last batch of 6 kept
+    assert int(avg["n_averaged"]) == steps and fit.ema_decay == pytest.approx(1 - 1 / (0.5 * steps))
+    assert all(torch.equal(fit.state[k], avg[f"module.{k}"]) for k in fit.state)  # kept: the average
+    assert not all(torch.equal(fit.state[k], raw[k]) for k in raw)  # not the last step's weights
+    m = model(3)
+    m.load_state_dict(fit.state)
+    from medssl.core.engine import predict_proba
+    from medssl.core.train import scores
+
+    assert scores(y["val"], predict_proba(m, x["val"]), CLASSES)["balanced_accuracy"] == seen["row"]["val_balanced_accuracy"]
 
 
 @pytest.mark.parametrize("n", [10, 70])

@@ -259,6 +259,7 @@ class Finetune(_Strict):
     frozen_blocks: int = Field(default=0, ge=0)  # leading backbone blocks kept fixed
     augment: Augment = Augment()
     train_eval_size: int = Field(default=1000, ge=16)
+    ema_window: float = Field(default=0.25, ge=0.0, le=1.0)  # the champion's weights: a moving average over this share of its steps; 0: none
     views: Literal[1, 8] = 8  # 8: the champion averages each image's 8 flips/transposes if that scores higher on validation; 1: never
 
 

@@ -107,6 +107,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
+        + (f", its weights a moving average over its steps (decay {summary['ema_decay']:.4f}, `finetune.ema_window`)"
+           if summary.get("ema_decay") else "")
         + (", its probabilities averaged over each image's 8 flips and transposes (`finetune.views`; validation at one "
            f"view: `{select}` {summary['val_one_view'][select]:.4f})" if summary.get("views", 1) == 8 else "")
         + f".\n\n### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"

@@ -88,13 +88,14 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                     "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
                     "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
                     "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
-                    "views": views,
+                    "views": views, "ema_decay": fit.ema_decay,
                     # provenance, read by evaluate and export from the weights themselves (never from a file beside
                     # them that a killed stage can leave stale)
                     "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
                     "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
                    lay.classifier)
-        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views, "val": val,
+        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views,
+                   "ema_decay": fit.ema_decay, "val": val,
                    "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
                    "candidates_val": candidates}
         tracking.log_summary({"best_epoch": fit.best_epoch, "seconds": fit.seconds, **{f"best_val_{k}": v for k, v in fit.val.items()},

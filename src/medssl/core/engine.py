@@ -66,12 +66,14 @@ MAX_WEIGHT = 1e6    # so does a parameter of this magnitude (trained weights sta
 @dataclass
 class Loop:
     """What one epoch steps with: the optimiser, its per-step schedule (or None), the generator of every draw (on
-    the data's device), the device and the batch size."""
+    the data's device), the device and the batch size; `ema`, an exponential moving average of the weights
+    (torch.optim.swa_utils.AveragedModel) updated after every step, or None."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     gen: torch.Generator
     device: torch.device
     batch_size: int
+    ema: torch.nn.Module | None = None
 
 
 def train_epoch(model: torch.nn.Module, step: Step, n: int, loop: Loop, *, desc: str = "train", epoch: int = 1,
@@ -91,6 +93,8 @@ def train_epoch(model: torch.nn.Module, step: Step, n: int, loop: Loop, *, desc:
         loop.optimizer.step()
         if loop.scheduler is not None:
             loop.scheduler.step()
+        if loop.ema is not None:
+            loop.ema.update_parameters(model)
         vals = torch.stack([loss.detach().float(), *(v.detach().float() for v in parts.values())]) * len(idx)
         sums = vals if sums is None else sums + vals
         step_loss = loss.detach().float()

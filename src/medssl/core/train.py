@@ -36,7 +36,8 @@ def _copy(state: dict) -> dict:
 
 def _state(model, loop: Loop, extra: dict) -> dict:
     return {"model": _copy(model.state_dict()), "optimizer": loop.optimizer.state_dict(),
-            "scheduler": loop.scheduler.state_dict(), "generator": loop.gen.get_state(), **extra}
+            "scheduler": loop.scheduler.state_dict(), "generator": loop.gen.get_state(),
+            **({"ema": _copy(loop.ema.state_dict())} if loop.ema is not None else {}), **extra}
 
 
 def _restore(resume: dict | None, model, loop: Loop) -> int:
@@ -46,13 +47,15 @@ def _restore(resume: dict | None, model, loop: Loop) -> int:
     loop.optimizer.load_state_dict(resume["optimizer"])
     loop.scheduler.load_state_dict(resume["scheduler"])
     loop.gen.set_state(resume["generator"])
+    if loop.ema is not None:
+        loop.ema.load_state_dict(resume["ema"])
     return int(resume["epoch"])
 
 
 @dataclass(frozen=True)
 class FitSpec:
     """How a classifier trains. cfg: the finetune section (lr, weight_decay, batch_size, label_smoothing,
-    warmup_epochs, augment, class_weight); epochs: evaluation points; steps: optimizer steps in all, whatever the
+    warmup_epochs, augment, class_weight, ema_window); epochs: evaluation points; steps: optimizer steps in all, whatever the
     size of the training set (a 70-image subset learns as long as a 7,000-image one), `epochs` then being points
     steps / epochs steps apart over fresh random orders of it; None: `epochs` passes over it. select: the
     validation metric that picks the best epoch. Every draw (order, augmentation, dropout) comes from one
@@ -85,6 +88,18 @@ class FitResult:
     state: dict            # the best epoch's state_dict (a copy, on CPU)
     curves: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    ema_decay: float | None = None  # the scored and kept weights' moving-average decay; None: those of the last step
+
+
+def weight_average(model: torch.nn.Module, window: float) -> torch.nn.Module | None:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics over about its last `window`
+    optimizer steps (decay 1 - 1/window), updated after each step (core.engine.train_epoch); None for a window
+    under 2 steps. Averaging the end of a run smooths the noise of its last steps out of the weights."""
+    if window < 2:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / window), use_buffers=True)
 
 
 def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str = "finetune",
@@ -96,12 +111,16 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
     cfg, epochs, steps, select, classes, device = spec.cfg, spec.epochs, spec.steps, spec.select, spec.classes, spec.device
     gen = generator(spec.seed, device)
     model = prepare_model(model, device)
-    model.set_generator(gen)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(tr_y))
     per_epoch = len(tr_y) if steps is None else -(-steps // epochs) * batch  # examples drawn between evaluations
     steps_per_epoch = per_epoch // batch + (per_epoch % batch >= 2)
-    loop = Loop(opt, warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch), gen, device, batch)
+    window = cfg.ema_window * epochs * steps_per_epoch
+    ema = weight_average(model, window)  # copied before the dropout generator is set
+    model.set_generator(gen)
+    loop = Loop(opt, warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch), gen, device, batch,
+                ema)
+    scored = model if ema is None else ema.module  # what is validated, kept and returned
     sub_np = sub_y.cpu().numpy()
     nc = len(classes)
     weight = None
@@ -128,7 +147,7 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
                                   for _ in range(reps)])[:per_epoch].to(device)
         fit = train_epoch(model, step, per_epoch, loop, desc=desc, epoch=epoch, ref_loss=ref)
         ref = fit["first_step_loss"] if ref is None else ref
-        proba = predict_proba(model, torch.cat([sub_x, va_x]))  # one pass over both scored sets
+        proba = predict_proba(scored, torch.cat([sub_x, va_x]))  # one pass over both scored sets
         tr, va = scores(sub_np, proba[: len(sub_x)], classes), scores(va_y, proba[len(sub_x):], classes)
         row = {"epoch": epoch, **{f"train_{k}": tr[k] for k in CURVE}, **{f"val_{k}": va[k] for k in CURVE},
                "val_auc_macro": va["auc_macro"], f"val_{select}": va[select], **overfitting_gap(tr, va, CURVE)}
@@ -136,7 +155,7 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
         bar.set(f"val {select} {va[select]:.3f}")
         if best is None or va[select] > best["val"][select]:
             # copy the tensors: a reference to the live state_dict would keep changing
-            best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(model.state_dict()),
+            best = {"epoch": epoch, "train": tr, "val": va, "state": _copy(scored.state_dict()),
                     "gap": {k: row[k] for k in row if k.startswith("gap_")}}
         if on_epoch is not None:
             on_epoch(epoch, row, lambda: _state(model, loop, {"epoch": epoch, "best": best, "curves": curves,
@@ -144,7 +163,7 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
     bar.close()
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
-                     round(time.time() - t0, 1))
+                     round(time.time() - t0, 1), None if ema is None else 1 - 1 / window)
 
 
 @dataclass
