@@ -8,7 +8,7 @@ import torch
 
 from medssl.core.cells import CellData, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features
-from medssl.core.train import FitData, FitSpec, finetune
+from medssl.core.train import MIN_WINDOW, FitData, FitSpec, finetune, weight_average
 from medssl.models.classifier import Classifier
 
 CLASSES = [str(i) for i in range(7)]
@@ -68,7 +68,7 @@ def test_cells_are_identical_sequential_or_on_concurrent_threads(data):
     assert concurrent == sequential
 
 
-@pytest.mark.parametrize("ema_window", [0.0, 0.5])
+@pytest.mark.parametrize("ema_window", [0.0, 1.0])  # 1.0: an average over the run's 15 steps
 def test_resumed_finetune_equals_uninterrupted(data, ema_window):
     """Killed after epoch 1 and resumed from its state: the same best state, curves and metrics as 3 epochs in one go
     (with a weight average too: its state travels with the rest)."""
@@ -106,10 +106,11 @@ def test_weight_average_is_what_finetune_scores_and_keeps(data):
         seen["state"], seen["row"] = state(), row
 
     fit = finetune(model(3), FitData(train=train, val=(x["val"], y["val"]), sub=train),
-                   FitSpec(cfg=NS(**{**vars(CFG), "ema_window": 0.5}), epochs=1, select="balanced_accuracy",
-                           classes=CLASSES, seed=3, device=torch.device("cpu")), on_epoch=last, quiet=True)
+                   FitSpec(cfg=NS(**{**vars(CFG), "ema_window": 0.5}), epochs=1, steps=MIN_WINDOW * 2,
+                           select="balanced_accuracy", classes=CLASSES, seed=3, device=torch.device("cpu")),
+                   on_epoch=last, quiet=True)
     raw, avg = seen["state"]["model"], seen["state"]["ema"]
-    steps = 70 // CFG.batch_size + (70 % CFG.batch_size >= 2)  # 5: the last batch of 6 kept
+    steps = MIN_WINDOW * 2
     assert int(avg["n_averaged"]) == steps and fit.ema_decay == pytest.approx(1 - 1 / (0.5 * steps))
     assert all(torch.equal(fit.state[k], avg[f"module.{k}"]) for k in fit.state)  # kept: the average
     assert not all(torch.equal(fit.state[k], raw[k]) for k in raw)  # not the last step's weights
@@ -119,6 +120,7 @@ def test_weight_average_is_what_finetune_scores_and_keeps(data):
     from medssl.core.train import scores
 
     assert scores(y["val"], predict_proba(m, x["val"]), CLASSES)["balanced_accuracy"] == seen["row"]["val_balanced_accuracy"]
+    assert weight_average(model(3), MIN_WINDOW - 1) is None  # too few steps to average: the last step's weights
 
 
 @pytest.mark.parametrize("n", [10, 70])

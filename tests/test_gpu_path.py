@@ -94,10 +94,10 @@ def test_finetune_step_loop_makes_every_tensor_on_the_device(monkeypatch):
     monkeypatch.setattr(train, "train_epoch", recorded)
     x, y = images(24), torch.arange(24) % 3
     cfg = NS(lr=1e-3, weight_decay=0.0, batch_size=8, label_smoothing=0.0, warmup_epochs=0, class_weight="balanced",
-             augment=AUG, ema_window=0.5)  # the weight average's update inside the loop too
+             augment=AUG, ema_window=1.0)  # the weight average's update inside the loop too (10 steps)
     model = Classifier("mobilenet_v2", 3, mean=[0.5] * 3, std=[0.25] * 3, gen=torch.Generator().manual_seed(0))
     finetune(model, FitData(train=(x, y), val=(x[:6], y[:6].numpy()), sub=(x[:6], y[:6])),
-             FitSpec(cfg=cfg, epochs=2, steps=6, select="balanced_accuracy", classes=["a", "b", "c"], seed=0,
+             FitSpec(cfg=cfg, epochs=2, steps=10, select="balanced_accuracy", classes=["a", "b", "c"], seed=0,
                      device=torch.device("cpu")), quiet=True)
     assert rec.off_device == [], rec.off_device
     assert len(rec.syncs) == 2 and all(s.startswith("tolist at core/engine.py") for s in rec.syncs), rec.syncs

@@ -91,11 +91,15 @@ class FitResult:
     ema_decay: float | None = None  # the scored and kept weights' moving-average decay; None: those of the last step
 
 
+MIN_WINDOW = 10  # steps: a shorter "average" mostly mixes the untrained head of the first steps into the weights
+                 # (a 20-step run on 160 images, window 5, shipped a one-class predictor)
+
+
 def weight_average(model: torch.nn.Module, window: float) -> torch.nn.Module | None:
     """An exponential moving average of `model`'s weights and BatchNorm statistics over about its last `window`
     optimizer steps (decay 1 - 1/window), updated after each step (core.engine.train_epoch); None for a window
-    under 2 steps. Averaging the end of a run smooths the noise of its last steps out of the weights."""
-    if window < 2:
+    under MIN_WINDOW steps. Averaging the end of a run smooths the noise of its last steps out of the weights."""
+    if window < MIN_WINDOW:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
