@@ -8,7 +8,7 @@ import torch
 
 from medssl.core.cells import CellData, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features
-from medssl.core.train import MIN_WINDOW, FitData, FitSpec, finetune, weight_average
+from medssl.core.train import MIN_WINDOW, FitData, FitSpec, ema_decay, finetune
 from medssl.models.classifier import Classifier
 
 CLASSES = [str(i) for i in range(7)]
@@ -120,7 +120,7 @@ def test_weight_average_is_what_finetune_scores_and_keeps(data):
     from medssl.core.train import scores
 
     assert scores(y["val"], predict_proba(m, x["val"]), CLASSES)["balanced_accuracy"] == seen["row"]["val_balanced_accuracy"]
-    assert weight_average(model(3), MIN_WINDOW - 1) is None  # too few steps to average: the last step's weights
+    assert ema_decay(MIN_WINDOW - 1) is None  # too few steps to average: the last step's weights
 
 
 @pytest.mark.parametrize("n", [10, 70])

@@ -95,15 +95,19 @@ MIN_WINDOW = 10  # steps: a shorter "average" mostly mixes the untrained head of
                  # (a 20-step run on 160 images, window 5, shipped a one-class predictor)
 
 
-def weight_average(model: torch.nn.Module, window: float) -> torch.nn.Module | None:
-    """An exponential moving average of `model`'s weights and BatchNorm statistics over about its last `window`
-    optimizer steps (decay 1 - 1/window), updated after each step (core.engine.train_epoch); None for a window
-    under MIN_WINDOW steps. Averaging the end of a run smooths the noise of its last steps out of the weights."""
-    if window < MIN_WINDOW:
+def ema_decay(window: float) -> float | None:
+    """The decay of a moving average over about its last `window` optimizer steps; None under MIN_WINDOW steps."""
+    return None if window < MIN_WINDOW else 1 - 1 / window
+
+
+def weight_average(model: torch.nn.Module, decay: float | None) -> torch.nn.Module | None:
+    """An exponential moving average of `model`'s weights and BatchNorm statistics (None: none), updated after each
+    step (core.engine.train_epoch). Averaging the end of a run smooths the noise of its last steps out of the weights."""
+    if decay is None:
         return None
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(1 - 1 / window), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str = "finetune",
@@ -119,8 +123,8 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
     batch = min(cfg.batch_size, len(tr_y))
     per_epoch = len(tr_y) if steps is None else -(-steps // epochs) * batch  # examples drawn between evaluations
     steps_per_epoch = per_epoch // batch + (per_epoch % batch >= 2)
-    window = cfg.ema_window * epochs * steps_per_epoch
-    ema = weight_average(model, window)  # copied before the dropout generator is set
+    decay = ema_decay(cfg.ema_window * epochs * steps_per_epoch)
+    ema = weight_average(model, decay)  # copied before the dropout generator is set
     model.set_generator(gen)
     loop = Loop(opt, warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, epochs * steps_per_epoch), gen, device, batch,
                 ema)
@@ -167,7 +171,7 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
     bar.close()
     model.set_generator(None)
     return FitResult(best["epoch"], best["train"], best["val"], best["gap"], best["state"], curves,
-                     round(time.time() - t0, 1), None if ema is None else 1 - 1 / window)
+                     round(time.time() - t0, 1), decay)
 
 
 @dataclass
