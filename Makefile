@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo answer exps lint test test-all mlflow-ui serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
+.PHONY: env lock weights demo answer exps lint test test-all mlflow-ui screenshots serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
 
 env: $(VENV)/.installed
 
@@ -71,6 +71,9 @@ test-all: env weights lint   # what CI runs (.ci/run): + slow end-to-end tests a
 mlflow-ui: env
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --backend-store-uri sqlite:///mlflow.db \
 	  --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
+
+screenshots: env             # docs/img's MLflow screenshots retaken from this project's runs (after `make answer`)
+	$(BIN)/python tests/screenshots.py --project . --out docs/img
 
 # The registered champion over REST on 127.0.0.1:$(SERVE_PORT), no venv to activate: `make serve` is medssl's
 # guarded server, `make mlflow-serve` MLflow's own scoring server on the same model (docs/predict.md).

@@ -125,3 +125,76 @@ class Page:
 IMAGES = ("(() => { if (document.readyState !== 'complete') return null;"
           " const im = Array.from(document.images); if (!im.length || im.some(i => !i.complete)) return null;"
           " return [im.length, im.filter(i => i.naturalWidth === 0).length]; })()")
+
+# MLflow's UI (3.17), as `medssl pipeline`'s links open it. Shared by tests/test_pipeline_e2e.py, which asserts on
+# what these return, and tests/screenshots.py, which retakes docs/img's screenshots from a finished project.
+CLOSE_ASSISTANT = "document.querySelectorAll('button[aria-label=Close]').forEach(b => b.click())"  # a third of the window
+EXPANDER = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'  # the + beside the pipeline run
+SEARCH = 'input[placeholder="Search metric charts"]'
+
+
+def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None) -> str:
+    """The experiment's runs table under its description (links from `medssl.tracking.ui_links`); the page's text."""
+    page = chromium.open(links["experiment"])
+    page.wait("document.body.innerText.includes('its description is the verdict')")
+    page.wait("document.body.innerText.includes('pipeline-') && document.body.innerText.includes('Run Name')")
+    page.eval(CLOSE_ASSISTANT)
+    if shot:
+        time.sleep(1)
+        page.screenshot(shot)
+    return page.eval("document.body.innerText")
+
+
+def init_charts(chromium: Chromium, links: dict, keys: list[str], inits: list[str], shot: Path | None = None) -> dict:
+    """The chart view of the grid-<init> runs: for each metric key, the inits with no bar in its chart
+    ({} when every init has one). Charts off screen are not drawn, so one key is searched at a time; the search box
+    is retyped every 15 s, as it may miss a value typed while the page settles. The shot shows every
+    test_balanced_accuracy_* chart."""
+    chart = chromium.open(links["compare"])
+    chart.wait(f"document.querySelector('{EXPANDER}') !== null")
+    chart.eval(f"document.querySelector('{EXPANDER}').click()")
+    chart.wait(f"document.querySelector('{SEARCH}') !== null")
+    missing = {}
+    for key in keys:
+        for attempt in range(60):
+            if attempt % 15 == 0:
+                chart.type_into(SEARCH, key)
+            time.sleep(1)
+            text = chart.eval("document.body.innerText")
+            at = text.find(key + "\n")
+            bars = text[at:at + 2000].split("test_balanced_accuracy_")[1] if at >= 0 else ""
+            missing[key] = [i for i in inits if not re.search(rf"grid-{re.escape(i)}-\d{{4}}-\d{{6}}", bars)]
+            if not missing[key]:
+                del missing[key]
+                break
+    if shot:
+        chart.type_into(SEARCH, "test_balanced_accuracy_")
+        chart.eval(CLOSE_ASSISTANT)
+        time.sleep(2)
+        chart.screenshot(shot)
+    return missing
+
+
+def report_in_artifact_viewer(chromium: Chromium, base: str, run) -> tuple[Page, int]:
+    """The parent run's reports/report.html in MLflow's sandboxed HTML viewer: the page and the report frame's
+    context, for eval(context=...)."""
+    ui = chromium.open(f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                       "/artifacts/reports/report.html?workflowType=machine_learning")
+    ui.wait("document.querySelector('iframe.mlflow-html-iframe') !== null")
+    deadline = time.time() + 30
+    while not ui.frames() and time.time() < deadline:
+        time.sleep(0.5)
+    return ui, ui.context(ui.frames()[0]["id"])
+
+
+def open_paired_differences(ui: Page, frame: int, shot: Path | None = None) -> int:
+    """Follow the report's link to the paired differences (a relative link is blocked in the viewer, so the table
+    is in the page); the number of its rows, header included."""
+    ui.eval("document.querySelector('a[href=\"#paired_differences.csv\"]').click()", frame)
+    ui.wait("document.getElementById('paired_differences.csv').open", context=frame)
+    rows = ui.eval("document.getElementById('paired_differences.csv').querySelectorAll('tr').length", frame)
+    if shot:
+        ui.eval(CLOSE_ASSISTANT)
+        time.sleep(1)
+        ui.screenshot(shot)
+    return rows

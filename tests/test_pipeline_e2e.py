@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -212,7 +211,7 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
 def test_report_and_plots_render_in_a_browser(project, tmp_path):
     """Headless Chromium with no network: the report from disk and in MLflow's artifact viewer (a real server)
     shows every image; `medssl plots` renders every DVC plot offline, and names a missing input loudly."""
-    from browser import IMAGES, Chromium
+    from browser import IMAGES, Chromium, open_paired_differences, report_in_artifact_viewer
 
     d, env = project["dir"], project["env"]
     knn = d / "plots/report/knn.csv"
@@ -244,22 +243,12 @@ def test_report_and_plots_render_in_a_browser(project, tmp_path):
     try:
         n, broken = chromium.open((d / "reports/report.html").as_uri()).wait(IMAGES)
         assert n >= 4 and broken == 0, (n, broken)
-        ui = chromium.open(f"{project['uri']}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
-                           "/artifacts/reports/report.html?workflowType=machine_learning")
-        ui.wait("document.querySelector('iframe.mlflow-html-iframe') !== null")  # MLflow's sandboxed HTML viewer
-        deadline = time.time() + 30
-        while not ui.frames() and time.time() < deadline:
-            time.sleep(0.5)
-        frame = ui.context(ui.frames()[0]["id"])
+        ui, frame = report_in_artifact_viewer(chromium, project["uri"], parent)  # MLflow's sandboxed HTML viewer
         assert ui.wait(IMAGES, context=frame) == [n, 0]
         # the link to the paired differences opens their table in the page (a relative link is blocked there)
-        ui.eval("document.querySelector('a[href=\"#paired_differences.csv\"]').click()", frame)
-        assert ui.wait("document.getElementById('paired_differences.csv').open", context=frame)
-        rows = ui.eval("document.getElementById('paired_differences.csv').querySelectorAll('tr').length", frame)
+        shot = Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path) / "mlflow-report-table.png"
+        rows = open_paired_differences(ui, frame, shot)
         assert rows == len((d / "reports/paired_differences.csv").read_text().strip().splitlines())
-        ui.eval("document.querySelectorAll('button[aria-label=Close]').forEach(b => b.click())")  # the assistant panel
-        time.sleep(1)
-        ui.screenshot(Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path) / "mlflow-report-table.png")
         plots = chromium.open((d / "dvc_plots/index.html").as_uri())
         drawn = "document.querySelectorAll('.vega-embed canvas, .vega-embed svg.marks').length"  # not the menu icons
         assert plots.wait(f"{drawn} >= {embeds} && {drawn}") == embeds  # every plot drawn without a CDN
@@ -273,48 +262,20 @@ def test_mlflow_ui_shows_the_answer(project, tmp_path):
     its description, and the chart view of the grid-<init> runs with a bar per init in every
     test_balanced_accuracy_<protocol>_f<fraction> chart. Screenshots go to $MEDSSL_SCREENSHOTS (docs/img holds
     the committed ones), else the test's folder."""
-    import re
-
-    from browser import Chromium
+    from browser import Chromium, experiment_page, init_charts
     from medssl.tracking import ui_links
 
     shots = Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path)
     exp = mlflow.get_experiment_by_name("e2e")
     links = ui_links(exp.experiment_id, project["uri"])
     assert links["compare"] in project["log"].replace("\n", "")  # printed at the end of the pipeline
-    # the MLflow Assistant panel takes a third of the window: closed for the screenshots if it is open
-    close_assistant = "document.querySelectorAll('button[aria-label=Close]').forEach(b => b.click())"
     chromium = Chromium(tmp_path / "profile")
     try:
-        page = chromium.open(links["experiment"])
-        page.wait("document.body.innerText.includes('its description is the verdict')")
-        page.wait("document.body.innerText.includes('pipeline-') && document.body.innerText.includes('Run Name')")
-        assert "Traces\n0" not in page.eval("document.body.innerText")  # the runs table, not the GenAI overview
-        page.eval(close_assistant)
-        page.screenshot(shots / "mlflow-experiment.png")
-        chart = chromium.open(links["compare"])
-        expander = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'  # the + beside the pipeline run
-        chart.wait(f"document.querySelector('{expander}') !== null")
-        chart.eval(f"document.querySelector('{expander}').click()")
-        search = 'input[placeholder="Search metric charts"]'
-        chart.wait(f"document.querySelector('{search}') !== null")
-        for protocol in ("linear", "finetune", "knn"):
-            key = f"test_balanced_accuracy_{protocol}_f1"
-            for attempt in range(60):  # one chart at a time (charts off screen are not drawn); retyped every 15 s,
-                if attempt % 15 == 0:  # as the box may miss a value typed while the page settles
-                    chart.type_into(search, key)
-                time.sleep(1)
-                page_text = chart.eval("document.body.innerText")
-                at = page_text.find(key + "\n")
-                text = page_text[at:at + 2000].split("test_balanced_accuracy_")[1] if at >= 0 else ""
-                missing = [i for i in INITS if not re.search(rf"grid-{re.escape(i)}-\d{{4}}-\d{{6}}", text)]
-                if not missing:
-                    break
-            assert not missing, (key, missing, text)  # every init's bar in the chart
-        chart.type_into(search, "test_balanced_accuracy_")
-        chart.eval(close_assistant)
-        time.sleep(2)
-        chart.screenshot(shots / "mlflow-compare-inits.png")
+        text = experiment_page(chromium, links, shots / "mlflow-experiment.png")
+        assert "Traces\n0" not in text  # the runs table, not the GenAI overview
+        keys = [f"test_balanced_accuracy_{protocol}_f1" for protocol in ("linear", "finetune", "knn")]
+        missing = init_charts(chromium, links, keys, INITS, shots / "mlflow-compare-inits.png")
+        assert not missing, missing  # every init's bar in every chart
     finally:
         chromium.close()
 
