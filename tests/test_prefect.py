@@ -111,6 +111,35 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
 
 
 
+def test_the_flow_runs_each_dvc_stage_after_the_stages_it_depends_on(prefect_stack):
+    """The DAG is written twice, in dvc.yaml (for `dvc repro`) and in the flow (Prefect futures): the deployment run
+    above ran one task per dvc.yaml stage of its inits, each started after every stage upstream of it in `dvc dag`
+    had ended (`validate` is the flow's load_params). A stage missing from the flow, or one started early, fails."""
+    from datetime import datetime
+
+    from medssl.repro import Dag
+
+    runs, _ = flow_runs(prefect_stack, "medssl-pipeline")
+    run = next(r for r in runs if r["state_type"] == "COMPLETED")
+    tasks = api(prefect_stack, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
+
+    def stage(name: str) -> str:  # pretrain-simclr -> pretrain@simclr; fetch-1a2 -> fetch
+        kind, _, item = name.partition("-")
+        return f"{kind}@{item}" if kind in ("pretrain", "grid") else kind
+
+    ran = {stage(t["name"]): t for t in tasks if not t["name"].startswith("medssl-grid")}  # not the subflow's
+    dag = Dag.of(prefect_stack["env"], prefect_stack["dir"])
+    name = {s: s.replace("grid_ssl@", "grid@") for s in dag.order}  # one grid task per init in the flow
+    inits = {"random", "imagenet", "simclr"}  # the deployment run's
+    want = {name[s] for s in dag.order if s != "validate" and s.partition("@")[2] in ("", *inits)}
+    assert set(ran) == want, (sorted(ran), sorted(want))
+    when = {s: (datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"])) for s, t in ran.items()}
+    for s in dag.order:
+        if name[s] in ran:
+            early = [name[u] for u in dag.upstream[s] if name[u] in ran and when[name[u]][1] > when[name[s]][0]]
+            assert not early, (s, early)  # started before an upstream stage had ended
+
+
 def test_the_flow_run_and_its_results_read_in_prefects_own_ui(prefect_stack, tmp_path):
     """Headless Chromium on the Prefect server's UI (nothing beyond 127.0.0.1): the deployment run's page shows it
     Completed, and the `medssl-results` artifact renders its markdown, the verdict before the champion."""
