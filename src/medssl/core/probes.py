@@ -2,8 +2,9 @@
 
 linear_probe minimises scikit-learn's LogisticRegression objective (multinomial, L2 on the weights,
 not the bias, class_weight "balanced" or none) on standardised features: on a CPU with scikit-learn itself
-(its lbfgs on one core is 5-7x faster than torch's L-BFGS here, benchmarks/), on a GPU with full-batch
-torch L-BFGS on the device; tests/test_probes.py checks both against scikit-learn. knn_probe is scikit-learn's
+when rows >= features (its lbfgs on one core is 5-7x faster than torch's L-BFGS here, benchmarks/); with fewer
+rows than features (the small label fractions' cells) and on a GPU, with full-batch torch L-BFGS on the device,
+solved in the rows' span; tests/test_probes.py checks both against scikit-learn. knn_probe is scikit-learn's
 KNeighborsClassifier(metric="cosine", weights="distance").
 """
 from __future__ import annotations
