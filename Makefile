@@ -57,7 +57,7 @@ PYTEST := OMP_NUM_THREADS=1 $(BIN)/pytest -n logical --dist loadscope --no-loads
 # headline (champion, its test scores, the verdict's cell counts), not the file dependencies' hashes; all 300+
 # columns: `dvc exp show --csv`.
 exps: env
-	$(BIN)/dvc exp show --no-pager --md --only-changed --drop '.*/.*' --keep 'champion|test\.|cells\.'
+	$(BIN)/dvc exp show --no-pager --md --only-changed --drop '.*/.*|Created' --keep 'champion|test\.|cells\.'
 
 lint: env                    # ruff, configured in pyproject.toml: a failing check fails the tests too
 	$(BIN)/ruff check src flows tests benchmarks
