@@ -76,19 +76,23 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
+def start_mlflow_server(store: str, log, *extra: str) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` on a free 127.0.0.1 port over `store` (one worker, job execution off), in its own process
+    group: the process and its URI. The caller waits for it (wait_http) and stops the group."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", store, *extra, "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server + registry on 127.0.0.1 (SQLite backend, proxied artifacts)."""
     d = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
+    proc, uri = start_mlflow_server(f"sqlite:///{d}/mlflow.db", log, "--artifacts-destination", str(d / "artifacts"))
     try:
         wait_http(f"{uri}/health", proc)
         yield uri

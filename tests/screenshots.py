@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from browser import Chromium, experiment_page, init_charts, open_paired_differences, report_in_artifact_viewer
-from conftest import BIN, free_port, wait_http
+from conftest import start_mlflow_server, wait_http
 
 
 def main() -> None:
@@ -36,12 +36,7 @@ def main() -> None:
 
     os.chdir(project)  # params.yaml, tuned.yaml and the store's relative paths are the project's
     p = load_params()
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", "sqlite:///mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    server, uri = start_mlflow_server("sqlite:///mlflow.db", subprocess.DEVNULL)
     try:
         wait_http(f"{uri}/health", server)
         mlflow.set_tracking_uri(uri)
