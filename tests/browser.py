@@ -163,7 +163,7 @@ def init_charts(chromium: Chromium, links: dict, keys: list[str], inits: list[st
             text = chart.eval("document.body.innerText")
             at = text.find(key + "\n")
             bars = text[at:at + 2000].split("test_balanced_accuracy_")[1] if at >= 0 else ""
-            missing[key] = [i for i in inits if not re.search(rf"grid-{re.escape(i)}-\d{{4}}-\d{{6}}", bars)]
+            missing[key] = [i for i in inits if not re.search(rf"(?m)^\s*{re.escape(i)}\s*$", bars)]  # a legend line
             if not missing[key]:
                 del missing[key]
                 break

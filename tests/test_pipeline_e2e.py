@@ -148,8 +148,10 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     models = client.search_logged_models([ft.info.experiment_id], filter_string=f"source_run_id = '{ft.info.run_id}'")
     assert len(models) == 1 and models[0].name == f"classifier-{champion}"  # the checkpoint, linked to its run
     every = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
-    run_names = [r.info.run_name for r in every]
-    assert len(set(run_names)) == len(run_names), [n for n in run_names if run_names.count(n) > 1]  # unique names
+    named = [(r.data.tags.get("mlflow.parentRunId"), r.info.run_name) for r in every]
+    assert len(set(named)) == len(named), [n for n in named if named.count(n) > 1]  # unique among siblings
+    assert {children[f"grid-{i}"].info.run_name for i in inits} == set(inits)  # an init's run: its name, to fit
+    assert children["export"].info.run_name == "export" and parent.info.run_name.startswith("pipeline-")
     vae_imgs = {a.path for a in client.list_artifacts(children["pretrain-vae"].info.run_id, "vae")}
     assert "vae/reconstructions_epoch001.png" in vae_imgs and "vae/samples_epoch001.png" in vae_imgs
 
@@ -418,6 +420,13 @@ def test_dvc_tracks_changes(project):
     assert changed == {"validate", "fetch", "finetune", *grids}
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
+    sh(["git", "checkout", "params.yaml"], d, env)
+    # a stage reads the chosen budget only (budgets.${budget}): editing another budget reruns nothing
+    set_params(d / "params.yaml", **{"budgets.cpu.finetune_epochs": 99})
+    assert set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout)) == {"validate", "fetch"}
+    set_params(d / "params.yaml", **{"budgets.demo.finetune_epochs": 99})
+    changed = set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout))
+    assert {"prepare", "finetune", *grids, *(f"pretrain@{m}" for m in SSL)} <= changed, changed
     sh(["git", "checkout", "params.yaml"], d, env)
     # every stage depends on the code it runs, and only on that: the report's module reruns evaluate alone,
     # the engine (core/) every training stage, never prepare

@@ -223,9 +223,19 @@ def log_curves_figure(curves: list[dict], title: str, metric: str = "balanced_ac
 
 
 def unique_name(name: str) -> str:
-    """`finetune-imagenet` -> `finetune-imagenet-1123-091204`: run names that tell runs apart in tables and chart
-    legends (the stable name is the tag `medssl.run`)."""
+    """`pipeline` -> `pipeline-1123-091204`: a top-level run's name, telling runs apart in tables and chart legends
+    (the stable name is the tag `medssl.run`)."""
     return f"{name}-{time.strftime('%m%d-%H%M%S')}"
+
+
+def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
+    """The name MLflow shows. A nested run's parent tells it apart from other pipelines' runs, so it keeps the stable
+    name (`pretrain-simclr`), and an init's run (the one holding its scores) is named by the init alone
+    (`imagenet-simclr`): MLflow's chart view shows about 14 characters of a name, so `grid-imagenet-simclr` and
+    `grid-imagenet-mim` would both read `grid-imagenet-…`. A run with no parent gets a timestamp (`unique_name`)."""
+    if parent is None:
+        return unique_name(name)
+    return tags["init"] if tags.get(LEVEL_TAG) == "init" else name
 
 
 def parent_run_id() -> str | None:
@@ -263,7 +273,7 @@ def stage_run(p: Params, name: str, tags: dict[str, str], params: dict | None = 
         if system_metrics:
             logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop lines per run
             mlflow.set_system_metrics_sampling_interval(5)
-        run = mlflow.start_run(run_name=unique_name(name), experiment_id=exp, parent_run_id=parent, nested=True,
+        run = mlflow.start_run(run_name=run_name(name, tags, parent), experiment_id=exp, parent_run_id=parent, nested=True,
                                tags={**tags, **_extra_tags.get(), RUN_TAG: name, PROCESS_TAG: process_id()},
                                log_system_metrics=system_metrics)
         if system_metrics:  # a stage's run: where to watch it, before the long work starts
@@ -303,7 +313,7 @@ def open_run(p: Params, name: str, tags: dict, params: dict, parent: str | None)
     if parent:
         exp = mlflow.get_run(parent).info.experiment_id
     client = mlflow.MlflowClient()
-    run = client.create_run(exp, run_name=unique_name(name), tags={
+    run = client.create_run(exp, run_name=run_name(name, tags, parent), tags={
         **tags, RUN_TAG: name, **({"mlflow.parentRunId": parent} if parent else {})})
     client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in flat_params(params).items()])
     return run.info.run_id
