@@ -34,6 +34,7 @@ from medssl.grid import InitGrid, Shard, grid_data, grid_tags, save_grid_data, w
 from medssl.host import at_once
 from medssl.scale import grid_flow, task_runner
 from medssl.layout import Layout
+from medssl.metric_names import BRIEF, LABEL
 from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,13 +144,11 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
     lines = [f"# medssl-pipeline: {p.data.name}, {p.model.backbone}, budget `{p.budget}`", "",
              "## Verdict", "", results["verdict"], "", "## Champion", "",
              f"Selected on validation `{p.export.select_metric}`; test metrics never feed a choice.", "",
-             "| init | val acc | val bal. acc | val AUC | test acc | test bal. acc | test AUC | MLflow run |",
-             "|---|---|---|---|---|---|---|---|"]
-    for init, r in {results["init"]: results}.items():
-        v, t = r["val"], r["test"]
-        lines.append(f"| {init}{' (champion)' if init == export['champion'] else ''} | {v['accuracy']:.4f} | "
-                     f"{v['balanced_accuracy']:.4f} | {v['auc_macro']:.4f} | {t['accuracy']:.4f} | "
-                     f"{t['balanced_accuracy']:.4f} | {t['auc_macro']:.4f} | {run_link(r['run_id'])} |")
+             "| init | " + " | ".join(f"{split} {LABEL[m]}" for split in ("val", "test") for m in BRIEF) + " | MLflow run |",
+             "|---" * (2 * len(BRIEF) + 2) + "|"]
+    init = results["init"]
+    scores = " | ".join(f"{results[split][m]:.4f}" for split in ("val", "test") for m in BRIEF)
+    lines.append(f"| {init}{' (champion)' if init == export['champion'] else ''} | {scores} | {run_link(results['run_id'])} |")
     model = p.export.registered_model
     version = (f"[{model} v{export['version']}]({uri}/#/models/{model}/versions/{export['version']})" if web
                else f"`{model}` v{export['version']}")
@@ -221,7 +220,7 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             results = evaluated.result()
             md = results_markdown(p, results, export, parent.info.run_id)
             create_markdown_artifact(md, key="medssl-results", description="validation/test metrics and champion")
-            report = inline_images((LAY.reports / "report.md").read_text(), LAY.reports)  # self-contained
+            report = inline_images(LAY.report_md.read_text(), LAY.reports)  # self-contained
             create_markdown_artifact(report, key="medssl-report",
                                      description="init x protocol x label fraction x seed comparison, mean ± 95 % CI")
             mlflow.log_text(md, "prefect/results.md")

@@ -116,7 +116,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"Gap at best epoch (train - val): acc {gap['gap_accuracy']:+.3f}, loss {gap['gap_loss']:+.3f}.\n\n"
         "![curves](curves.png)\n![confusion](confusion.png)\n\n"
     )
-    write_text(out / "report.md", md)
+    write_text(lay.report_md, md)
     write_text(out / "report.html", to_html(md, f"medssl report: {p.data.name}", out))
     write_text(lay.verdict, verdict + "\n")
     write_json(lay.report_metrics, {**comp, "champion": init,

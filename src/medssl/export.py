@@ -30,7 +30,7 @@ from medssl.errors import MissingInput, ParityError, PromotionError, StaleStageE
 from medssl.guard import one_writer
 from medssl.io import read_json, write_json
 from medssl.layout import Layout
-from medssl.metric_names import BRIEF
+from medssl.metric_names import BRIEF, LABEL, TABLE
 from medssl.metrics import classification_metrics
 from medssl.models.classifier import ExportModel
 
@@ -259,10 +259,6 @@ def champion_line(ex: dict) -> str:
     return f"champion {ex['champion']} ({how}) registered as {ex['version_uri']}; {moved} ({ex['reason']})"
 
 
-KEYS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("auc_macro", "macro AUC"),
-        ("kappa", "Cohen's κ"), ("f1_macro", "macro F1"))
-
-
 def _input(size: tuple[int, int, int]) -> str:
     h, w, c = size
     return f"uint8 {'grey' if c == 1 else 'RGB'} images (N, {h}, {w}, {c})"
@@ -311,9 +307,9 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
     from medssl.metrics import task_metrics
 
     val, test = val | task_metrics(val, meta), test | task_metrics(test, meta)
-    extra = ((("kappa_quadratic", "quadratic κ"),) if meta.get("task") == "ordinal" else
-             (("sensitivity", "sensitivity"), ("specificity", "specificity")) if "sensitivity" in test else ())
-    rows = "\n".join(f"| {label} | {val[k]:.4f} | {test[k]:.4f} |" for k, label in (*extra, *KEYS))
+    extra = (("kappa_quadratic",) if meta.get("task") == "ordinal" else
+             ("sensitivity", "specificity") if "sensitivity" in test else ())
+    rows = "\n".join(f"| {LABEL[k]} | {val[k]:.4f} | {test[k]:.4f} |" for k in (*extra, *TABLE))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
             f"`data.path`) at {v.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
             f"test only scored.\n\n"

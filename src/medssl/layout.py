@@ -99,6 +99,10 @@ class Layout:
         return self.reports / "verdict.md"
 
     @property
+    def report_md(self) -> Path:
+        return self.reports / "report.md"
+
+    @property
     def test_metrics(self) -> Path:
         return self.root / "metrics/test.json"
 

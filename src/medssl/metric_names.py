@@ -11,3 +11,6 @@ TABLE = ("accuracy", "balanced_accuracy", "auc_macro", "kappa", "f1_macro")  # t
 GAP = ("accuracy", "balanced_accuracy")  # a grid cell's train - val gap
 CURVE = ("loss", *GAP)                # per-epoch curves: train_, val_ and gap_ each
 PAIRED = ("balanced_accuracy", "auc_macro")  # paired bootstrap differences between inits
+LABEL = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "auc_macro": "macro AUC", "kappa": "Cohen's κ",
+         "kappa_quadratic": "quadratic κ", "f1_macro": "macro F1", "sensitivity": "sensitivity",
+         "specificity": "specificity"}  # how tables headed for people name them
