@@ -116,3 +116,27 @@ def test_validate_runs_before_every_other_stage():
     assert dag.order[0] == "validate"
     assert all("validate" in dag.upstream[s] for s in dag.order[1:]), {s: dag.upstream[s] for s in dag.order}
     assert '"validate" -> "fetch"' in dot and dot.count('"validate" ->') == 1, dot
+
+
+# a value other than params.yaml's for each finetune key, to see whether the grid's cells use it
+OTHER = {"lr": 0.5, "weight_decay": 0.5, "batch_size": 7, "label_smoothing": 0.3, "class_weight": "balanced",
+         "warmup_epochs": 3, "frozen_blocks": 2, "augment.hflip": False, "train_eval_size": 17, "ema_window": 0.9,
+         "views": 1}
+
+
+def test_grid_stages_list_exactly_the_finetune_keys_their_cells_use():
+    """A finetune key that changes the grid cells' settings (Params.grid_finetune, under some budget) is among the
+    grid stages' params in dvc.yaml, and one that does not (the champion's recipe: ema_window, views) is not, so
+    editing it reruns no grid. A new finetune key fails here until OTHER says what it changes."""
+    from medssl.config import Finetune, load_params
+
+    assert {k.split(".")[0] for k in OTHER} == set(Finetune.model_fields), "add the new finetune key to OTHER"
+    base = load_params(ROOT / "params.yaml", tuned=False)
+    for name in ("grid", "grid_ssl"):
+        params = [k for k in stages()[name]["params"] if isinstance(k, str)]
+        assert "finetune" not in params, name
+        listed = {k.split(".", 1)[1] for k in params if k.startswith("finetune.")}
+        for key, value in OTHER.items():
+            used = any(load_params(ROOT / "params.yaml", {"budget": b, f"finetune.{key}": value}, tuned=False).grid_finetune
+                       != base.model_copy(update={"budget": b}).grid_finetune for b in base.budgets)
+            assert used == (key.split(".")[0] in listed), (name, key, used)

@@ -421,6 +421,9 @@ def test_dvc_tracks_changes(project):
     dag = sh(["dvc", "dag", "--dot", "export"], d, env).stdout
     assert '"grid@imagenet" -> "finetune"' in dag and '"finetune" -> "evaluate"' in dag and '"evaluate" -> "export"' in dag, dag
     sh(["git", "checkout", "params.yaml"], d, env)
+    set_params(d / "params.yaml", **{"finetune.ema_window": 0.5})  # the champion's recipe, not the comparison's
+    assert set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout)) == {"validate", "fetch", "finetune"}
+    sh(["git", "checkout", "params.yaml"], d, env)
     # a stage reads the chosen budget only (budgets.${budget}): editing another budget reruns nothing
     set_params(d / "params.yaml", **{"budgets.cpu.finetune_epochs": 99})
     assert set(yaml.safe_load(sh(["dvc", "status", "--json"], d, env).stdout)) == {"validate", "fetch"}

@@ -452,6 +452,15 @@ class Params(_Strict):
         return self.data.image_size or self.run_budget.finetune_image_size or self.image_size
 
     @property
+    def grid_finetune(self) -> Finetune:
+        """The settings of the grid's fine-tune cells: `finetune`'s, with the grid's class weighting and batch size, the
+        last step's weights and one view (ema_window and views are the champion's recipe, not the comparison's, so
+        editing them reruns no grid: dvc.yaml's grid stages list the other finetune keys)."""
+        return self.finetune.model_copy(update={
+            "class_weight": self.grid.finetune_class_weight, "ema_window": 0.0, "views": 1,
+            "batch_size": self.run_budget.grid.batch_size or self.finetune.batch_size})
+
+    @property
     def tune_inits(self) -> list[str]:
         return self.tune.inits or self.inits.all
 

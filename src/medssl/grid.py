@@ -167,7 +167,7 @@ def grid_tags(p: Params, init: str, meta: dict, n_pool: int) -> tuple[dict, dict
             "tuned": str(init in p.tuned), tracking.LEVEL_TAG: "init"}
     params = {"init": init, **g.model_dump(exclude={"shift", "fusion"}), **b.model_dump(), "shift": bool(g.shift),
               "n_pool": n_pool, "backbone": p.model.backbone, "image_size": p.image_size,
-              **tracking.flat_params({"finetune": p.finetune.model_dump()})}
+              **tracking.flat_params({"finetune": p.grid_finetune.model_dump()})}
     return tags, params
 
 
@@ -300,9 +300,7 @@ def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dic
     tags = {**tracking.base_tags(p), "stage": "grid", tracking.LEVEL_TAG: "cell", "init": init, "protocol": "finetune", "regime": job.regime,
             "fraction": str(job.fraction), "seed": str(job.seed)}
     name = f"grid-{init}-{job.regime}-f{job.fraction:g}-s{job.seed}"
-    # the cells train on raw weights: finetune.ema_window is the shipped model's recipe, not part of the comparison
-    cfg = p.finetune.model_copy(update={"class_weight": p.grid.finetune_class_weight,
-                                        "batch_size": b.batch_size or p.finetune.batch_size, "ema_window": 0.0})
+    cfg = p.grid_finetune  # the last step's weights: finetune.ema_window is the shipped model's recipe
     with tracking.stage_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
                                             "seed": job.seed, "batch_size": cfg.batch_size}, ig.run_id):
         cell, fit, probas = finetune_cell(job, build_classifier(p, init, ig.meta, job.seed, ig.lay), cd, init=init,

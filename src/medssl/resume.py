@@ -43,7 +43,8 @@ def inputs_key(p, stage: str, init: str, meta: dict, lay) -> dict[str, object]:
     else:
         enc = lay.encoder(init)
         key |= {"encoder": md5sum(enc) if init in p.inits.ssl and enc.is_file() else init,
-                "finetune": p.finetune.model_dump(), "select": p.export.select_metric}
+                "finetune": (p.finetune if stage == "finetune" else p.grid_finetune).model_dump(),
+                "select": p.export.select_metric}
         key |= ({"epochs": p.run_budget.finetune_epochs, "image_size": p.finetune_image_size} if stage == "finetune" else
                 {"grid": p.grid.model_dump(), "budget": p.run_budget.grid.model_dump()})
     return {"stage": stage, "init": init, **key}
