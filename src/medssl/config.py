@@ -79,7 +79,7 @@ def _multiple_of_16(v: int | None) -> int | None:
 class Budget(_Strict):
     pretrain_epochs: int = Field(ge=1)
     finetune_epochs: int = Field(ge=1)
-    grid: GridBudget = GridBudget()
+    grid: GridBudget  # required: dvc.yaml's grid stages depend on budgets.<budget>.grid (and pretrain on pretrain_epochs)
     image_size: int = Field(default=32, ge=16, le=512)  # prepared resolution under this budget (data.image_size overrides)
     finetune_image_size: int | None = Field(default=None, ge=16, le=512)  # the champion's (the shipped model's); null: image_size
 

@@ -19,7 +19,7 @@ from medssl.metric_names import LOGGED
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PARENT_ENV = "MEDSSL_PARENT_RUN_ID"
-RUN_TAG = "medssl.run"  # a run's stable name (`finetune-imagenet`); its run name adds when it started
+RUN_TAG = "medssl.run"  # a run's stable name (`finetune-imagenet`, `grid-imagenet`); run_name() gives the shown one
 SHARD_TAG = "medssl.shard"  # a grid shard (<init>-s<seed>) on a task runner's worker, and its attempt:
 ATTEMPT_TAG = "medssl.attempt"  # a retried or rescheduled shard's earlier attempts end KILLED (end_superseded)
 PROCESS_TAG = "medssl.process"  # guard.process_id() of the process that owns a RUNNING run
@@ -119,7 +119,7 @@ def experiment_tags(p: Params) -> dict[str, str]:
     the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
-            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<method>`, `grid-<init>` (metrics "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<init>`, a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
             "every cell a nested run), `finetune-<init>` (the champion) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
