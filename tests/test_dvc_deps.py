@@ -140,3 +140,34 @@ def test_grid_stages_list_exactly_the_finetune_keys_their_cells_use():
             used = any(load_params(ROOT / "params.yaml", {"budget": b, f"finetune.{key}": value}, tuned=False).grid_finetune
                        != base.model_copy(update={"budget": b}).grid_finetune for b in base.budgets)
             assert used == (key.split(".")[0] in listed), (name, key, used)
+
+
+def test_medssl_dag_prints_the_graph_in_lines_a_terminal_shows_whole():
+    """`medssl dag`: a line per stage (a foreach stage's instances that read alike share one), each with the stages
+    it reads from, under 160 columns, where `dvc dag` draws 400+; the lines give back dvc.yaml's edges."""
+    import os
+    import re
+
+    from medssl.repro import Dag
+
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    out = subprocess.run([str(BIN / "medssl"), "dag"], cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert max(map(len, lines)) < 160 and len(lines) <= 12, out
+    assert "grid_ssl@{vae,simclr,mim,imagenet-simclr,imagenet-mim} <- prepare, pretrain@(same)" in lines, out
+    dot = subprocess.run([str(BIN / "dvc"), "dag", "--dot"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    parents = Dag(dot).parents
+
+    def expand(name: str, item: str = "") -> list[str]:
+        base, _, items = name.partition("@")
+        if not items:
+            return [base]
+        return [f"{base}@{i}" for i in (items.strip("{}").split(",") if items != "(same)" else [item])]
+
+    edges = set()
+    for line in lines:
+        stage, _, ups = (x.strip() for x in line.partition("<-"))
+        for s in expand(stage):
+            for u in filter(None, re.split(r",\s*(?![^{]*})", ups)):
+                edges |= {(p, s) for p in expand(u, s.partition("@")[2])}
+    assert edges == {(p, s) for s, ps in parents.items() for p in ps}

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from medssl.errors import ConfigError, ImageReadError, UserError
+from medssl.errors import ConfigError, ImageReadError, UsageError, UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -170,6 +170,21 @@ def plots(out: Path = typer.Option(Path("dvc_plots"), help="folder for index.htm
 
     page = show(out)
     err.print(f"plots: {page.resolve()} (offline; `dvc plots show` now uses the same template)", highlight=False)
+
+
+@app.command()
+@_clear_errors
+def dag():
+    """dvc.yaml's stage graph as lines a terminal shows whole: each stage in run order with the stages it reads from
+    (`dvc dag` draws it 400+ columns wide; `dvc dag --mermaid` gives a diagram)."""
+    import os
+
+    from medssl import repro
+
+    try:
+        print(repro.Dag.of(dict(os.environ)).text())
+    except RuntimeError as e:  # DVC's own message: no dvc.yaml here, a broken one
+        raise UsageError(f"dvc dag: {e}") from None
 
 
 @app.command()

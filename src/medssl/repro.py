@@ -50,10 +50,40 @@ class Dag:
         for a, b in re.findall(r'^"([^"]+)" -> "([^"]+)";$', dot, re.M):
             parents.setdefault(b, set()).add(a)
             parents.setdefault(a, set())
+        self.parents = parents
         self.order = list(TopologicalSorter(parents).static_order())
         self.upstream: dict[str, set[str]] = {}
         for n in self.order:
             self.upstream[n] = set().union(*(self.upstream[p] | {p} for p in parents[n]))
+
+    def text(self) -> str:
+        """The graph as lines a terminal shows whole (`dvc dag` draws 18 stages 400+ columns wide): each stage in run
+        order with the stages it reads from directly, `<-`; the instances of a foreach stage that read alike share a
+        line, `grid_ssl@{vae,simclr} <- prepare, pretrain@(same)`, and name a group's stages the same way."""
+        def split(stage: str) -> tuple[str, str]:
+            base, _, item = stage.partition("@")
+            return base, item
+
+        groups: dict[tuple, list[str]] = {}
+        for s in self.order:  # same base, and the same parents once the stage's own item is read as (same)
+            base, item = split(s)
+            same = {p: (f"{split(p)[0]}@(same)" if item and split(p)[1] == item else p) for p in self.parents[s]}
+            groups.setdefault((base, bool(item), frozenset(same.values())), []).append(item)
+
+        def name(base: str, items: list[str]) -> str:
+            return base if items == [""] else f"{base}@{items[0]}" if len(items) == 1 else f"{base}@{{{','.join(items)}}}"
+
+        member = {f"{base}@{i}" if i else base: name(base, items) for (base, _, _), items in groups.items() for i in items}
+        first = {}  # a shown parent -> where its first stage runs (`pretrain@(same)`: where the first pretrain@ does)
+        for i, s in enumerate(self.order):
+            first.setdefault(member[s], i)
+            first.setdefault(f"{split(s)[0]}@(same)", i)
+        rows = []
+        for (base, _, parents), items in groups.items():
+            shown = {member.get(p, p) for p in parents}
+            rows.append((name(base, items), ", ".join(sorted(shown, key=lambda n: (first[n], n)))))
+        width = max(len(n) for n, _ in rows if len(n) <= 24)
+        return "\n".join(f"{n:<{width}} <- {u}" if u else n for n, u in rows)
 
     @classmethod
     def of(cls, env: dict, cwd=None) -> Dag:
