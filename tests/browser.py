@@ -133,16 +133,25 @@ EXPANDER = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'  # the + be
 SEARCH = 'input[placeholder="Search metric charts"]'
 
 
-def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None) -> str:
-    """The experiment's runs table under its description (links from `medssl.tracking.ui_links`); the page's text."""
+def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None, expand: bool = False) -> str:
+    """The experiment's runs table under its description (links from `medssl.tracking.ui_links`); the page's text.
+    expand: with the newest top-level run's nested runs open (its +) in the shot and the text."""
     page = chromium.open(links["experiment"])
     page.wait("document.body.innerText.includes('its description is the verdict')")
     page.wait("document.body.innerText.includes('pipeline-') && document.body.innerText.includes('Run Name')")
     page.eval(CLOSE_ASSISTANT)
+    if expand:
+        page.wait(f"document.querySelector('{EXPANDER}') !== null")
+        page.eval(f"document.querySelector('{EXPANDER}').click()")
+        page.wait("/pretrain-[a-z]/.test(document.body.innerText)")  # a nested run's row
     if shot:
         time.sleep(1)
         page.screenshot(shot)
-    return page.eval("document.body.innerText")
+    text = page.eval("document.body.innerText")
+    if expand:  # MLflow keeps the row open for the next page (init_charts opens it with the same +): close it again
+        page.eval(f"document.querySelector('{EXPANDER}').click()")
+        page.wait("!/pretrain-[a-z]/.test(document.body.innerText)")
+    return text
 
 
 def init_charts(chromium: Chromium, links: dict, keys: list[str], inits: list[str], shot: Path | None = None) -> dict:

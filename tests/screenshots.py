@@ -52,7 +52,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as profile:
             chromium = Chromium(Path(profile))
             try:
-                experiment_page(chromium, links, out / "mlflow-experiment.png")
+                experiment_page(chromium, links, out / "mlflow-experiment.png", expand=True)
                 missing = init_charts(chromium, links, keys, p.inits.all, out / "mlflow-compare-inits.png")
                 ui, frame = report_in_artifact_viewer(chromium, uri, parents[0])
                 open_paired_differences(ui, frame, out / "mlflow-report-table.png")
