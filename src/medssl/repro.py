@@ -82,7 +82,7 @@ class Dag:
         for (base, _, parents), items in groups.items():
             shown = {member.get(p, p) for p in parents}
             rows.append((name(base, items), ", ".join(sorted(shown, key=lambda n: (first[n], n)))))
-        width = max(len(n) for n, _ in rows if len(n) <= 24)
+        width = max((len(n) for n, _ in rows if len(n) <= 24), default=0)  # long group names overhang
         return "\n".join(f"{n:<{width}} <- {u}" if u else n for n, u in rows)
 
     @classmethod
