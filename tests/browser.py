@@ -133,6 +133,12 @@ EXPANDER = 'button[data-component-id$="runnamecellrenderer.tsx_46"]'  # the + be
 SEARCH = 'input[placeholder="Search metric charts"]'
 
 
+def toggle_pipeline_run(page) -> None:
+    """Open (or close) the newest top-level run's nested runs: its + in the runs table, once it is drawn."""
+    page.wait(f"document.querySelector('{EXPANDER}') !== null")
+    page.eval(f"document.querySelector('{EXPANDER}').click()")
+
+
 def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None, expand: bool = False) -> str:
     """The experiment's runs table under its description (links from `medssl.tracking.ui_links`); the page's text.
     expand: with the newest top-level run's nested runs open (its +) in the shot and the text."""
@@ -141,15 +147,14 @@ def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None, e
     page.wait("document.body.innerText.includes('pipeline-') && document.body.innerText.includes('Run Name')")
     page.eval(CLOSE_ASSISTANT)
     if expand:
-        page.wait(f"document.querySelector('{EXPANDER}') !== null")
-        page.eval(f"document.querySelector('{EXPANDER}').click()")
+        toggle_pipeline_run(page)
         page.wait("/pretrain-[a-z]/.test(document.body.innerText)")  # a nested run's row
     if shot:
         time.sleep(1)
         page.screenshot(shot)
     text = page.eval("document.body.innerText")
     if expand:  # MLflow keeps the row open for the next page (init_charts opens it with the same +): close it again
-        page.eval(f"document.querySelector('{EXPANDER}').click()")
+        toggle_pipeline_run(page)
         page.wait("!/pretrain-[a-z]/.test(document.body.innerText)")
     return text
 
@@ -160,8 +165,7 @@ def init_charts(chromium: Chromium, links: dict, keys: list[str], inits: list[st
     is retyped every 15 s, as it may miss a value typed while the page settles. The shot shows every
     test_balanced_accuracy_* chart."""
     chart = chromium.open(links["compare"])
-    chart.wait(f"document.querySelector('{EXPANDER}') !== null")
-    chart.eval(f"document.querySelector('{EXPANDER}').click()")
+    toggle_pipeline_run(chart)
     chart.wait(f"document.querySelector('{SEARCH}') !== null")
     missing = {}
     for key in keys:

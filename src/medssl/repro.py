@@ -68,18 +68,18 @@ class Dag:
         for s in self.order:  # same base, and the same parents once the stage's own item is read as (same)
             base, item = split(s)
             same = {p: (f"{split(p)[0]}@(same)" if item and split(p)[1] == item else p) for p in self.parents[s]}
-            groups.setdefault((base, bool(item), frozenset(same.values())), []).append(item)
+            groups.setdefault((base, frozenset(same.values())), []).append(item)
 
         def name(base: str, items: list[str]) -> str:
             return base if items == [""] else f"{base}@{items[0]}" if len(items) == 1 else f"{base}@{{{','.join(items)}}}"
 
-        member = {f"{base}@{i}" if i else base: name(base, items) for (base, _, _), items in groups.items() for i in items}
+        member = {f"{base}@{i}" if i else base: name(base, items) for (base, _), items in groups.items() for i in items}
         first = {}  # a shown parent -> where its first stage runs (`pretrain@(same)`: where the first pretrain@ does)
         for i, s in enumerate(self.order):
             first.setdefault(member[s], i)
             first.setdefault(f"{split(s)[0]}@(same)", i)
         rows = []
-        for (base, _, parents), items in groups.items():
+        for (base, parents), items in groups.items():
             shown = {member.get(p, p) for p in parents}
             rows.append((name(base, items), ", ".join(sorted(shown, key=lambda n: (first[n], n)))))
         width = max((len(n) for n, _ in rows if len(n) <= 24), default=0)  # long group names overhang
