@@ -199,10 +199,11 @@ def onnx_vs_eager(device, batches=(1, 64, 256), raw: int = 28, size: int = 64):
     import onnxruntime as ort
 
     from medssl.core.onnx import export_onnx
+    from medssl.inference import onnx_providers
 
     model = ExportModel(Classifier("mobilenet_v2", 7, mean=MEAN, std=STD, gen=generator(0)), size).eval()
     x = data(max(batches), raw)[0].numpy()
-    providers = ["CPUExecutionProvider"] if device.type == "cpu" else ["CUDAExecutionProvider"]
+    providers = onnx_providers(cuda=device.type == "cuda")  # as Predictor and `medssl doctor` ask for them
     sess = ort.InferenceSession(export_onnx(model, x[:2]).SerializeToString(), providers=providers)
     if providers[0] not in sess.get_providers():  # compiled in is not loaded: ORT falls back to the CPU
         return {"skipped": f"{providers[0]} did not load in an onnxruntime session (it has {sess.get_providers()}); "

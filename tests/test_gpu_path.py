@@ -215,3 +215,40 @@ def test_a_state_a_cuda_run_left_is_discarded_on_the_cpu_never_restored(tmp_path
     assert line.endswith("left by a run with other device; starting over"), line
     again = Checkpointer(tmp_path / "finetune-imagenet.pt", {**key, "device": "cuda"}).load()  # on its own device: resumed
     assert torch.equal(again["generator"], cuda_gen_state)
+
+
+def test_predictor_doctor_and_the_benchmark_ask_onnx_runtime_for_cuda_one_way(monkeypatch):
+    """`medssl doctor` and the benchmark asked for CUDA without first loading the CUDA libraries torch's wheels carry
+    (Predictor did), so on a GPU doctor could report the provider missing where Predictor loads it, or the reverse.
+    All three ask through inference.onnx_providers; where CUDA does not load (this host), the benchmark says it
+    skipped instead of timing the CPU as CUDA."""
+    import onnxruntime as ort
+
+    from benchmarks.__main__ import onnx_vs_eager
+    from medssl import doctor, inference
+
+    loads = []
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: loads.append(1), raising=False)
+    assert inference.onnx_providers(cuda=False) == ["CPUExecutionProvider"] and not loads
+    assert inference.onnx_providers(cuda=True) == ["CUDAExecutionProvider", "CPUExecutionProvider"] and len(loads) == 1
+    _, used = doctor._onnx_session_providers(want_cuda=True)
+    assert len(loads) == 2
+    res = onnx_vs_eager(torch.device("cuda"), batches=(1,))
+    assert len(loads) == 3
+    if "CUDAExecutionProvider" not in used:
+        assert list(res) == ["skipped"] and res["skipped"].startswith("CUDAExecutionProvider did not load"), res
+    else:
+        assert res[1]["onnx_images_per_s"] > 0
+
+
+def test_resume_keys_of_the_stages_name_the_device(tmp_path):
+    """The stages' own key (not a hand-made one) differs between devices, so a CUDA run's state never reaches a CPU
+    run's `set_state` (test above)."""
+    from medssl.config import load_params
+    from medssl.layout import Layout
+    from medssl.resume import resume_key
+
+    p, lay, meta = load_params("params.yaml"), Layout(tmp_path), {"prepared_digest": "d"}
+    for stage, init in (("pretrain", "simclr"), ("finetune", "imagenet"), ("grid", "random")):
+        cpu, cuda = (resume_key(p.for_init(init), stage, init, meta, lay, d) for d in ("cpu", torch.device("cuda", 0)))
+        assert cpu.pop("device") == "cpu" and cuda.pop("device") == "cuda" and cpu == cuda

@@ -221,9 +221,10 @@ def test_export_refuses_test_scores_of_another_checkpoint(trained):
     use(trained, "long")
 
 
-def test_damaged_or_non_finite_models_are_refused_everywhere(trained, tmp_path):
+def test_damaged_or_non_finite_models_are_refused_everywhere(trained, tmp_path, monkeypatch, capsys):
     """Fails on the code that served and predicted whatever the registered file answered: a bit-rotted model.onnx
     answered NaN for every image and exited 0, and /ping said ok for a model answering NaN."""
+    from medssl import inference
     from medssl.errors import ModelIntegrityError
     from medssl.inference import Predictor
 
@@ -232,6 +233,15 @@ def test_damaged_or_non_finite_models_are_refused_everywhere(trained, tmp_path):
     uri = f"models:/{name}@{p.export.alias}"
     good = Predictor(uri)
     assert good.check() is None
+    # a GPU provider asked for that does not load (compiled in, its libraries missing): said in one line, not silent
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr(inference, "onnx_providers", lambda: ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+        fell_back = Predictor(uri)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert fell_back.session.get_providers() == ["CPUExecutionProvider"] and fell_back.check() is None
+    assert warned == [f"warning: {uri}: onnxruntime could not load TensorrtExecutionProvider and runs on the CPU "
+                      f"(`medssl doctor` says why)"], warned
     # 4 KB of bit rot in the stored copy of the registered weights
     copy = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp_path / "dl"))) / "model.onnx"
     original = copy.read_bytes()

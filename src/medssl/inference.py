@@ -16,18 +16,26 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 MAX_UPSCALE = 4  # smaller images are refused: a 1x1 file would be "predicted" with confidence
 
 
-def onnx_providers() -> list[str]:
-    """CUDA when a GPU is really usable, else CPU only (asking for CUDA on a CPU host logs errors)."""
+def onnx_providers(cuda: bool | None = None) -> list[str]:
+    """The providers to ask ONNX Runtime for, the one way Predictor, `medssl doctor` and the benchmark ask it.
+    cuda None: CUDA when a GPU is really usable (asking for CUDA on a CPU host logs errors); True: CUDA whatever
+    the host claims (doctor on a host that claims a GPU, the benchmark on CUDA); False: the CPU. Asking for CUDA
+    first loads the CUDA libraries torch's wheels carry (`preload_dlls`), which onnxruntime-gpu needs to load it."""
     import onnxruntime as ort
 
-    if has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
-        import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
+    if cuda is None:
+        cuda = has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers()
+        if cuda:
+            import torch
 
-        if torch.cuda.is_available():
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
+            cuda = torch.cuda.is_available()
+    if not cuda:
+        return ["CPUExecutionProvider"]
+    import torch  # noqa: F401  (its CUDA wheels carry the libraries onnxruntime-gpu loads)
+
+    if hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 class Predictor:
