@@ -190,3 +190,28 @@ def test_pretraining_traces_a_curve_from_one_epoch_and_resumes_to_the_same_trace
         pretrain(method(), images, spec, on_epoch=kill_after_first)
     resumed = pretrain(method(), images, spec, resume=saved["state"])
     assert resumed.trace == full.trace and resumed.curves == full.curves
+
+
+def test_a_cells_train_val_gap_scores_a_fixed_part_of_its_subset_whatever_its_size(data, monkeypatch):
+    """The gap curve scores max_eval (else finetune.train_eval_size) images of the cell's subset each evaluation,
+    not the whole subset: at the full budget that was ~15.8 M extra forward passes."""
+    from medssl.core import cells
+
+    x, y = data
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def fit(model, fd, spec, **kw):
+        seen.append((len(fd.train[0]), len(fd.sub[0])))
+        raise Seen
+
+    monkeypatch.setattr(cells, "finetune", fit)
+    cd = CellData(y=y, scored=["val", "test"], classes=CLASSES, x=x)
+    job = plan(y["pool"], [1.0], [], [0])[0]
+    unbounded = NS(epochs=1, steps=None, max_eval=None)
+    for budget, cfg, n in ((BUDGET, CFG, 16), (unbounded, NS(**{**vars(CFG), "train_eval_size": 20}), 20)):
+        with pytest.raises(Seen):
+            finetune_cell(job, model(0), cd, init="random", cfg=cfg, budget=budget, select="balanced_accuracy")
+        assert seen[-1] == (70, n), seen

@@ -252,3 +252,78 @@ def test_resume_keys_of_the_stages_name_the_device(tmp_path):
     for stage, init in (("pretrain", "simclr"), ("finetune", "imagenet"), ("grid", "random")):
         cpu, cuda = (resume_key(p.for_init(init), stage, init, meta, lay, d) for d in ("cpu", torch.device("cuda", 0)))
         assert cpu.pop("device") == "cpu" and cuda.pop("device") == "cuda" and cpu == cuda
+
+
+def test_the_benchmarks_naive_baseline_feeds_nchw(monkeypatch):
+    """The naive loops' inputs are NCHW in memory (to_input's permute alone is NHWC in memory, which made the
+    'naive NCHW' baseline channels_last and its ratio to medssl's channels_last meaningless); medssl's are
+    channels_last."""
+    import benchmarks.__main__ as bm
+
+    nchw = []
+
+    class Recording(bm.Classifier):
+        def forward(self, x):
+            nchw.append(x.is_contiguous())
+            return super().forward(x)
+
+    monkeypatch.setattr(bm, "Classifier", Recording)
+    x, y = bm.data(8, 32)
+    bm.train_naive("finetune", x, y, 4, torch.device("cpu"))
+    assert nchw and all(nchw)
+    nchw.clear()
+    bm.infer(x, 4, torch.device("cpu"), features=False)  # medssl's way, then the naive one
+    assert nchw[:2] == [False, False] and nchw[-2:] == [True, True], nchw
+
+
+@pytest.mark.parametrize("codes, calls, rc", [([124, 124, 0], 3, 0), ([1], 1, 1), ([124, 137], 2, 137), ([3], 1, 3)])
+def test_the_full_budget_recipe_retries_after_a_time_out_only(tmp_path, codes, calls, rc):
+    """docs/gpu.md's `run` (the full budget in slices): its first form retried forever on a real failure (out of
+    memory, a bad value). Run as written there, over a stand-in `medssl` that exits with `codes` in turn."""
+    import subprocess
+    from pathlib import Path
+
+    doc = Path("docs/gpu.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(doc) if line.startswith("run() {"))
+    end = next(i for i in range(start, len(doc)) if doc[i].rstrip().endswith("; }"))
+    (tmp_path / ".venv/bin").mkdir(parents=True)
+    stub = tmp_path / ".venv/bin/medssl"
+    stub.write_text(f'#!/bin/bash\nn=$(($(cat n 2>/dev/null || echo 0) + 1)); echo $n > n\ncodes=({" ".join(map(str, codes))})\n'
+                    f'echo "$@" >> args\nexit ${{codes[$((n - 1))]}}\n')
+    stub.chmod(0o755)
+    r = subprocess.run(["bash", "-c", "\n".join(doc[start : end + 1]) + "\nrun grid imagenet"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == rc and (tmp_path / "args").read_text() == "grid imagenet\n" * calls, r
+
+
+def test_fusion_probes_run_on_the_picked_device(tmp_path, monkeypatch):
+    """The 36 fusion probes ran on the CPU whatever the device; their features now go to pick_device()'s (here a
+    stand-in device, `meta`, that only a deliberate move reaches)."""
+    import numpy as np
+
+    from medssl import fusion
+    from medssl.config import load_params
+    from medssl.core.cells import encoder_seed
+    from medssl.layout import Layout
+
+    p, lay = load_params("params.yaml"), Layout(tmp_path)
+    rng = np.random.default_rng(0)
+    y = {s: np.arange(n) % 7 for s, n in (("pool", 14), ("val", 7), ("test", 7))}
+    for init in {i for group in p.grid.fusion for i in group}:
+        arrays = {f"{s}_x_s{encoder_seed(init, seed, p.seed)}": rng.random((len(v), 4), dtype=np.float32)
+                  for s, v in y.items() for seed in p.grid.seeds}
+        arrays |= {f"{s}_y": v for s, v in y.items()}
+        arrays |= {f"subset_fractions_f{f:g}_s{seed}": np.arange(14) for f in p.grid.fractions for seed in p.grid.seeds}
+        lay.grid_features(init).parent.mkdir(parents=True)
+        np.savez(lay.grid_features(init), **arrays)
+    devices = []
+
+    def probe(job, x, data, **kw):
+        devices.extend(v.device.type for v in x.values())
+        return {}, {}
+
+    monkeypatch.setattr(fusion, "pick_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(fusion, "probe_cell", probe)
+    cells, _ = fusion.fusion_cells(p, [str(c) for c in range(7)], lay)
+    assert len(cells) == len(p.grid.fusion) * len(p.grid.seeds) * len(p.grid.fractions)
+    assert devices and set(devices) == {"meta"}
