@@ -20,7 +20,7 @@ export TORCH_HOME ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/torch
 WEIGHTS := $(TORCH_HOME)/hub/checkpoints/mobilenet_v2-b0353104.pth
 MLFLOW_PORT ?= 5000
 
-.PHONY: env lock weights demo answer exps lint test test-all mlflow-ui screenshots serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle
+.PHONY: env lock weights demo answer exps lint test test-all mlflow-ui screenshots serve mlflow-serve clean-runs prefect-up prefect-down tune gpu-bundle gpu-run
 
 env: $(VENV)/.installed
 
@@ -115,6 +115,10 @@ GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-type
   nvidia-ml-py medmnist pyyaml typer click shellingham rich markdown-it-py mdurl pygments tqdm markdown \
   matplotlib contourpy cycler fonttools kiwisolver pyparsing onnxscript onnx-ir anyio h11 uvicorn google-auth \
   pyasn1 pyasn1-modules fire termcolor scikit-image imageio tifffile lazy-loader
+# The same on a GPU workstation that reaches PyPI: in .venv, no bundle (ARGS: key=value overrides, default budget=full)
+gpu-run: weights
+	bash benchmarks/gpu_host.sh $(ARGS)
+
 gpu-bundle: weights
 	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }
 	rm -rf .gpu.tmp && mkdir -p .gpu.tmp/whl .gpu.tmp/data .gpu.tmp/torch/hub/checkpoints

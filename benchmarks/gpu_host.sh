@@ -8,6 +8,7 @@
 # Before them, once: `medssl doctor` (the call fails, in one line, when a GPU is claimed but would go unused)
 # and `python -m benchmarks` (args from $MEDSSL_BENCH_ARGS). Exit 0 adds every stage's seconds and the
 # champion's test metrics to the benchmark's benchmarks/results/<device>_<date>_<commit>.{json,md}.
+# Without .gpu/, on a workstation where `make env weights` built .venv, it runs in .venv (`make gpu-run`).
 #
 #   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full
 #
@@ -24,14 +25,23 @@ cd "$(dirname "$0")/.."
 G=.gpu                # the bundle (read only)
 R=.medssl/gpu_host    # this host's run: params, logs, times, finished stages
 slice_end=$((SECONDS + ${MEDSSL_SLICE:-480}))
-[ -d $G/whl ] || { echo "$G/whl missing: run \`make gpu-bundle\` where PyPI is reachable, and carry $G" >&2; exit 2; }
-SITE=${TMPDIR:-/tmp}/medssl-site-$(ls $G/whl | md5sum | cut -c1-12)  # once per bundle
-if [ ! -f $SITE/.complete ]; then
-  rm -rf $SITE && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $G/whl/*.whl \
-    && touch $SITE/.complete || exit 2
+if [ -d $G/whl ]; then  # an air-gapped host: PyTorch's company, the bundle's wheels, its data and checkpoint
+  PY=python3
+  SITE=${TMPDIR:-/tmp}/medssl-site-$(ls $G/whl | md5sum | cut -c1-12)  # once per bundle
+  if [ ! -f $SITE/.complete ]; then
+    rm -rf $SITE && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $G/whl/*.whl \
+      && touch $SITE/.complete || exit 2
+  fi
+  export PYTHONPATH=$SITE:$PWD/src
+  export MEDSSL_DATA_PATH=$PWD/$G/data/dermamnist.npz TORCH_HOME=$PWD/$G/torch
+elif [ -x .venv/bin/python ]; then  # a workstation that reached PyPI: `make env weights` (`make gpu-run`)
+  PY=$PWD/.venv/bin/python
+  export PYTHONPATH=$PWD/src
+  echo "no $G bundle: running in .venv (data as \`medssl fetch\` finds it: \$MEDSSL_DATA_PATH, ~/.medmnist or a download)" >&2
+else
+  echo "neither $G/whl nor .venv: run \`make gpu-bundle\` where PyPI is reachable and carry $G, or \`make env weights\` here" >&2
+  exit 2
 fi
-export PYTHONPATH=$SITE:$PWD/src
-export MEDSSL_DATA_PATH=$PWD/$G/data/dermamnist.npz TORCH_HOME=$PWD/$G/torch
 export MLFLOW_TRACKING_URI=sqlite:///$PWD/mlflow.db MLFLOW_DISABLE_TELEMETRY=true PYTHONUNBUFFERED=1
 mkdir -p $R/logs
 P=$R/params.yaml
@@ -40,7 +50,7 @@ P=$R/params.yaml
 # created here, once, so that stages starting side by side do not race to create them
 # (stdout: the SSL inits, then all inits)
 (($#)) || set -- budget=full
-inits=$(python3 - "$P" "$@" <<'EOF'
+inits=$("$PY" - "$P" "$@" <<'EOF'
 import sys, yaml
 from medssl.config import load_params, set_dotted
 from medssl.errors import ConfigError
@@ -65,7 +75,7 @@ EOF
 ) || exit 2
 { read -r -a SSL; read -r -a ALL; } <<<"$inits"
 
-MEDSSL=(python3 -c 'from medssl.cli import main; main()')
+MEDSSL=("$PY" -c 'from medssl.cli import main; main()')
 
 # run NAME COMMAND...: COMMAND, stopped at the slice's end, unless it finished in an earlier call with the same
 # params (a mark under $R/done/<md5 of P>/: outputs committed from other runs do not count)
@@ -120,7 +130,7 @@ mkdir -p $DONE
 touch $R/call-start
 run doctor "${MEDSSL[@]}" doctor || stop $?
 # shellcheck disable=SC2086  # MEDSSL_BENCH_ARGS: words for the benchmark's own options
-run benchmark python3 -m benchmarks --out benchmarks/results --stem-file $R/bench_stem ${MEDSSL_BENCH_ARGS:-} || stop $?
+run benchmark "$PY" -m benchmarks --out benchmarks/results --stem-file $R/bench_stem ${MEDSSL_BENCH_ARGS:-} || stop $?
 run fetch "${MEDSSL[@]}" fetch --params $P || stop $?
 run prepare "${MEDSSL[@]}" prepare --params $P || stop $?
 together pretrain "${SSL[@]}" || stop $?
@@ -128,7 +138,7 @@ together grid "${ALL[@]}" || stop $?
 run finetune "${MEDSSL[@]}" finetune --params $P || stop $?
 run evaluate "${MEDSSL[@]}" evaluate --params $P || stop $?
 run export "${MEDSSL[@]}" export --params $P || stop $?
-python3 - $SECONDS $R/bench_stem $P <<'EOF'
+"$PY" - $SECONDS $R/bench_stem $P <<'EOF'
 import csv, json, sys
 import yaml
 (init, test), = json.load(open("metrics/test.json")).items()

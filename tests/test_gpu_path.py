@@ -327,3 +327,24 @@ def test_fusion_probes_run_on_the_picked_device(tmp_path, monkeypatch):
     cells, _ = fusion.fusion_cells(p, [str(c) for c in range(7)], lay)
     assert len(cells) == len(p.grid.fusion) * len(p.grid.seeds) * len(p.grid.fractions)
     assert devices and set(devices) == {"meta"}
+
+
+def test_the_one_gpu_command_runs_in_the_projects_venv_without_a_bundle(tmp_path):
+    """`benchmarks/gpu_host.sh` needed `make gpu-bundle`'s .gpu/ even on a workstation whose .venv has everything
+    (`make gpu-run`): without .gpu/ it now runs in .venv, and with neither it says both ways in one line. A
+    one-second slice stops it before doctor, after the params are validated in .venv's Python."""
+    import os
+    import subprocess
+
+    from conftest import ROOT, project_copy
+
+    proj = project_copy(tmp_path / "proj")
+    call = lambda: subprocess.run(["bash", "benchmarks/gpu_host.sh", "budget=demo"], cwd=proj, capture_output=True,
+                                  text=True, timeout=300, env={**os.environ, "MEDSSL_SLICE": "1"})
+    r = call()
+    assert r.returncode == 2 and r.stderr.strip() == ("neither .gpu/whl nor .venv: run `make gpu-bundle` where PyPI is "
+                                                      "reachable and carry .gpu, or `make env weights` here"), r.stderr
+    (proj / ".venv").symlink_to(ROOT / ".venv")
+    r = call()
+    assert r.returncode == 4, r.stderr
+    assert r.stderr.startswith("no .gpu bundle: running in .venv") and "budget demo at 32 px" in r.stderr, r.stderr

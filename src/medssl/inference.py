@@ -31,7 +31,7 @@ def onnx_providers(cuda: bool | None = None) -> list[str]:
             cuda = torch.cuda.is_available()
     if not cuda:
         return ["CPUExecutionProvider"]
-    import torch  # noqa: F401  (its CUDA wheels carry the libraries onnxruntime-gpu loads)
+    import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
 
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
