@@ -195,6 +195,9 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert head["champion"] in INITS and 0 < head["test"]["bal_acc"] <= 1 and sum(head["cells"].values()) >= 1
     table = sh(["dvc", "metrics", "show"], d, project["env"]).stdout.splitlines()
     assert len(table) == 2 and max(map(len, table)) <= 160, table  # one row, fits a terminal
+    header, row = sh(["dvc", "metrics", "show", "metrics/export.json"], d, project["env"]).stdout.splitlines()[:2]
+    parity = row[header.index("parity_of_tolerance"):].split()[0]  # (columns are left-aligned under their names)
+    assert float(parity) > 0, (header, row)  # the parity error, where parity_max_abs_diff reads 0.0
     sh(["git", "add", "tuned.yaml", "metrics/headline.json"], d, project["env"])  # as a user commits a run's results
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@localhost", "commit", "-qm", "tuned values, headline"], d, project["env"])
     exps = [r for r in sh(["make", "-s", "exps", f"BIN={BIN}", "-o", ".venv/.installed"], d, project["env"]).stdout.splitlines() if r]
@@ -360,6 +363,7 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
                            if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0])
     assert ft["candidates_val"] == pytest.approx(vals) and ex["champion"] == ft["init"] == max(vals, key=vals.get)
     assert ex["parity_max_abs_diff"] <= 1e-4 and ex["parity_images"] >= 64
+    assert ex["parity_of_tolerance"] == pytest.approx(ex["parity_max_abs_diff"] / 1e-4) and ex["parity_of_tolerance"] <= 1
     client = mlflow.MlflowClient()
     mv = client.get_model_version_by_alias("derm-e2e", "champion")
     assert int(mv.version) == ex["version"]

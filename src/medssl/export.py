@@ -196,6 +196,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
               f"onnx_val_{metric}": onnx_val[metric], **({f"champion_val_{metric}": held[metric]} if held else {}),
               "onnx_bytes": len(proto.SerializeToString()), "onnx_sha256": onnx_sha256(proto),
               "champion_file_version": alias_model, **check,
+              # the parity error as a share of what the gate allows: `dvc metrics show` prints 5 decimals (1e-6 reads 0.0)
+              "parity_of_tolerance": check["parity_max_abs_diff"] / p.export.parity_tolerance,
               **{f"val_{k}": val[k] for k in BRIEF},
               **{f"test_{k}": test[k] for k in BRIEF}}
     write_json(lay.export_metrics, result)
