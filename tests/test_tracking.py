@@ -99,3 +99,45 @@ def test_stages_side_by_side_log_a_new_dataset_without_failing(mlflow_server, tm
     assert not errors, errors
     assert len(runs) == 16 and all([i.dataset.name for i in client.get_run(r).inputs.dataset_inputs] == [f"race{k}-train"]
                                    for k, r in runs)
+
+
+def test_runs_are_named_to_fit_and_pretraining_nests_under_its_init(mlflow_server, monkeypatch):
+    """MLflow's Run Name column shows ~17 characters: `pretrain-imagenet-simclr` and `pretrain-imagenet-mim` both read
+    `pretrain-imagen…`, and cells `grid-imagenet-mim-fractions-…`. The init's run takes its pretraining run of the
+    same pipeline (named `pretrain`) and its cells (named by fraction and seed); stable names stay in `medssl.run`."""
+    import mlflow
+
+    from medssl import tracking
+    from medssl.config import load_params
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    p = load_params("params.yaml", {"mlflow.experiment": "names"})
+    with tracking.stage_run(p, "pipeline", {"stage": "pipeline"}) as earlier:  # another pipeline's pretraining
+        with tracking.stage_run(p, "pretrain-imagenet-simclr", {"stage": "pretrain", "init": "imagenet-simclr"},
+                                parent=earlier.info.run_id) as r:
+            elsewhere = r.info.run_id
+    with tracking.stage_run(p, "pipeline", {"stage": "pipeline"}) as pipeline:
+        parent = pipeline.info.run_id
+        pre = {}
+        for init in ("imagenet-simclr", "imagenet-mim"):
+            with tracking.stage_run(p, f"pretrain-{init}", {"stage": "pretrain", "init": init}, parent=parent) as r:
+                pre[init] = r.info.run_id
+        init_tags = {"stage": "grid", "init": "imagenet-simclr", tracking.LEVEL_TAG: "init"}
+        with tracking.stage_run(p, "grid-imagenet-simclr", init_tags, parent=parent) as grid:
+            tracking.adopt_pretraining(grid.info.run_id, "imagenet-simclr", parent)
+            cell_tags = {"stage": "grid", "init": "imagenet-simclr", tracking.LEVEL_TAG: "cell"}
+            for cell in ("grid-imagenet-simclr-fractions-f0.01-s2", "grid-imagenet-simclr-imbalance:10-f1-s0"):
+                with tracking.stage_run(p, cell, cell_tags, parent=grid.info.run_id):
+                    pass
+    runs = {r.info.run_id: r for r in mlflow.search_runs(experiment_names=["names"], output_format="list")}
+    moved, kept = runs[pre["imagenet-simclr"]], runs[pre["imagenet-mim"]]
+    assert moved.data.tags["mlflow.parentRunId"] == grid.info.run_id and moved.info.run_name == "pretrain"
+    assert moved.data.tags["medssl.run"] == "pretrain-imagenet-simclr"
+    assert kept.data.tags["mlflow.parentRunId"] == parent and kept.info.run_name == "pretrain-imagenet-mim"
+    assert runs[grid.info.run_id].info.run_name == "imagenet-simclr"
+    cells = sorted(r.info.run_name for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == grid.info.run_id)
+    assert cells == ["f0.01-s2", "imb10-f1-s0", "pretrain"]
+    assert runs[elsewhere].data.tags["mlflow.parentRunId"] == earlier.info.run_id
+    assert runs[elsewhere].info.run_name == "pretrain-imagenet-simclr"
+    assert runs[parent].info.run_name.startswith("pipeline-")

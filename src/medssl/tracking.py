@@ -119,9 +119,9 @@ def experiment_tags(p: Params) -> dict[str, str]:
     the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
-            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<init>`, a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
-            "every cell a nested run), `finetune-<init>` (the champion) and `export` (the registered model); the "
+            "under it its pretraining run, `pretrain`, and every cell, `f<fraction>-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
             "the chart view (expand the pipeline run), a bar per init in each chart. This page as a table: the sidebar's "
             "*Model training* switch.")
@@ -229,13 +229,33 @@ def unique_name(name: str) -> str:
 
 
 def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
-    """The name MLflow shows. A nested run's parent tells it apart from other pipelines' runs, so it keeps the stable
-    name (`pretrain-simclr`), and an init's run (the one holding its scores) is named by the init alone
-    (`imagenet-simclr`): MLflow's chart view shows about 14 characters of a name, so `grid-imagenet-simclr` and
-    `grid-imagenet-mim` would both read `grid-imagenet-…`. A run with no parent gets a timestamp (`unique_name`)."""
+    """The name MLflow shows; the stable name is the tag `medssl.run`. MLflow's columns show about 14-17 characters
+    of a name, so `grid-imagenet-simclr` and `grid-imagenet-mim` would both read `grid-imagenet-…`: an init's run
+    (the one holding its scores) is named by the init alone (`imagenet-simclr`), and its cells, nested under it,
+    by what tells them apart there (`f0.01-s0`, `imb10-f1-s0`). Other nested runs keep the stable name
+    (`finetune-imagenet`, `export`; a pretraining run is moved under its init's run as `pretrain`,
+    `adopt_pretraining`). A run with no parent gets a timestamp (`unique_name`)."""
     if parent is None:
         return unique_name(name)
-    return tags["init"] if tags.get(LEVEL_TAG) == "init" else name
+    if tags.get(LEVEL_TAG) == "init":
+        return tags["init"]
+    if tags.get(LEVEL_TAG) == "cell":
+        return name.removeprefix(f"grid-{tags['init']}-").replace("fractions-", "").replace("imbalance:", "imb")
+    return name
+
+
+def adopt_pretraining(init_run: str, init: str, parent: str | None) -> None:
+    """The init's pretraining run of this pipeline (a sibling under `parent`) moved under the init's run, named
+    `pretrain`: side by side under the pipeline run, `pretrain-imagenet-simclr` and `pretrain-imagenet-mim` both
+    read `pretrain-imagen…`. Nothing happens without a parent, or when this pipeline reused an earlier encoder."""
+    if parent is None:
+        return
+    client = mlflow.MlflowClient()
+    exp = client.get_run(parent).info.experiment_id
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.stage = 'pretrain' and tags.init = '{init}'"
+    for r in client.search_runs([exp], query):
+        client.set_tag(r.info.run_id, "mlflow.parentRunId", init_run)
+        client.update_run(r.info.run_id, name="pretrain")
 
 
 def parent_run_id() -> str | None:
