@@ -117,7 +117,7 @@ GPU_WHEELS := mlflow-skinny mlflow-tracing pydantic pydantic-core annotated-type
   pyasn1 pyasn1-modules fire termcolor scikit-image imageio tifffile lazy-loader
 # The same on a GPU workstation that reaches PyPI: in .venv, no bundle (ARGS: key=value overrides, default budget=full)
 gpu-run: weights
-	bash benchmarks/gpu_host.sh $(ARGS)
+	MEDSSL_PYTHON=$(BIN)/python bash benchmarks/gpu_host.sh $(ARGS)
 
 gpu-bundle: weights
 	@test -f "$(MEDSSL_DATA_PATH)" || { echo "set MEDSSL_DATA_PATH to dermamnist.npz"; exit 1; }

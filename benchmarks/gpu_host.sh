@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The full budget on a GPU host that has PyTorch but no package registry, in slices.
+# The full budget on a GPU host, in slices: one with PyTorch but no package registry (the .gpu/ bundle), or a
+# workstation with the project's .venv.
 #
 # Every stage runs through `medssl <stage>`, exactly the command dvc.yaml runs, with the packages the
 # stages need beyond PyTorch's usual company (MLflow's client, pydantic, ...) installed from the wheels
@@ -8,7 +9,8 @@
 # Before them, once: `medssl doctor` (the call fails, in one line, when a GPU is claimed but would go unused)
 # and `python -m benchmarks` (args from $MEDSSL_BENCH_ARGS). Exit 0 adds every stage's seconds and the
 # champion's test metrics to the benchmark's benchmarks/results/<device>_<date>_<commit>.{json,md}.
-# Without .gpu/, on a workstation where `make env weights` built .venv, it runs in .venv (`make gpu-run`).
+# On a GPU workstation that reaches PyPI no bundle is needed: `make gpu-run` (or $MEDSSL_PYTHON) runs it in the
+# project's .venv, as does a call without .gpu/ where `make env weights` built .venv.
 #
 #   bash benchmarks/gpu_host.sh [key=value ...]     default overrides: budget=full
 #
@@ -25,18 +27,22 @@ cd "$(dirname "$0")/.."
 G=.gpu                # the bundle (read only)
 R=.medssl/gpu_host    # this host's run: params, logs, times, finished stages
 slice_end=$((SECONDS + ${MEDSSL_SLICE:-480}))
-if [ -d $G/whl ]; then  # an air-gapped host: PyTorch's company, the bundle's wheels, its data and checkpoint
+if [ -n "${MEDSSL_PYTHON:-}" ]; then  # `make gpu-run`: the project's .venv, bundle or not
+  PY=$MEDSSL_PYTHON
+  export PYTHONPATH="$PWD/src"
+  echo "running in $PY (data as \`medssl fetch\` finds it: \$MEDSSL_DATA_PATH, ~/.medmnist or a download)" >&2
+elif [ -d $G/whl ]; then  # an air-gapped host: PyTorch's company, the bundle's wheels, its data and checkpoint
   PY=python3
-  SITE=${TMPDIR:-/tmp}/medssl-site-$(ls $G/whl | md5sum | cut -c1-12)  # once per bundle
-  if [ ! -f $SITE/.complete ]; then
-    rm -rf $SITE && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $G/whl/*.whl \
-      && touch $SITE/.complete || exit 2
+  SITE="${TMPDIR:-/tmp}/medssl-site-$(ls $G/whl | md5sum | cut -c1-12)"  # once per bundle
+  if [ ! -f "$SITE/.complete" ]; then
+    rm -rf "$SITE" && "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" $G/whl/*.whl \
+      && touch "$SITE/.complete" || exit 2
   fi
-  export PYTHONPATH=$SITE:$PWD/src
-  export MEDSSL_DATA_PATH=$PWD/$G/data/dermamnist.npz TORCH_HOME=$PWD/$G/torch
-elif [ -x .venv/bin/python ]; then  # a workstation that reached PyPI: `make env weights` (`make gpu-run`)
+  export PYTHONPATH="$SITE:$PWD/src"
+  export MEDSSL_DATA_PATH="$PWD/$G/data/dermamnist.npz" TORCH_HOME="$PWD/$G/torch"
+elif [ -x .venv/bin/python ]; then  # a workstation that reached PyPI and ran `make env weights`
   PY=$PWD/.venv/bin/python
-  export PYTHONPATH=$PWD/src
+  export PYTHONPATH="$PWD/src"
   echo "no $G bundle: running in .venv (data as \`medssl fetch\` finds it: \$MEDSSL_DATA_PATH, ~/.medmnist or a download)" >&2
 else
   echo "neither $G/whl nor .venv: run \`make gpu-bundle\` where PyPI is reachable and carry $G, or \`make env weights\` here" >&2

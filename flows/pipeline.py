@@ -198,10 +198,10 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
             refs, meta, n = grid_inputs(p, parent.info.run_id)
             runs = {i: tracking.open_run(p, f"grid-{i}", *grid_tags(p.for_init(i), i, meta, n), parent.info.run_id)
                     for i in p.inits.all}
-            for i, run_id in runs.items():
-                tracking.adopt_pretraining(run_id, i, parent.info.run_id)
             t0 = time.time()
             try:
+                for i, run_id in runs.items():
+                    tracking.adopt_pretraining(run_id, i, parent.info.run_id)
                 shards = grid_flow.with_options(task_runner=task_runner(p))(p, refs, runs, retries)
             except BaseException as e:
                 board.ended("grid shards", f"Failed ({type(e).__name__})")

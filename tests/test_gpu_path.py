@@ -227,14 +227,17 @@ def test_predictor_doctor_and_the_benchmark_ask_onnx_runtime_for_cuda_one_way(mo
     from benchmarks.__main__ import onnx_vs_eager
     from medssl import doctor, inference
 
-    loads = []
-    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: loads.append(1), raising=False)
+    loads, asked, session = [], [], ort.InferenceSession
+    preload = getattr(ort, "preload_dlls", lambda *a, **k: None)
+    monkeypatch.setattr(ort, "preload_dlls", lambda *a, **k: (loads.append(1), preload(*a, **k)), raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", lambda *a, providers, **k: (asked.append(providers), session(*a, providers=providers, **k))[1])
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert inference.onnx_providers(cuda=False) == ["CPUExecutionProvider"] and not loads
-    assert inference.onnx_providers(cuda=True) == ["CUDAExecutionProvider", "CPUExecutionProvider"] and len(loads) == 1
+    assert inference.onnx_providers(cuda=True) == both and len(loads) == 1
     _, used = doctor._onnx_session_providers(want_cuda=True)
-    assert len(loads) == 2
+    assert len(loads) == 2 and asked == [both]
     res = onnx_vs_eager(torch.device("cuda"), batches=(1,))
-    assert len(loads) == 3
+    assert len(loads) == 3 and asked == [both, both]
     if "CUDAExecutionProvider" not in used:
         assert list(res) == ["skipped"] and res["skipped"].startswith("CUDAExecutionProvider did not load"), res
     else:
@@ -344,7 +347,18 @@ def test_the_one_gpu_command_runs_in_the_projects_venv_without_a_bundle(tmp_path
     r = call()
     assert r.returncode == 2 and r.stderr.strip() == ("neither .gpu/whl nor .venv: run `make gpu-bundle` where PyPI is "
                                                       "reachable and carry .gpu, or `make env weights` here"), r.stderr
-    (proj / ".venv").symlink_to(ROOT / ".venv")
+    # .venv/bin/python: the project's interpreter behind a wrapper that records each call
+    (proj / ".venv/bin").mkdir(parents=True)
+    wrapper = proj / ".venv/bin/python"
+    wrapper.write_text(f'#!/bin/bash\necho "$@" >> "{proj}/calls"\nexec {ROOT}/.venv/bin/python "$@"\n')
+    wrapper.chmod(0o755)
     r = call()
     assert r.returncode == 4, r.stderr
     assert r.stderr.startswith("no .gpu bundle: running in .venv") and "budget demo at 32 px" in r.stderr, r.stderr
+    assert (proj / "calls").read_text().startswith("- .medssl/gpu_host/params.yaml budget=demo")  # the params check
+    (proj / "calls").unlink()
+    (proj / ".gpu/whl").mkdir(parents=True)  # a bundle present: `make gpu-run` (MEDSSL_PYTHON) still uses .venv
+    r = subprocess.run(["make", "-s", "-o", "weights", "gpu-run", "ARGS=budget=demo", f"BIN={proj}/.venv/bin"], cwd=proj,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MEDSSL_SLICE": "1"})
+    assert "running in " + str(wrapper) in r.stderr and "budget demo at 32 px" in r.stderr, r.stderr
+    assert (proj / "calls").read_text().startswith("- .medssl/gpu_host/params.yaml budget=demo")
