@@ -200,8 +200,6 @@ def pipeline(data_path: str | None = None, image_size: int | None = None, inits:
                     for i in p.inits.all}
             t0 = time.time()
             try:
-                for i, run_id in runs.items():
-                    tracking.adopt_pretraining(run_id, i, parent.info.run_id)
                 shards = grid_flow.with_options(task_runner=task_runner(p))(p, refs, runs, retries)
             except BaseException as e:
                 board.ended("grid shards", f"Failed ({type(e).__name__})")

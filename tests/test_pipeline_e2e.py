@@ -89,14 +89,9 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     children = {r.data.tags.get("medssl.run"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     inits = INITS
     champion = yaml.safe_load((project["dir"] / "metrics/finetune.json").read_text())["init"]
-    assert set(children) == {f"finetune-{champion}", *(f"grid-{i}" for i in inits), "export"}
-    # each pretraining run under its init's run (named `pretrain` there: side by side, the long names were cut)
-    pre = {r.data.tags["medssl.run"]: r for r in runs if r.data.tags.get("stage") == "pretrain"}
-    assert set(pre) == {f"pretrain-{m}" for m in inits[2:]}
-    assert all(pre[f"pretrain-{m}"].data.tags["mlflow.parentRunId"] == children[f"grid-{m}"].info.run_id
-               and pre[f"pretrain-{m}"].info.run_name == "pretrain" for m in inits[2:])
-    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-simclr"].info.run_id
-             and r.data.tags.get("medssl.level") == "cell"]
+    assert set(children) == {*(f"pretrain-{m}" for m in inits[2:]), f"finetune-{champion}",
+                             *(f"grid-{i}" for i in inits), "export"}
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == children["grid-simclr"].info.run_id]
     assert len(cells) == 3 * (len(FRACTIONS) + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
     md5 = hashlib.md5(dermamnist.read_bytes()).hexdigest()
     lock = yaml.safe_load((project["dir"] / "dvc.lock").read_text())
@@ -104,13 +99,13 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert raw[0]["md5"] == md5  # DVC and MLflow agree on the data version
     source = yaml.safe_load((project["dir"] / "metrics/source.json").read_text())
     assert source["md5"] == md5 and source["path"] == str(dermamnist.resolve())  # and say where it came from
-    for r in (*children.values(), *pre.values()):
+    for r in children.values():
         assert r.info.status == "FINISHED"
         assert r.data.tags["data_md5"] == md5 and r.data.tags["seed"] == "42" and len(r.data.tags["git_commit"]) >= 40
     client = mlflow.MlflowClient()
     for name, splits in (("pretrain-vae", {"train"}), ("grid-imagenet", {"train", "val", "test"}),
                          (f"finetune-{champion}", {"train", "val", "test"})):  # evaluate adds test to the champion's
-        inputs = client.get_run({**children, **pre}[name].info.run_id).inputs.dataset_inputs
+        inputs = client.get_run(children[name].info.run_id).inputs.dataset_inputs
         assert {i.dataset.name for i in inputs} == {f"dermamnist-{s}" for s in splits}, name
         assert {i.dataset.digest for i in inputs} == {md5}  # MLflow's lineage and DVC agree on the data version
     table = [a.path for a in client.list_artifacts(children["grid-imagenet"].info.run_id, "grid")]
@@ -157,7 +152,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert len(set(named)) == len(named), [n for n in named if named.count(n) > 1]  # unique among siblings
     assert {children[f"grid-{i}"].info.run_name for i in inits} == set(inits)  # an init's run: its name, to fit
     assert children["export"].info.run_name == "export" and parent.info.run_name.startswith("pipeline-")
-    vae_imgs = {a.path for a in client.list_artifacts(pre["pretrain-vae"].info.run_id, "vae")}
+    vae_imgs = {a.path for a in client.list_artifacts(children["pretrain-vae"].info.run_id, "vae")}
     assert "vae/reconstructions_epoch001.png" in vae_imgs and "vae/samples_epoch001.png" in vae_imgs
 
 
@@ -302,8 +297,6 @@ def test_each_init_trains_with_its_own_tuned_values(project):
     assert sorted(r.data.tags["init"] for r in trials) == sorted(INITS)  # the same trial budget for every init
     parent = [r for r in runs if r.data.tags.get("stage") == "pipeline"][0]
     stage = {r.data.tags.get("medssl.run"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
-    stage |= {r.data.tags["medssl.run"]: r for r in runs if r.data.tags.get("stage") == "pretrain" and
-              r.data.tags.get("mlflow.parentRunId") in {c.info.run_id for c in stage.values()}}  # under their inits
     for init in INITS:
         grid = stage[f"grid-{init}"].data
         assert grid.tags["tuned"] == "True"

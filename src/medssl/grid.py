@@ -270,7 +270,6 @@ def run_grid(p: Params, init: str, lay: Layout = Layout(), parent: str | None = 
 
     tags, params = grid_tags(p, init, meta, len(data["pool"].labels))
     with tracking.stage_run(p, f"grid-{init}", tags, params, parent, system_metrics=True) as run:
-        tracking.adopt_pretraining(run.info.run_id, init, run.data.tags.get("mlflow.parentRunId"))
         t0 = time.time()
         slots = Slots((lambda: workers) if workers else (lambda: shards_at_once(device)))
         ig = InitGrid(p=p, init=init, data=data, meta=meta, lay=lay, device=device, run_id=run.info.run_id)

@@ -119,9 +119,9 @@ def experiment_tags(p: Params) -> dict[str, str]:
     the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
-            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<init>`, a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
-            "under it its pretraining run, `pretrain`, and every cell, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
+            "every cell a nested run, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
             "the chart view (expand the pipeline run), a bar per init in each chart. This page as a table: the sidebar's "
             "*Model training* switch.")
@@ -233,8 +233,8 @@ def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
     of a name, so `grid-imagenet-simclr` and `grid-imagenet-mim` would both read `grid-imagenet-…`: an init's run
     (the one holding its scores) is named by the init alone (`imagenet-simclr`), and its cells, nested under it,
     by what tells them apart there (`f0.01-s0`, `imb10-f1-s0`). Other nested runs keep the stable name
-    (`finetune-imagenet`, `export`; a pretraining run is moved under its init's run as `pretrain`,
-    `adopt_pretraining`). A run with no parent gets a timestamp (`unique_name`)."""
+    (`pretrain-simclr`, `finetune-imagenet`, `export`: under the pipeline run, where MLflow lists them without
+    "Load more"). A run with no parent gets a timestamp (`unique_name`)."""
     if parent is None:
         return unique_name(name)
     if tags.get(LEVEL_TAG) == "init":
@@ -242,27 +242,6 @@ def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
     if tags.get(LEVEL_TAG) == "cell":
         return name.removeprefix(f"grid-{tags['init']}-").replace("fractions-", "").replace("imbalance:", "imb")
     return name
-
-
-def adopt_pretraining(init_run: str, init: str, parent: str | None) -> None:
-    """The init's ended pretraining runs of this pipeline (siblings under `parent`; a retried stage's failed attempt
-    too) moved under the init's run, named `pretrain`: side by side under the pipeline run,
-    `pretrain-imagenet-simclr` and `pretrain-imagenet-mim` both read `pretrain-imagen…`. Nothing happens without a
-    parent, or when this pipeline reused an earlier encoder. Cosmetic: a tracking error is a warning, never a
-    failed stage."""
-    if parent is None:
-        return
-    try:
-        client = mlflow.MlflowClient()
-        exp = client.get_run(parent).info.experiment_id
-        query = (f"tags.`mlflow.parentRunId` = '{parent}' and tags.stage = 'pretrain' and tags.init = '{init}' "
-                 "and attributes.status != 'RUNNING'")  # a run still open is its process's to end (end_stale_runs)
-        for r in client.search_runs([exp], query):
-            client.set_tag(r.info.run_id, "mlflow.parentRunId", init_run)
-            client.update_run(r.info.run_id, name="pretrain")
-    except mlflow.exceptions.MlflowException as e:
-        print(f"warning: {init}'s pretraining run left beside its grid run ({str(e).splitlines()[0][:160]})",
-              file=sys.stderr)
 
 
 def parent_run_id() -> str | None:
