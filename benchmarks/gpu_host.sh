@@ -27,7 +27,10 @@ cd "$(dirname "$0")/.."
 G=.gpu                # the bundle (read only)
 R=.medssl/gpu_host    # this host's run: params, logs, times, finished stages
 slice_end=$((SECONDS + ${MEDSSL_SLICE:-480}))
-if [ -n "${MEDSSL_PYTHON:-}" ]; then  # `make gpu-run`: the project's .venv, bundle or not
+if [ -z "${MEDSSL_PYTHON:-}" ] && [ ! -d $G/whl ] && [ -x .venv/bin/python ]; then  # `make env weights` built .venv
+  MEDSSL_PYTHON=$PWD/.venv/bin/python
+fi
+if [ -n "${MEDSSL_PYTHON:-}" ]; then  # `make gpu-run`, or no bundle: the project's .venv
   PY=$MEDSSL_PYTHON
   export PYTHONPATH="$PWD/src"
   echo "running in $PY (data as \`medssl fetch\` finds it: \$MEDSSL_DATA_PATH, ~/.medmnist or a download)" >&2
@@ -40,10 +43,6 @@ elif [ -d $G/whl ]; then  # an air-gapped host: PyTorch's company, the bundle's 
   fi
   export PYTHONPATH="$SITE:$PWD/src"
   export MEDSSL_DATA_PATH="$PWD/$G/data/dermamnist.npz" TORCH_HOME="$PWD/$G/torch"
-elif [ -x .venv/bin/python ]; then  # a workstation that reached PyPI and ran `make env weights`
-  PY=$PWD/.venv/bin/python
-  export PYTHONPATH="$PWD/src"
-  echo "no $G bundle: running in .venv (data as \`medssl fetch\` finds it: \$MEDSSL_DATA_PATH, ~/.medmnist or a download)" >&2
 else
   echo "neither $G/whl nor .venv: run \`make gpu-bundle\` where PyPI is reachable and carry $G, or \`make env weights\` here" >&2
   exit 2

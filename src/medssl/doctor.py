@@ -55,7 +55,7 @@ def _onnx_session_providers(want_cuda: bool) -> tuple[list[str], list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "doctor.onnx")
         onnx.save(model, path)
-        asked = onnx_providers(cuda=True if want_cuda else None)
+        asked = onnx_providers(cuda=want_cuda or None)
         sess = ort.InferenceSession(path, providers=asked)
         return ort.get_available_providers(), sess.get_providers()
 

@@ -23,16 +23,15 @@ def onnx_providers(cuda: bool | None = None) -> list[str]:
     first loads the CUDA libraries torch's wheels carry (`preload_dlls`), which onnxruntime-gpu needs to load it."""
     import onnxruntime as ort
 
-    if cuda is None:
+    auto = cuda is None
+    if auto:
         cuda = has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers()
-        if cuda:
-            import torch
+    if cuda:
+        import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
 
-            cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() or not auto
     if not cuda:
         return ["CPUExecutionProvider"]
-    import torch  # its CUDA wheels carry the libraries onnxruntime-gpu loads
-
     if hasattr(ort, "preload_dlls"):
         ort.preload_dlls()
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
