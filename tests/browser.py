@@ -148,14 +148,14 @@ def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None, e
     page.eval(CLOSE_ASSISTANT)
     if expand:
         toggle_pipeline_run(page)
-        page.wait("/pretrain-[a-z]/.test(document.body.innerText)")  # a nested run's row
+        page.wait("/ssl-[a-z]/.test(document.body.innerText)")  # a nested run's row
     if shot:
         time.sleep(1)
         page.screenshot(shot)
     text = page.eval("document.body.innerText")
     if expand:  # MLflow keeps the row open for the next page (init_charts opens it with the same +): close it again
         toggle_pipeline_run(page)
-        page.wait("!/pretrain-[a-z]/.test(document.body.innerText)")
+        page.wait("!/ssl-[a-z]/.test(document.body.innerText)")
     return text
 
 

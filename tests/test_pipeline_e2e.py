@@ -150,6 +150,9 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     every = mlflow.search_runs(experiment_names=["e2e"], output_format="list")
     named = [(r.data.tags.get("mlflow.parentRunId"), r.info.run_name) for r in every]
     assert len(set(named)) == len(named), [n for n in named if named.count(n) > 1]  # unique among siblings
+    cut = [(parent_id, name[:15]) for parent_id, name in named if parent_id]  # what MLflow's Run Name column shows
+    assert len(set(cut)) == len(cut), [n for n in cut if cut.count(n) > 1]  # ...and told apart there
+    assert {children[f"pretrain-{m}"].info.run_name for m in inits[2:]} == {f"ssl-{m}" for m in inits[2:]}
     assert {children[f"grid-{i}"].info.run_name for i in inits} == set(inits)  # an init's run: its name, to fit
     assert children["export"].info.run_name == "export" and parent.info.run_name.startswith("pipeline-")
     vae_imgs = {a.path for a in client.list_artifacts(children["pretrain-vae"].info.run_id, "vae")}

@@ -103,7 +103,8 @@ def test_stages_side_by_side_log_a_new_dataset_without_failing(mlflow_server, tm
 
 def test_runs_are_named_to_fit_the_run_name_column(mlflow_server, monkeypatch):
     """MLflow's Run Name column shows ~17 characters: cells were `grid-imagenet-mim-fractions-f0.01-s0`, all reading
-    `grid-imag…` under their init's run. An init's run is named by the init, its cells by fraction and seed;
+    `grid-imag…` under their init's run. An init's run is named by the init, its cells by fraction and seed, a
+    pretraining run `ssl-<init>` (`pretrain-imagenet-simclr` and `-mim` both read `pretrain-imagen…`);
     stable names stay in `medssl.run`; a top-level run gets its start time."""
     import mlflow
 
@@ -129,5 +130,6 @@ def test_runs_are_named_to_fit_the_run_name_column(mlflow_server, monkeypatch):
     cells = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == grid.info.run_id]
     assert sorted((r.info.run_name, r.data.tags["medssl.run"]) for r in cells) == [
         ("f0.01-s2", "grid-imagenet-simclr-fractions-f0.01-s2"), ("imb10-f1-s0", "grid-imagenet-simclr-imbalance:10-f1-s0")]
-    assert runs[pre.info.run_id].info.run_name == "pretrain-imagenet-simclr"  # beside the inits, on the first page
+    assert (runs[pre.info.run_id].info.run_name, runs[pre.info.run_id].data.tags["medssl.run"]) == (
+        "ssl-imagenet-simclr", "pretrain-imagenet-simclr")  # beside the inits, on the first page; ssl-imagenet-mim differs before the cut
     assert runs[parent].info.run_name.startswith("pipeline-")

@@ -119,7 +119,7 @@ def experiment_tags(p: Params) -> dict[str, str]:
     the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
-            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `pretrain-<init>`, a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `ssl-<init>` (pretraining; tag `stage = 'pretrain'`), a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
             "every cell a nested run, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
@@ -232,13 +232,16 @@ def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
     """The name MLflow shows; the stable name is the tag `medssl.run`. MLflow's columns show about 14-17 characters
     of a name, so `grid-imagenet-simclr` and `grid-imagenet-mim` would both read `grid-imagenet-…`: an init's run
     (the one holding its scores) is named by the init alone (`imagenet-simclr`), and its cells, nested under it,
-    by what tells them apart there (`f0.01-s0`, `imb10-f1-s0`). Other nested runs keep the stable name
-    (`pretrain-simclr`, `finetune-imagenet`, `export`: under the pipeline run, where MLflow lists them without
-    "Load more"). A run with no parent gets a timestamp (`unique_name`)."""
+    by what tells them apart there (`f0.01-s0`, `imb10-f1-s0`). A pretraining run is `ssl-<init>` (self-supervised
+    learning; `pretrain-imagenet-simclr` and `pretrain-imagenet-mim` would both read `pretrain-imagen…`): it stays
+    beside the inits under the pipeline run, where MLflow lists it without "Load more". Other nested runs keep
+    the stable name (`finetune-imagenet`, `export`). A run with no parent gets a timestamp (`unique_name`)."""
     if parent is None:
         return unique_name(name)
     if tags.get(LEVEL_TAG) == "init":
         return tags["init"]
+    if tags.get("stage") == "pretrain" and "init" in tags:
+        return f"ssl-{tags['init']}"
     if tags.get(LEVEL_TAG) == "cell":
         return name.removeprefix(f"grid-{tags['init']}-").replace("fractions-", "").replace("imbalance:", "imb")
     return name
