@@ -63,7 +63,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     figures.save(figures.curves_figure(curves, init), out / "curves.png")
     with tracking.resume_run(summary["run_id"]):
         tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path), summary["image_size"])
-        tracking.log_scores("test", test)
+        tracking.log_summary(test, "summary/test.json")  # a table: the parent run's headline holds the sortable test/*
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
     result = {"init": init, "test": test, "val": summary["val"], "best_epoch": summary["best_epoch"],
               "gap_at_best": summary["gap_at_best"], "run_id": summary["run_id"]}
@@ -80,7 +80,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
         result["shift"] = shift
         with tracking.resume_run(summary["run_id"]):
-            tracking.log_scores("shift", shift)
+            tracking.log_summary(shift, "summary/shift.json")
     select = p.export.select_metric
     fused = fusion_cells(p, classes, lay) if p.grid.fusion else ([], {})
     verdict, section, comp = comparison(p, classes, out, lay, champ, fused)

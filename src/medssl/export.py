@@ -126,7 +126,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
         proto = export_onnx(export_model, val_raw[:2])  # in memory: lay.onnx is the alias's model, written below
         check = parity(export_model, proto, val_raw)
-        mlflow.log_metrics({tracking.metric_key(k): v for k, v in check.items()})
+        tracking.log_summary(check, "summary/parity.json")  # tables: the parent run's headline holds parity/* as metrics
         if check["parity_max_abs_diff"] > p.export.parity_tolerance:
             raise ParityError(
                 f"ONNX Runtime differs from PyTorch by {check['parity_max_abs_diff']:.3g} "
@@ -135,7 +135,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
         onnx_val = onnx_scores(proto, val_all, val_labels, classes)
         floor = constant_scores(val_labels, classes)
         metric = p.export.select_metric
-        mlflow.log_metrics({"onnx/val_" + k: onnx_val[k] for k in BRIEF})
+        tracking.log_summary({k: onnx_val[k] for k in BRIEF}, "summary/onnx_val.json")
         if not onnx_val[metric] > floor[metric]:
             raise PromotionError(
                 f"{champion}: validation {metric} {onnx_val[metric]:.4f} is no better than a constant "
