@@ -148,14 +148,14 @@ def experiment_page(chromium: Chromium, links: dict, shot: Path | None = None, e
     page.eval(CLOSE_ASSISTANT)
     if expand:
         toggle_pipeline_run(page)
-        page.wait("/ssl-[a-z]/.test(document.body.innerText)")  # a nested run's row
+        page.wait("/\\bssl-[a-z]/.test(document.body.innerText)")  # a nested run's row (not medssl-…)
     if shot:
         time.sleep(1)
         page.screenshot(shot)
     text = page.eval("document.body.innerText")
     if expand:  # MLflow keeps the row open for the next page (init_charts opens it with the same +): close it again
         toggle_pipeline_run(page)
-        page.wait("!/ssl-[a-z]/.test(document.body.innerText)")
+        page.wait("!/\\bssl-[a-z]/.test(document.body.innerText)")
     return text
 
 
@@ -186,6 +186,24 @@ def init_charts(chromium: Chromium, links: dict, keys: list[str], inits: list[st
         time.sleep(2)
         chart.screenshot(shot)
     return missing
+
+
+def run_charts(chromium: Chromium, base: str, run, shot: Path | None = None) -> str:
+    """A run's page, tab *Model metrics* (its charts, one section per metric prefix, system metrics apart): the
+    page's text once the charts are drawn."""
+    page = chromium.open(f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+                         "/model-metrics?workflowType=machine_learning")
+    page.wait("document.querySelectorAll('canvas, svg.main-svg').length > 0 || /No (charts|metrics)/.test(document.body.innerText)")
+    page.eval(CLOSE_ASSISTANT)
+    time.sleep(2)
+    if shot:
+        page.screenshot(shot)
+    return page.eval("document.body.innerText")
+
+
+def chart_sections(text: str) -> dict[str, int]:
+    """The chart sections of a run_charts page's text and their chart counts: {"train": 3, "val": 4, ...}."""
+    return {name: int(n) for name, n in re.findall(r"\n(\S+)\n\((\d+)\)\nAdd chart", text)}
 
 
 def report_in_artifact_viewer(chromium: Chromium, base: str, run) -> tuple[Page, int]:

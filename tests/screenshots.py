@@ -1,5 +1,6 @@
 """Retake docs/img's MLflow screenshots from a finished project (`make screenshots` after `make answer`): the
-experiment page, the chart view of the inits and the report's paired differences in the artifact viewer, with the
+experiment page, the chart view of the inits, the report's paired differences in the artifact viewer and the
+champion's run page (its charts), with the
 same browser steps tests/test_pipeline_e2e.py asserts on (tests/browser.py), against `mlflow server` started here
 on 127.0.0.1 over the project's own store (sqlite:///mlflow.db, as `make mlflow-ui`), stopped at the end.
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from browser import Chromium, experiment_page, init_charts, open_paired_differences, report_in_artifact_viewer
+from browser import Chromium, experiment_page, init_charts, open_paired_differences, report_in_artifact_viewer, run_charts
 from conftest import start_mlflow_server, wait_http
 
 
@@ -56,6 +57,10 @@ def main() -> None:
                 missing = init_charts(chromium, links, keys, p.inits.all, out / "mlflow-compare-inits.png")
                 ui, frame = report_in_artifact_viewer(chromium, uri, parents[0])
                 open_paired_differences(ui, frame, out / "mlflow-report-table.png")
+                champion = mlflow.search_runs([exp.experiment_id], f"tags.stage = 'finetune' and tags.\"mlflow.parentRunId\" = "
+                                              f"'{parents[0].info.run_id}'", output_format="list")
+                if champion:
+                    run_charts(chromium, uri, champion[0], out / "mlflow-champion-run.png")
             finally:
                 chromium.close()
         if missing:

@@ -275,7 +275,7 @@ def test_mlflow_ui_shows_the_answer(project, tmp_path):
     its description, and the chart view of the grid-<init> runs with a bar per init in every
     test_balanced_accuracy_<protocol>_f<fraction> chart. Screenshots go to $MEDSSL_SCREENSHOTS (docs/img holds
     the committed ones), else the test's folder."""
-    from browser import Chromium, experiment_page, init_charts
+    from browser import Chromium, chart_sections, experiment_page, init_charts, run_charts
     from medssl.tracking import ui_links
 
     shots = Path(os.environ.get("MEDSSL_SCREENSHOTS") or tmp_path)
@@ -289,6 +289,11 @@ def test_mlflow_ui_shows_the_answer(project, tmp_path):
         keys = [f"test_balanced_accuracy_{protocol}_f1" for protocol in ("linear", "finetune", "knn")]
         missing = init_charts(chromium, links, keys, INITS, shots / "mlflow-compare-inits.png")
         assert not missing, missing  # every init's bar in every chart
+        runs = {r.data.tags.get("medssl.run"): r for r in runs_of("e2e")}
+        champion = next(r for name, r in runs.items() if name and name.startswith("finetune-"))
+        sections = chart_sections(run_charts(chromium, project["uri"], champion, shots / "mlflow-champion-run.png"))
+        assert set(sections) == {"train", "val", "gap"}, sections  # curves; its test scores are a table, not bars
+        assert chart_sections(run_charts(chromium, project["uri"], runs["export"])) == {}
     finally:
         chromium.close()
 
