@@ -119,6 +119,9 @@ def test_runs_are_named_to_fit_the_run_name_column(mlflow_server, monkeypatch):
         with tracking.stage_run(p, "pretrain-imagenet-simclr", {"stage": "pretrain", "init": "imagenet-simclr"},
                                 parent=parent) as pre:
             pass
+        trial_tags = {"stage": "tune-trial", "init": "imagenet-simclr", "optuna_trial": "3"}
+        with tracking.stage_run(p, "trial-imagenet-simclr-0003", trial_tags, parent=parent) as trial:
+            pass
         init_tags = {"stage": "grid", "init": "imagenet-simclr", tracking.LEVEL_TAG: "init"}
         with tracking.stage_run(p, "grid-imagenet-simclr", init_tags, parent=parent) as grid:
             cell_tags = {"stage": "grid", "init": "imagenet-simclr", tracking.LEVEL_TAG: "cell"}
@@ -132,4 +135,5 @@ def test_runs_are_named_to_fit_the_run_name_column(mlflow_server, monkeypatch):
         ("f0.01-s2", "grid-imagenet-simclr-fractions-f0.01-s2"), ("imb10-f1-s0", "grid-imagenet-simclr-imbalance:10-f1-s0")]
     assert (runs[pre.info.run_id].info.run_name, runs[pre.info.run_id].data.tags["medssl.run"]) == (
         "ssl-imagenet-simclr", "pretrain-imagenet-simclr")  # beside the inits, on the first page; ssl-imagenet-mim differs before the cut
+    assert runs[trial.info.run_id].info.run_name == "t3-imagenet-simclr"  # was trial-imagenet-… for three inits
     assert runs[parent].info.run_name.startswith("pipeline-")
