@@ -41,6 +41,14 @@ _HINT = re.compile(r"^\s*$|^To track the changes with git|^\s*git add |^To enabl
                    r"|^Use `dvc push`")
 
 
+def tools_env(env: dict) -> dict:
+    """`env` with this interpreter's bin folder first on PATH, so that `dvc` and the stages' `medssl` commands are
+    the project's own when its venv is not activated (`.venv/bin/medssl pipeline`)."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH") or os.defpath
+    return env if path.split(os.pathsep)[0] == bin_dir else {**env, "PATH": bin_dir + os.pathsep + path}
+
+
 class Dag:
     """The stages of dvc.yaml (`dvc dag --dot`): `order`, topological; `upstream[s]`, every stage s depends on."""
 
@@ -87,7 +95,7 @@ class Dag:
 
     @classmethod
     def of(cls, env: dict, cwd=None) -> Dag:
-        r = subprocess.run([*DVC, "dag", "--dot"], env=env, cwd=cwd, capture_output=True, text=True)
+        r = subprocess.run([*DVC, "dag", "--dot"], env=tools_env(env), cwd=cwd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(r.stderr.strip() or f"dvc dag exited {r.returncode}")
         return cls(r.stdout)
@@ -95,7 +103,7 @@ class Dag:
 
 def status(env: dict, cwd=None) -> dict:
     """`dvc status --json`: stage -> what changed (["always changed"] for such a stage)."""
-    r = subprocess.run([*DVC, "status", "--json"], env=env, cwd=cwd, capture_output=True, text=True)
+    r = subprocess.run([*DVC, "status", "--json"], env=tools_env(env), cwd=cwd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(r.stderr.strip() or f"dvc status exited {r.returncode}")
     return json.loads(r.stdout or "{}")
@@ -115,7 +123,7 @@ class Runner:
     """Runs stages through DVC in project `cwd`, at most `jobs` at once, on `cores` (default: this process's CPU set)."""
 
     def __init__(self, env: dict, jobs: int, cores: list[int] | None = None, force: bool = False, out=None, cwd=None):
-        self.env, self.jobs, self.force, self.cwd = env, max(1, jobs), force, cwd
+        self.env, self.jobs, self.force, self.cwd = tools_env(env), max(1, jobs), force, cwd
         self.cores = sorted(cores if cores is not None else os.sched_getaffinity(0))
         self.out = out or sys.stdout
         self.print_lock = threading.Lock()
