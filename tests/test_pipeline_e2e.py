@@ -293,7 +293,6 @@ def test_mlflow_ui_shows_the_answer(project, tmp_path):
         champion = next(r for name, r in runs.items() if name and name.startswith("finetune-"))
         sections = chart_sections(run_charts(chromium, project["uri"], champion, shots / "mlflow-champion-run.png"))
         assert set(sections) == {"train", "val", "gap"}, sections  # curves; its test scores are a table, not bars
-        assert chart_sections(run_charts(chromium, project["uri"], runs["export"])) == {}
     finally:
         chromium.close()
 
