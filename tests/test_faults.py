@@ -167,13 +167,20 @@ def test_grid_killed_resumes_with_the_same_cells(small, tmp_path):
     assert len(got) == 2 * 3 * 3 and got == ref  # every cell exactly once, identical scores
 
 
+def pipeline_with_a_stage_running(d: Path, env, log: Path) -> subprocess.Popen:
+    """`medssl pipeline` started (in the test's process group, unlike `start`), returned once one of its stages
+    is running."""
+    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
 def test_killed_pipeline_takes_its_stages_along(small, tmp_path):
     d, env = small
     no_leftovers(d)
     log = tmp_path / "pipeline.log"
-    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
-    assert proc.poll() is None, log.read_text()[-3000:]
+    proc = pipeline_with_a_stage_running(d, env, log)
     stage_runs = {r.info.run_id for r in runs(status="RUNNING") if r.data.tags.get("stage") != "pipeline"}
     os.kill(proc.pid, signal.SIGKILL)  # no handler runs: the stages must notice on their own
     proc.wait()
@@ -192,10 +199,7 @@ def test_stage_killed_under_the_pipeline_is_named_on_the_parent(small, tmp_path)
     stage's run (left RUNNING by the dead process) ends KILLED with the reason."""
     d, env = small
     no_leftovers(d)
-    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
-                            stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
-    assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    proc = pipeline_with_a_stage_running(d, env, tmp_path / "log")
     pid, cmd = stage_processes(d)[0]
     name = "-".join(cmd.split("medssl ")[-1].split()[:2])  # e.g. grid-random, pretrain-vae
     wait_for(lambda: runs(name, "RUNNING"), timeout=60, what=f"run {name}")
@@ -211,10 +215,7 @@ def test_stage_killed_under_the_pipeline_is_named_on_the_parent(small, tmp_path)
 def test_sigterm_ends_the_pipeline_and_its_stages(small, tmp_path):
     d, env = small
     no_leftovers(d)
-    proc = subprocess.Popen([str(BIN / "medssl"), "pipeline"], cwd=d, env=env, stdout=(tmp_path / "log").open("w"),
-                            stderr=subprocess.STDOUT)
-    wait_for(lambda: proc.poll() is not None or stage_processes(d), what="a stage running")
-    assert proc.poll() is None, (tmp_path / "log").read_text()[-3000:]
+    proc = pipeline_with_a_stage_running(d, env, tmp_path / "log")
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 130
