@@ -559,3 +559,19 @@ def test_serve_keeps_answering_with_idle_and_slow_sockets_open(trained, champion
             s.close()
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_tie_for_champion_goes_to_auc_then_calibration_never_to_the_first_listed():
+    """On easy data every init's 100 % fine-tune cells reach 1.0 (a grey binary set under `budget: cpu`: all 7 at
+    1.0); the old code took the first listed, random, whose 64-px fine-tune then predicted one class."""
+    from medssl.finetune import champion_of
+
+    def cells(bal, auc, ece):
+        return [{"val": {"balanced_accuracy": bal, "auc_macro": auc, "ece": ece}} for _ in range(3)]
+
+    tie = {"random": cells(1.0, 1.0, 0.006), "imagenet": cells(1.0, 1.0, 0.0001), "vae": cells(1.0, 0.99, 0.0)}
+    best, means = champion_of(tie, "balanced_accuracy")
+    assert best == "imagenet" and means == {"random": 1.0, "imagenet": 1.0, "vae": 1.0}
+    assert champion_of({**tie, "vae": cells(1.0, float("nan"), 0.0)}, "balanced_accuracy")[0] == "imagenet"
+    # no tie: the select metric decides alone, whatever AUC and calibration say
+    assert champion_of({"random": cells(0.61, 0.99, 0.0), "imagenet": cells(0.60, 1.0, 0.0)}, "balanced_accuracy")[0] == "random"

@@ -104,6 +104,9 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
+        + (f"; a tie at the top ({', '.join(i for i, v in cands.items() if v == max(cands.values()))}) broken by the "
+           "higher mean validation macro AUC, then the lower calibration error (ECE)"
+           if sum(v == max(cands.values()) for v in cands.values()) > 1 else "")
         + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"

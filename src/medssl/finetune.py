@@ -1,7 +1,8 @@
 """Stage `finetune`: the champion's classifier on all labelled train images (what `export` ships).
 
 The champion init is chosen on validation from the grid's fine-tune cells at 100 % labels (mean over
-seeds of export.select_metric); test metrics play no part. Tuning trials call run_finetune for any init.
+seeds of export.select_metric; ties go to macro AUC, then calibration); test metrics play no part. Tuning
+trials call run_finetune for any init.
 Identical for every init: backbone architecture, head, optimiser, schedule, batch size, data and budget;
 the backbone's starting weights differ, and so do the hyperparameters when `medssl tune` has chosen them per
 init (the same search and trial budget for every init; tuned.yaml).
@@ -28,16 +29,29 @@ from medssl.models.classifier import with_views
 from medssl.resume import Checkpointer, read_grid, resume_key
 
 
+def champion_of(cells: dict[str, list[dict]], metric: str) -> tuple[str, dict]:
+    """The best init by its grid fine-tune cells at 100 % labels (init -> cells, validation scores in cell["val"]):
+    the highest mean `metric`. A tie (easy data: several inits at 1.0) goes to the higher mean macro AUC, then the
+    lower mean calibration error (ECE), then params.yaml's order; validation only. Returns it and init -> mean metric."""
+    def mean(init: str, key: str, missing: float) -> float:
+        v = float(np.mean([c["val"].get(key, np.nan) for c in cells[init]]))
+        return missing if np.isnan(v) else v
+
+    means = {i: float(np.mean([c["val"][metric] for c in cells[i]])) for i in cells}
+    best = max(cells, key=lambda i: (means[i], mean(i, "auc_macro", -np.inf), -mean(i, "ece", np.inf)))
+    return best, means
+
+
 def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
-    """init -> mean validation export.select_metric of its grid fine-tune cells at 100 % labels; the best init."""
-    metric, means = p.export.select_metric, {}
+    """init -> mean validation export.select_metric of its grid fine-tune cells at 100 % labels; the best init
+    (champion_of)."""
+    cells = {}
     for init in p.inits.all:
-        vals = [c["val"][metric] for c in read_grid(p, init, lay)["cells"]
-                if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0]
-        if not vals:
+        cells[init] = [c for c in read_grid(p, init, lay)["cells"]
+                       if c["protocol"] == "finetune" and c["regime"] == "fractions" and c["fraction"] == 1.0]
+        if not cells[init]:
             raise ConfigError(f"{lay.grid_cells(init)}: no fine-tune cell at 100 % labels to select on (grid.protocols must list finetune)")
-        means[init] = float(np.mean(vals))
-    return max(means, key=means.get), means
+    return champion_of(cells, p.export.select_metric)
 
 
 @one_writer(lambda a: "finetune")
