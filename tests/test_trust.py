@@ -572,6 +572,7 @@ def test_a_tie_for_champion_goes_to_auc_then_calibration_never_to_the_first_list
     tie = {"random": cells(1.0, 1.0, 0.006), "imagenet": cells(1.0, 1.0, 0.0001), "vae": cells(1.0, 0.99, 0.0)}
     best, means = champion_of(tie, "balanced_accuracy")
     assert best == "imagenet" and means == {"random": 1.0, "imagenet": 1.0, "vae": 1.0}
-    assert champion_of({**tie, "vae": cells(1.0, float("nan"), 0.0)}, "balanced_accuracy")[0] == "imagenet"
+    # an AUC that could not be computed ranks last (listed first, a NaN would compare neither above nor below and win)
+    assert champion_of({"mim": cells(1.0, float("nan"), 0.0), **tie}, "balanced_accuracy")[0] == "imagenet"
     # no tie: the select metric decides alone, whatever AUC and calibration say
     assert champion_of({"random": cells(0.61, 0.99, 0.0), "imagenet": cells(0.60, 1.0, 0.0)}, "balanced_accuracy")[0] == "random"
