@@ -23,6 +23,7 @@ ALPHA = 0.05
 N_BOOT = 2000
 REFERENCES = ("imagenet", "random")
 VERDICT_PROTOCOLS = ("finetune", "linear")
+CEILING = 0.99  # mean test balanced accuracy from which a cell cannot separate its inits, whatever the budget
 NAMES = {"random": "random init", "imagenet": "ImageNet", "vae": "the VAE", "simclr": "SimCLR", "mim": "MIM",
          "imagenet-simclr": "ImageNet+SimCLR", "imagenet-mim": "ImageNet+MIM"}
 PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)"}
@@ -107,8 +108,10 @@ def _span(fractions: list[float]) -> str:
     return pct(fractions[0]) if len(fractions) == 1 else f"{100 * fractions[0]:g}–{pct(fractions[-1])}"
 
 
-def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str], fractions: list[float]) -> tuple[str, bool]:
-    """One paragraph for `protocol`; and whether any difference to `ref` was decided."""
+def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str], fractions: list[float],
+                      ceiling: frozenset = frozenset()) -> tuple[str, bool]:
+    """One paragraph for `protocol`; and whether any difference to `ref` was decided. ceiling: the label fractions
+    at which `ref` and every SSL init score at least CEILING (an open cell there says so, not "at this budget")."""
     at = {f: [r for r in rows if r["fraction"] == f] for f in fractions}
     at = {f: rs for f, rs in at.items() if rs}
     if not at:
@@ -120,7 +123,7 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
             return ("wins", wins[0]["init"])
         if all(r["decision"] == "worse" for r in rs):
             return ("leads", None)
-        return ("open", None)
+        return ("ceiling", None) if rs[0]["fraction"] in ceiling else ("open", None)
 
     parts = []
     for (kind, leader), fs in groupby(at, key=lambda f: status(at[f])):
@@ -134,6 +137,9 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
         elif kind == "leads":
             vals = "; ".join(f"{name(r['init'])} {diff_text(r)} at {pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
             parts.append(f"{span}, **{name(ref)} leads every self-supervised init** (closest: {vals})")
+        elif kind == "ceiling":
+            parts.append(f"{span}, every init is at the ceiling (mean test balanced accuracy ≥ {CEILING:g}): this data "
+                         f"cannot separate them, at this budget or a larger one")
         else:
             worse = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "worse"})
             best = [max(at[f], key=lambda r: r["diff"]) for f in fs]
@@ -151,38 +157,55 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
     return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
 
 
-def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str]) -> dict[str, int]:
+def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str],
+            ceiling: frozenset = frozenset()) -> dict[str, int]:
     """The verdict's protocol x label-fraction cells (test balanced accuracy, fine-tune / linear, vs the first
     reference, after Holm) by what they say: `ssl` a self-supervised init beats the reference; `reference` none
-    does and at least one trails it (the reference leads or ties at the top); `open` no difference is significant.
-    The verdict calls the budget too small to decide exactly when every cell is open."""
+    does and at least one trails it (the reference leads or ties at the top); `open` no difference is significant;
+    `ceiling` none is and the cell is in `ceiling` ((protocol, fraction) pairs, at_ceiling()). The verdict calls
+    the budget too small to decide exactly when no cell is decided and at least one is open."""
     ref = next((r for r in REFERENCES if r in baselines), None)
     mine = [r for r in rows if r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"
             and r["reference"] == ref and r["init"] in ssl and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols]
     cells = defaultdict(list)
     for r in mine:
         cells[(r["protocol"], r["fraction"])].append(r["decision"])
-    kinds = ["ssl" if "better" in d else "reference" if "worse" in d else "open" for d in cells.values()]
+    kinds = ["ssl" if "better" in d else "reference" if "worse" in d else "ceiling" if k in ceiling else "open"
+             for k, d in cells.items()]
     return {"ssl": kinds.count("ssl"), "reference": kinds.count("reference"), "open": kinds.count("open"),
-            "cells": len(kinds), "reference_init": ref or ""}
+            "ceiling": kinds.count("ceiling"), "cells": len(kinds), "reference_init": ref or ""}
+
+
+def at_ceiling(means: dict, protocols: list[str], baselines: list[str], ssl: list[str], fractions: list[float]) -> frozenset:
+    """The verdict's (protocol, fraction) cells in which the first reference and every SSL init score a mean test
+    balanced accuracy of at least CEILING. means: (protocol, init, fraction) -> mean over seeds."""
+    ref = next((r for r in REFERENCES if r in baselines), None)
+    return frozenset((pr, f) for pr in protocols if pr in VERDICT_PROTOCOLS for f in fractions
+                     if ref and all(means.get((pr, i, f), 0.0) >= CEILING for i in [ref, *ssl]))
 
 
 def story(budget: str, d: dict) -> str:
     """The one sentence every view of a run repeats (report, parent run, registry, Prefect log), from the same
     decisions as the verdict, so a champion is never read as an answer the comparison did not give. d: decided()."""
     ref = name(d["reference_init"]) if d.get("reference_init") else "the reference"
+    if d["ssl"] + d["reference"] + d["open"] == 0 and d.get("ceiling"):
+        return (f"budget `{budget}`: every init is at the ceiling (mean test balanced accuracy ≥ {CEILING:g}) in every "
+                f"protocol × label-fraction cell: this data cannot tell whether self-supervision beats {ref}, at any "
+                f"budget; the champion is the best init on validation")
     if d["ssl"] + d["reference"] == 0:
         return (f"budget `{budget}`: too small to decide whether self-supervision beats {ref}; the champion is the best "
                 f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
     return (f"budget `{budget}`: a self-supervised init beats {ref} in {d['ssl']} of {d['cells']} protocol × "
-            f"label-fraction cells, {ref} leads or ties at the top in {d['reference']}, {d['open']} undecided (the "
-            f"verdict in the report); the champion is the best init on validation")
+            f"label-fraction cells, {ref} leads or ties at the top in {d['reference']}, {d['open']} undecided"
+            + (f", {d['ceiling']} at the ceiling" if d.get("ceiling") else "")
+            + " (the verdict in the report); the champion is the best init on validation")
 
 
 @dataclass(frozen=True)
 class Design:
     """What the comparison ran: its protocols, baseline and SSL inits, label fractions, the budget's name, the test
-    split's size, the seeds, and what a fine-tune cell got, in words ("2 epochs of batch 32")."""
+    split's size, the seeds, and what a fine-tune cell got, in words ("2 epochs of batch 32"); ceiling: the
+    (protocol, fraction) cells where every compared init scores at least CEILING (at_ceiling())."""
     protocols: list[str]
     baselines: list[str]
     ssl: list[str]
@@ -191,6 +214,7 @@ class Design:
     n_test: int
     n_seeds: int
     training: str
+    ceiling: frozenset = frozenset()
 
 
 def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
@@ -206,7 +230,8 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     lines, decided = [], False
     for protocol in [p for p in VERDICT_PROTOCOLS if p in protocols]:
         mine = [r for r in test if r["protocol"] == protocol and r["reference"] == ref and r["init"] in ssl]
-        text, d = _protocol_verdict(mine, protocol, ref, ssl, fractions)
+        text, d = _protocol_verdict(mine, protocol, ref, ssl, fractions,
+                                    frozenset(f for pr, f in design.ceiling if pr == protocol))
         if text:
             lines.append(text)
             decided |= d
@@ -214,7 +239,13 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     how = (f"Test balanced accuracy, difference to {name(ref)} with its 95 % interval (paired over {n_seeds} seeds, "
            f"{N_BOOT} stratified bootstrap resamples of {n_test} test images), decided at α = {ALPHA} after Holm "
            f"correction over {m} comparisons.")
-    if not decided:
+    cells = {(r["protocol"], r["fraction"]) for r in test if r["reference"] == ref and r["init"] in ssl
+             and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols}
+    if not decided and cells and cells <= design.ceiling:
+        lines.insert(0, f"**This data cannot tell the inits apart**: {name(ref)} and every self-supervised init score a "
+                        f"mean test balanced accuracy of at least {CEILING:g} in every protocol × label fraction; a "
+                        f"larger budget will not change that.")
+    elif not decided:
         lines.insert(0, f"**The `{budget}` budget is too small to decide**: no difference between a self-supervised init "
                         f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, fine-tune cells of "
                         f"{training}). {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")

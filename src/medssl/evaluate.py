@@ -190,13 +190,14 @@ def to_html(md: str, title: str, folder: Path) -> str:
 def headline(p: Params, init: str, test: dict, comp: dict) -> dict:
     """What `dvc metrics show` shows by default, in one table under 160 columns: the budget, the champion and its
     test accuracy, balanced accuracy and macro AUC, and the verdict's cells (a self-supervised init ahead of the
-    reference init, ImageNet / the reference ahead or tied at the top / undecided). Everything else is in metrics/test.json,
-    metrics/report.json (every protocol x init x fraction and paired difference) and metrics/export.json."""
+    reference init, ImageNet / the reference ahead or tied at the top / undecided / at the ceiling, when any).
+    Everything else is in metrics/test.json, metrics/report.json (every protocol x init x fraction and paired difference) and metrics/export.json."""
     v = comp["verdict"]
     return {"budget": p.budget, "champion": init,
             "test": {"acc": round(test["accuracy"], 4), "bal_acc": round(test["balanced_accuracy"], 4),
                      "auc": round(test["auc_macro"], 4)},
-            "cells": {"ssl": v["ssl"], "reference": v["reference"], "open": v["open"]}}
+            "cells": {"ssl": v["ssl"], "reference": v["reference"], "open": v["open"],
+                      **({"ceiling": v["ceiling"]} if v.get("ceiling") else {})}}
 
 
 def comparison_rows(comp: dict) -> dict[str, list]:
@@ -221,8 +222,10 @@ def _log_report(p: Params, folder: Path, verdict: str, comp: dict) -> None:
     becomes that run's description, and its tags say whether it decides (the same sentence as the report); the
     comparison as an MLflow table `comparison.json` (one row per protocol x init x fraction: sortable in the UI)."""
     status = comp["verdict"]
-    tags = {"mlflow.note.content": verdict, "verdict": status["story"], "verdict_cells": f"ssl {status['ssl']} / {status['reference_init']} {status['reference']} / open {status['open']} "
-                                                                             f"of {status['cells']}",
+    ceiling = f"/ ceiling {status['ceiling']} " if status.get("ceiling") else ""
+    tags = {"mlflow.note.content": verdict, "verdict": status["story"],
+            "verdict_cells": f"ssl {status['ssl']} / {status['reference_init']} {status['reference']} / open {status['open']} "
+                             f"{ceiling}of {status['cells']}",
             "budget": p.budget}
     parent = tracking.parent_run_id()
     if parent:

@@ -266,8 +266,11 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
                  "champion_test": (champion or {}).get("test_balanced_accuracy"),
                  "champion_shift": (champion or {}).get("shift_balanced_accuracy")}
     training = p.run_budget.grid.training(p.finetune.batch_size)
+    means = {(pr, i, f): agg[("fractions", pr, i, f)]["balanced_accuracy"][0] for pr in g.protocols for i in inits
+             for f in fr if ("fractions", pr, i, f) in agg}
+    ceiling = compare.at_ceiling(means, g.protocols, p.inits.baselines, ssl, fr)
     design = compare.Design(protocols=g.protocols, baselines=p.inits.baselines, ssl=ssl, fractions=fr, budget=p.budget,
-                            n_test=n_pool["test"], n_seeds=len(seeds), training=training)
+                            n_test=n_pool["test"], n_seeds=len(seeds), training=training, ceiling=ceiling)
     verdict = compare.verdict(rows, design, shift)
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
@@ -343,7 +346,7 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
         md += ["### Embedding fusion (linear probe on concatenated frozen embeddings)", "",
                protocol_table({(("fractions" if k[0] == "fusion" else k[0]),) + k[1:]: v for k, v in agg.items()},
                               "fractions", "linear", singles + names, fr)]
-    d = compare.decided(rows, g.protocols, p.inits.baselines, ssl)
+    d = compare.decided(rows, g.protocols, p.inits.baselines, ssl, ceiling)
     summary = {"verdict": {"budget": p.budget, **d, "story": compare.story(p.budget, d)},
                "balanced_accuracy": {protocol: {init: {compare.pct(f): round(agg[("fractions", protocol, init, f)]["balanced_accuracy"][0], 4)
                                                        for f in fr} for init in inits} for protocol in g.protocols},
