@@ -144,28 +144,41 @@ def test_story_counts_the_cells_the_verdict_decides():
 
 def test_verdict_says_when_the_data_cannot_separate_the_inits():
     """Open cells where the reference and every SSL init score at the ceiling say so instead of asking for a
-    larger budget; the story agrees; a verdict with open cells below the ceiling still calls the budget too small."""
+    larger budget, per protocol; the story agrees; a verdict with open cells below the ceiling still calls the
+    budget too small; a significant difference at the ceiling is reported as one."""
     from dataclasses import replace
 
     from medssl.compare import CEILING, at_ceiling, decided, story, verdict
 
-    rows = [_row(i, f, 0.0, "no difference") for i in ("vae", "simclr") for f in (0.1, 1.0)]
-    means = {("finetune", i, f): 1.0 for i in ("imagenet", "vae", "simclr") for f in (0.1, 1.0)}
+    both, inits = ["finetune", "linear"], ["random", "imagenet"]
+    rows = [_row(i, f, 0.0, "no difference", pr) for i in ("vae", "simclr") for f in (0.1, 1.0) for pr in both]
+    means = {(pr, i, f): 1.0 for pr in both for i in ("imagenet", "vae", "simclr") for f in (0.1, 1.0)}
     means[("finetune", "random", 0.1)] = 0.5  # the random init is not compared in the verdict
-    ceiling = at_ceiling(means, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0])
-    assert ceiling == {("finetune", 0.1), ("finetune", 1.0)}
-    text = verdict(rows, replace(design([0.1, 1.0], "cpu", 600, "96 steps"), ceiling=ceiling))
-    assert text.startswith("**This data cannot tell the inits apart**") and "too small" not in text
-    assert "at 10–100 % labels, every init is at the ceiling" in text and "budget: full" not in text
-    d = decided(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], ceiling)
-    assert (d["open"], d["ceiling"]) == (0, 2) and "at any budget" in story("cpu", d) and "too small" not in story("cpu", d)
+    ceiling = at_ceiling(means, both, inits, ["vae", "simclr"], [0.1, 1.0])
+    assert ceiling == {(pr, f) for pr in both for f in (0.1, 1.0)}
+    plan = replace(design([0.1, 1.0], "cpu", 600, "96 steps"), protocols=both)
+    text = verdict(rows, replace(plan, ceiling=ceiling))
+    assert text.startswith("**This data cannot tell the self-supervised inits from ImageNet**") and "too small" not in text
+    assert text.count("at 10–100 % labels, ImageNet and every self-supervised init are at the ceiling") == 2
+    assert "budget: full" not in text
+    d = decided(rows, both, inits, ["vae", "simclr"], ceiling)
+    assert (d["open"], d["ceiling"]) == (0, 4) and "cannot show" in story("cpu", d) and "too small" not in story("cpu", d)
 
-    means[("finetune", "simclr", 0.1)] = CEILING - 0.01  # one compared init below the ceiling at 10 %
-    ceiling = at_ceiling(means, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], [0.1, 1.0])
-    assert ceiling == {("finetune", 1.0)}
-    text = verdict(rows, replace(design([0.1, 1.0], "cpu", 600, "96 steps"), ceiling=ceiling))
+    means[("linear", "simclr", 0.1)] = CEILING - 0.01  # one compared init below the ceiling, linear probe at 10 %
+    ceiling = at_ceiling(means, both, inits, ["vae", "simclr"], [0.1, 1.0])
+    assert ceiling == {("finetune", 0.1), ("finetune", 1.0), ("linear", 1.0)}
+    text = verdict(rows, replace(plan, ceiling=ceiling))
     assert text.startswith("**The `cpu` budget is too small to decide**")
+    assert "**Fine-tune:** at 10–100 % labels, ImageNet and every self-supervised init are at the ceiling" in text
     assert "at 10 % labels, no self-supervised init beats ImageNet at this budget" in text
-    assert "at 100 % labels, every init is at the ceiling" in text
-    d = decided(rows, ["finetune"], ["random", "imagenet"], ["vae", "simclr"], ceiling)
-    assert (d["open"], d["ceiling"]) == (1, 1) and "too small to decide" in story("cpu", d)
+    assert "at 100 % labels, ImageNet and every self-supervised init are at the ceiling" in text
+    d = decided(rows, both, inits, ["vae", "simclr"], ceiling)
+    assert (d["open"], d["ceiling"]) == (1, 3) and "too small to decide" in story("cpu", d)
+
+    rows[0] = _row("vae", 0.1, -0.004, "worse", "finetune")  # significant, though at the ceiling
+    assert rows[0]["fraction"] == 0.1 and ("finetune", 0.1) in ceiling
+    text = verdict(rows, replace(plan, ceiling=ceiling))
+    assert "too small" not in text and "at 10 % labels, no self-supervised init beats ImageNet" in text
+    assert "the VAE trails it" in text
+    d = decided(rows, both, inits, ["vae", "simclr"], ceiling)
+    assert (d["reference"], d["open"], d["ceiling"]) == (1, 1, 2) and "2 at the ceiling" in story("cpu", d)

@@ -123,7 +123,9 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
             return ("wins", wins[0]["init"])
         if all(r["decision"] == "worse" for r in rs):
             return ("leads", None)
-        return ("ceiling", None) if rs[0]["fraction"] in ceiling else ("open", None)
+        if rs[0]["fraction"] in ceiling and all(r["decision"] == "no difference" for r in rs):
+            return ("ceiling", None)
+        return ("open", None)
 
     parts = []
     for (kind, leader), fs in groupby(at, key=lambda f: status(at[f])):
@@ -138,8 +140,9 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
             vals = "; ".join(f"{name(r['init'])} {diff_text(r)} at {pct(f)}" for f in fs for r in [max(at[f], key=lambda r: r['diff'])])
             parts.append(f"{span}, **{name(ref)} leads every self-supervised init** (closest: {vals})")
         elif kind == "ceiling":
-            parts.append(f"{span}, every init is at the ceiling (mean test balanced accuracy ≥ {CEILING:g}): this data "
-                         f"cannot separate them, at this budget or a larger one")
+            parts.append(f"{span}, {name(ref)} and every self-supervised init are at the ceiling (mean test balanced "
+                         f"accuracy ≥ {CEILING:g}): no difference is significant, and this data leaves room for none "
+                         f"larger than {1 - CEILING:g}, whatever the budget")
         else:
             worse = sorted({r["init"] for f in fs for r in at[f] if r["decision"] == "worse"})
             best = [max(at[f], key=lambda r: r["diff"]) for f in fs]
@@ -189,9 +192,9 @@ def story(budget: str, d: dict) -> str:
     decisions as the verdict, so a champion is never read as an answer the comparison did not give. d: decided()."""
     ref = name(d["reference_init"]) if d.get("reference_init") else "the reference"
     if d["ssl"] + d["reference"] + d["open"] == 0 and d.get("ceiling"):
-        return (f"budget `{budget}`: every init is at the ceiling (mean test balanced accuracy ≥ {CEILING:g}) in every "
-                f"protocol × label-fraction cell: this data cannot tell whether self-supervision beats {ref}, at any "
-                f"budget; the champion is the best init on validation")
+        return (f"budget `{budget}`: {ref} and every self-supervised init are at the ceiling (mean test balanced "
+                f"accuracy ≥ {CEILING:g}) in every protocol × label-fraction cell, so this data cannot show whether "
+                f"self-supervision beats {ref} by more than {1 - CEILING:g}; the champion is the best init on validation")
     if d["ssl"] + d["reference"] == 0:
         return (f"budget `{budget}`: too small to decide whether self-supervision beats {ref}; the champion is the best "
                 f"init on validation, not an answer. {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")
@@ -242,9 +245,9 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     cells = {(r["protocol"], r["fraction"]) for r in test if r["reference"] == ref and r["init"] in ssl
              and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols}
     if not decided and cells and cells <= design.ceiling:
-        lines.insert(0, f"**This data cannot tell the inits apart**: {name(ref)} and every self-supervised init score a "
-                        f"mean test balanced accuracy of at least {CEILING:g} in every protocol × label fraction; a "
-                        f"larger budget will not change that.")
+        lines.insert(0, f"**This data cannot tell the self-supervised inits from {name(ref)}**: they all score a mean "
+                        f"test balanced accuracy of at least {CEILING:g} in every protocol × label fraction and no "
+                        f"difference is significant; a larger budget could show differences under {1 - CEILING:g} at most.")
     elif not decided:
         lines.insert(0, f"**The `{budget}` budget is too small to decide**: no difference between a self-supervised init "
                         f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, fine-tune cells of "
