@@ -109,13 +109,13 @@ def _span(fractions: list[float]) -> str:
 
 
 def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str], fractions: list[float],
-                      ceiling: frozenset = frozenset()) -> tuple[str, bool]:
-    """One paragraph for `protocol`; and whether any difference to `ref` was decided. ceiling: the label fractions
+                      ceiling: frozenset = frozenset()) -> str:
+    """One paragraph for `protocol` ("" without rows). ceiling: the label fractions
     at which `ref` and every SSL init score at least CEILING (an open cell there says so, not "at this budget")."""
     at = {f: [r for r in rows if r["fraction"] == f] for f in fractions}
     at = {f: rs for f, rs in at.items() if rs}
     if not at:
-        return "", False
+        return ""
 
     def status(rs):
         wins = sorted((r for r in rs if r["decision"] == "better"), key=lambda r: -r["diff"])
@@ -156,8 +156,7 @@ def _protocol_verdict(rows: list[dict], protocol: str, ref: str, ssl: list[str],
     if never and len(never) < len(ssl):
         who = ", ".join(name(i) for i in never)
         text += f" {who[0].upper()}{who[1:]} never beat{'s' if len(never) == 1 else ''} {name(ref)}."
-    decided = any(r["decision"] != "no difference" for rs in at.values() for r in rs)
-    return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}", decided
+    return f"**{PROTOCOL_WORDS.get(protocol, protocol)}:** {text}"
 
 
 def decided(rows: list[dict], protocols: list[str], baselines: list[str], ssl: list[str],
@@ -230,25 +229,23 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
         return ("No verdict: the comparison needs a baseline (imagenet or random in inits.baselines) and at least one "
                 "self-supervised init.")
     test = [r for r in rows if r["split"] == "test" and r["regime"] == "fractions" and r["metric"] == "balanced_accuracy"]
-    lines, decided = [], False
+    lines = []
     for protocol in [p for p in VERDICT_PROTOCOLS if p in protocols]:
         mine = [r for r in test if r["protocol"] == protocol and r["reference"] == ref and r["init"] in ssl]
-        text, d = _protocol_verdict(mine, protocol, ref, ssl, fractions,
-                                    frozenset(f for pr, f in design.ceiling if pr == protocol))
+        text = _protocol_verdict(mine, protocol, ref, ssl, fractions,
+                                 frozenset(f for pr, f in design.ceiling if pr == protocol))
         if text:
             lines.append(text)
-            decided |= d
     m = next((r["family_size"] for r in test if r["reference"] == ref), 0)
     how = (f"Test balanced accuracy, difference to {name(ref)} with its 95 % interval (paired over {n_seeds} seeds, "
            f"{N_BOOT} stratified bootstrap resamples of {n_test} test images), decided at α = {ALPHA} after Holm "
            f"correction over {m} comparisons.")
-    cells = {(r["protocol"], r["fraction"]) for r in test if r["reference"] == ref and r["init"] in ssl
-             and r["protocol"] in VERDICT_PROTOCOLS and r["protocol"] in protocols}
-    if not decided and cells and cells <= design.ceiling:
+    d = decided(rows, protocols, baselines, ssl, design.ceiling)  # the cells the story counts
+    if d["ssl"] + d["reference"] + d["open"] == 0 and d["ceiling"]:
         lines.insert(0, f"**This data cannot tell the self-supervised inits from {name(ref)}**: they all score a mean "
                         f"test balanced accuracy of at least {CEILING:g} in every protocol × label fraction and no "
                         f"difference is significant; a larger budget could show differences under {1 - CEILING:g} at most.")
-    elif not decided:
+    elif d["ssl"] + d["reference"] == 0:
         lines.insert(0, f"**The `{budget}` budget is too small to decide**: no difference between a self-supervised init "
                         f"and {name(ref)} is significant ({n_test} test images, {n_seeds} seeds, fine-tune cells of "
                         f"{training}). {NEXT_BUDGET.get(budget, NEXT_BUDGET['cpu'])}")

@@ -85,6 +85,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     fused = fusion_cells(p, classes, lay) if p.grid.fusion else ([], {})
     verdict, section, comp = comparison(p, classes, out, lay, champ, fused)
     cands = summary.get("candidates_val") or {}
+    tied = [i for i, v in cands.items() if v == max(cands.values())]  # the champion among them: finetune.champion_of
     gap = summary["gap_at_best"]
     keys = table_keys(meta)
     smoke = (f"**Smoke run (`budget: {p.budget}`), not an answer**: it checks every stage end to end in minutes. "
@@ -104,9 +105,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + f"\n## Champion: {init}\n\n"
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
-        + (f"; a tie at the top ({', '.join(i for i, v in cands.items() if v == max(cands.values()))}) broken by the "
-           "higher mean validation macro AUC, then the lower calibration error (ECE)"
-           if sum(v == max(cands.values()) for v in cands.values()) > 1 else "")
+        + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
+           "calibration error (ECE)" if len(tied) > 1 else "")
         + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
@@ -191,7 +191,8 @@ def headline(p: Params, init: str, test: dict, comp: dict) -> dict:
     """What `dvc metrics show` shows by default, in one table under 160 columns: the budget, the champion and its
     test accuracy, balanced accuracy and macro AUC, and the verdict's cells (a self-supervised init ahead of the
     reference init, ImageNet / the reference ahead or tied at the top / undecided / at the ceiling, when any).
-    Everything else is in metrics/test.json, metrics/report.json (every protocol x init x fraction and paired difference) and metrics/export.json."""
+    Everything else is in metrics/test.json, metrics/report.json (every protocol x init x fraction and paired
+    difference) and metrics/export.json."""
     v = comp["verdict"]
     return {"budget": p.budget, "champion": init,
             "test": {"acc": round(test["accuracy"], 4), "bal_acc": round(test["balanced_accuracy"], 4),
