@@ -217,7 +217,8 @@ SMALL = {"data.image_size": 32, "grid.fusion": [], "grid.imbalance": [1], "finet
 
 
 def layouts(root: Path) -> dict[str, dict]:
-    """name -> (data section, inits, the class names its model must predict, channels)."""
+    """name -> (data section, inits, the class names its model must predict, channels). A folder already split into
+    train/ val/ test/ differs from "tissue" only until `prepare` (test_folder_with_and_without_split_folders)."""
     xray = medmnist_npz(root / "xray.npz", {"train": 160, "val": 60, "test": 60}, 2)
     retina = medmnist_npz(root / "retina.npz", {"train": 200, "val": 75, "test": 75}, 5, rgb=True)
     tissue = ["benign", "in-situ", "invasive", "normal"]
@@ -226,9 +227,6 @@ def layouts(root: Path) -> dict[str, dict]:
                  ["random", "imagenet", "vae", "simclr", "mim"], ["normal", "pneumonia"], 1),
         "tissue": ({"source": "folder", "folder": {"images": str(class_folder(root / "tissue", tissue, 45))}},
                    ["random", "imagenet"], tissue, 3),
-        "tissue-split": ({"source": "folder", "folder": {"images": str(class_folder(
-            root / "tissue-split", tissue, 45, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=1))}},
-            ["random", "imagenet"], tissue, 3),
         "labels": ({"source": "csv", "csv": {"file": str(grouped_csv(root / "ct", ["cyst", "normal", "stone"], 60))}},
                    ["random", "imagenet"], ["cyst", "normal", "stone"], 3),
         "retina": ({"source": "npz", "npz": str(retina), "task": "ordinal"},
