@@ -109,6 +109,7 @@ def test_verdict_answers_per_label_budget():
     assert "at 1–10 % labels, **SimCLR beats ImageNet** (+0.060 [+0.030, +0.090] at 1 %; +0.040 [+0.010, +0.070] at 10 %)" in text
     assert "at 100 % labels, **ImageNet leads every self-supervised init** (closest: SimCLR -0.050" in text
     assert "The VAE never beats ImageNet." in text and "too small to decide" not in text
+    assert text.endswith("one pretraining run, shared by the 3 seeds: the intervals leave out the pretraining's own variance.")
 
 
 def test_verdict_says_when_the_budget_cannot_decide():

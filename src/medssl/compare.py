@@ -239,7 +239,8 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     m = next((r["family_size"] for r in test if r["reference"] == ref), 0)
     how = (f"Test balanced accuracy, difference to {name(ref)} with its 95 % interval (paired over {n_seeds} seeds, "
            f"{N_BOOT} stratified bootstrap resamples of {n_test} test images), decided at α = {ALPHA} after Holm "
-           f"correction over {m} comparisons.")
+           f"correction over {m} comparisons. Each self-supervised encoder is one pretraining run, shared by the "
+           f"{n_seeds} seeds: the intervals leave out the pretraining's own variance.")
     d = decided(rows, protocols, baselines, ssl, design.ceiling)  # the cells the story counts
     if d["ssl"] + d["reference"] + d["open"] == 0 and d["ceiling"]:
         lines.insert(0, f"**This data cannot tell the self-supervised inits from {name(ref)}**: they all score a mean "
