@@ -2,10 +2,10 @@
 equal models get an interval that covers zero, Holm's adjustment matches a hand computation."""
 import numpy as np
 import pytest
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
 
-from medssl.core.paired import Bootstrap, holm, paired_difference, stratified_counts, weighted_auc, weighted_auc_macro, \
-    weighted_balanced_accuracy
+from medssl.core.paired import Bootstrap, holm, paired_difference, stratified_counts, weighted_accuracy, weighted_auc, \
+    weighted_auc_macro, weighted_balanced_accuracy
 
 RNG = np.random.default_rng(0)
 Y = np.repeat(np.arange(4), [120, 60, 30, 30])  # imbalanced, as the test split
@@ -34,6 +34,7 @@ def test_weighted_metrics_match_scikit_learn_with_sample_weights():
     tied[:40, 0] = tied[40:80, 0]  # ties in class 0's scores
     w = stratified_counts(Y, 5, seed=3)
     for row in w:
+        assert weighted_accuracy(row[None], Y, proba)[0] == pytest.approx(accuracy_score(Y, proba.argmax(1), sample_weight=row))
         assert weighted_balanced_accuracy(row[None], Y, proba)[0] == pytest.approx(
             balanced_accuracy_score(Y, proba.argmax(1), sample_weight=row))
         for c in range(4):
@@ -183,3 +184,21 @@ def test_verdict_says_when_the_data_cannot_separate_the_inits():
     assert "the VAE trails it" in text
     d = decided(rows, both, inits, ["vae", "simclr"], ceiling)
     assert (d["reference"], d["open"], d["ceiling"]) == (1, 1, 2) and "2 at the ceiling" in story("cpu", d)
+
+
+def test_one_models_interval_covers_its_score_and_narrows_with_more_images():
+    """A model right on 70 % of the images: each metric's interval holds its full-split value, the interval of 4x the
+    images (the same accuracy) is about half as wide, and one that is always right gets [1, 1]."""
+    proba = probas_with_accuracy(Y, RNG.random(len(Y)) < 0.7, RNG)
+    ci = Bootstrap(Y, n_boot=1000, seed=0).interval(proba)
+    ones = np.ones((1, len(Y)))
+    for metric, fn in (("accuracy", weighted_accuracy), ("balanced_accuracy", weighted_balanced_accuracy),
+                       ("auc_macro", weighted_auc_macro)):
+        lo, hi = ci[metric]
+        assert lo < fn(ones, Y, proba)[0] < hi, metric
+    y4 = np.repeat(np.arange(4), [480, 240, 120, 120])
+    ci4 = Bootstrap(y4, n_boot=1000, seed=0).interval(probas_with_accuracy(y4, RNG.random(len(y4)) < 0.7, RNG))
+    width, width4 = (np.diff(c["balanced_accuracy"])[0] for c in (ci, ci4))
+    assert 0.35 < width4 / width < 0.65, (width, width4)
+    perfect = probas_with_accuracy(Y, np.ones(len(Y), bool), RNG)
+    assert Bootstrap(Y, n_boot=200, seed=0).interval(perfect)["balanced_accuracy"] == (1.0, 1.0)

@@ -384,6 +384,14 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
     assert mv.tags["promoted"] == "true" and "first model" in mv.tags["promotion_reason"] and "Promoted" in mv.description
     assert len(mv.tags) <= 20 and "| macro AUC |" in mv.description and "medssl predict" in mv.description
     assert "medssl serve" in client.get_registered_model("derm-e2e").description
+    # the champion's test scores with their 95 % bootstrap intervals: in test.json, the report and the description
+    test = json.loads((d / "metrics/test.json").read_text())[ex["champion"]]
+    for k in ("accuracy", "balanced_accuracy", "auc_macro"):
+        lo, hi = test[f"{k}_ci_low"], test[f"{k}_ci_high"]
+        assert lo <= test[k] <= hi and lo < hi, (k, lo, test[k], hi)
+        cell = f"{test[k]:.4f} [{lo:.3f}, {hi:.3f}]"
+        assert cell in mv.description, (cell, mv.description)
+        assert cell in (d / "reports/report.md").read_text().split("### Test")[1].split("Gap at best")[0]
 
     model = mlflow.pyfunc.load_model("models:/derm-e2e@champion")
     with np.load(d / "data/raw/dermamnist.npz") as z:

@@ -6,12 +6,15 @@ import csv
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 
 from medssl import figures, tracking
 from medssl.checkpoints import load_classifier
+from medssl.compare import N_BOOT
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
+from medssl.core.paired import Bootstrap
 from medssl.core.train import scores
 from medssl.data.prepare import load_prepared
 from medssl.data.sources import md5sum
@@ -19,7 +22,7 @@ from medssl.guard import one_writer
 from medssl.io import write_json, write_text
 from medssl.layout import Layout
 from medssl.metric_names import TABLE
-from medssl.metrics import confusion, task_metrics
+from medssl.metrics import confusion, interval_keys, task_metrics, with_interval
 
 
 
@@ -39,8 +42,16 @@ def read_curves(path: Path) -> list[dict]:
 
 
 def _table(rows: dict[str, dict], keys=TABLE) -> str:
+    """A row per init; a score with a 95 % interval in the dict (interval_keys) shows it in brackets."""
     head = "| init | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
-    return head + "".join(f"| {i} | " + " | ".join(f"{m[k]:.4f}" for k in keys) + " |\n" for i, m in rows.items())
+    return head + "".join(f"| {i} | " + " | ".join(with_interval(m, k) for k in keys) + " |\n" for i, m in rows.items())
+
+
+def champion_intervals(y: np.ndarray, proba: np.ndarray, seed: int) -> dict[str, float]:
+    """The champion's accuracy, balanced accuracy and macro AUC on test, each with its 95 % interval over stratified
+    bootstrap resamples of the test images (the comparison's resampling, compare.N_BOOT): interval_keys -> bound."""
+    return {key: bound for metric, ci in Bootstrap(y, N_BOOT, seed).interval(proba).items()
+            for key, bound in zip(interval_keys(metric), ci)}
 
 
 @one_writer(lambda a: "evaluate")
@@ -56,7 +67,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
 
     proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
     test = scores(te_y, proba, classes)
-    test |= task_metrics(test, meta)
+    test |= task_metrics(test, meta) | champion_intervals(te_y, proba.cpu().numpy(), p.seed)
     init, curves = summary["init"], read_curves(lay.finetune_curves)
     figures.save(figures.confusion_figure(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)"),
                  out / "confusion.png", dpi=110)
@@ -116,6 +127,8 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
            f"view: `{select}` {summary['val_one_view'][select]:.4f})" if summary.get("views", 1) == 8 else "")
         + f".\n\n### Validation (best epoch)\n\n{_table({init: summary['val'] | task_metrics(summary['val'], meta)}, keys)}\n"
         f"### Test\n\n{_table({init: test}, keys)}\n"
+        f"In brackets: the 95 % interval over {N_BOOT} stratified bootstrap resamples of the {len(te_y)} test images "
+        "(class counts kept): what the test sample alone leaves uncertain, for this one trained model.\n\n"
         f"Gap at best epoch (train - val): acc {gap['gap_accuracy']:+.3f}, loss {gap['gap_loss']:+.3f}.\n\n"
         "![curves](curves.png)\n![confusion](confusion.png)\n\n"
     )

@@ -31,7 +31,7 @@ from medssl.guard import one_writer
 from medssl.io import read_json, write_json
 from medssl.layout import Layout
 from medssl.metric_names import BRIEF, LABEL, TABLE
-from medssl.metrics import classification_metrics
+from medssl.metrics import classification_metrics, with_interval
 from medssl.models.classifier import ExportModel
 
 
@@ -311,11 +311,11 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
     val, test = val | task_metrics(val, meta), test | task_metrics(test, meta)
     extra = (("kappa_quadratic",) if meta.get("task") == "ordinal" else
              ("sensitivity", "specificity") if "sensitivity" in test else ())
-    rows = "\n".join(f"| {LABEL[k]} | {val[k]:.4f} | {test[k]:.4f} |" for k in (*extra, *TABLE))
+    rows = "\n".join(f"| {LABEL[k]} | {val[k]:.4f} | {with_interval(test, k)} |" for k in (*extra, *TABLE))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
             f"`data.path`) at {v.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
             f"test only scored.\n\n"
-            f"| metric | validation | test |\n|---|---|---|\n{rows}\n\n"
+            f"| metric | validation | test [95 % interval over test resamples] |\n|---|---|---|\n{rows}\n\n"
             f"ONNX Runtime matches PyTorch within {check['parity_max_abs_diff']:.2g} on {check['parity_images']} images. "
             f"{'Promoted to' if promote else 'Not promoted to'} @{p.export.alias}: {reason}.\n\n"
             f"Input {_input(size)}; output probabilities (N, {len(classes)}) in the order "

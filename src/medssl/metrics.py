@@ -105,6 +105,17 @@ def task_metrics(m: dict, meta: dict) -> dict:
     return {"sensitivity": m[f"recall_{pos}"], "specificity": m[f"recall_{neg}"]}
 
 
+def interval_keys(metric: str) -> tuple[str, str]:
+    """Where a scores dict keeps the 95 % interval of `metric` (evaluate's test scores of the champion)."""
+    return f"{metric}_ci_low", f"{metric}_ci_high"
+
+
+def with_interval(m: dict, metric: str) -> str:
+    """m[metric] to 4 decimals, then its 95 % interval to 3 when m carries one: "0.5945 [0.552, 0.639]"."""
+    lo, hi = (m.get(k) for k in interval_keys(metric))
+    return f"{m[metric]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
 def overfitting_gap(train: dict, val: dict, keys=CURVE) -> dict:
     """gap_<k> = train[k] - val[k]: positive accuracy gap / negative loss gap = overfitting."""
     return {f"gap_{k}": float(train[k] - val[k]) for k in keys if k in train and k in val}

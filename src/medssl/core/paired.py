@@ -6,6 +6,7 @@ seed, so differences pair over seeds; the test images are a sample too, so they 
     d = paired_difference(a, boot.replicates(probas_b), "balanced_accuracy", seed=0)
     # {"diff": mean over seeds on the full test set, "lo", "hi": 95 % percentile interval, "p": two-sided}
     holm([d1["p"], d2["p"], ...])                        # Holm-adjusted p values of one family
+    boot.interval(proba)         # one model's (N, C) -> {metric: (lo, hi)}: its own 95 % interval, no pairing
 
 Each bootstrap replicate resamples test images within each class (class counts kept) and seeds with
 replacement (a hierarchical bootstrap: image sampling and training randomness). Pure numpy.
@@ -26,6 +27,11 @@ def stratified_counts(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
         idx = np.flatnonzero(y == c)
         w[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1 / len(idx)), size=n_boot)
     return w
+
+
+def weighted_accuracy(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """Accuracy under each row of weights w (B, N) -> (B,)."""
+    return (w @ (proba.argmax(1) == y).astype(np.float32)) / w.sum(1)
 
 
 def weighted_balanced_accuracy(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
@@ -71,6 +77,13 @@ class Bootstrap:
             full = np.array([fn(self.ones, self.y, p)[0] for p in probas])
             out[metric] = full, np.stack([fn(self.w, self.y, p) for p in probas])
         return out
+
+    def interval(self, proba: np.ndarray) -> dict[str, tuple[float, float]]:
+        """One model's (N, C) probabilities -> metric -> its 95 % percentile interval over the resamples, for
+        accuracy, balanced accuracy and macro AUC (what the test images' sampling alone leaves uncertain)."""
+        fns = {"accuracy": weighted_accuracy, "balanced_accuracy": weighted_balanced_accuracy,
+               "auc_macro": weighted_auc_macro}
+        return {m: tuple(float(v) for v in np.percentile(fn(self.w, self.y, proba), [2.5, 97.5])) for m, fn in fns.items()}
 
 
 def paired_difference(a: dict, b: dict, metric: str, seed: int = 0) -> dict:
