@@ -35,6 +35,7 @@ from medssl.host import at_once
 from medssl.scale import grid_flow, task_runner
 from medssl.layout import Layout
 from medssl.metric_names import BRIEF, LABEL
+from medssl.metrics import with_interval
 from medssl.pretrain import run_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
              "| init | " + " | ".join(f"{split} {LABEL[m]}" for split in ("val", "test") for m in BRIEF) + " | MLflow run |",
              "|---" * (2 * len(BRIEF) + 2) + "|"]
     init = results["init"]
-    scores = " | ".join(f"{results[split][m]:.4f}" for split in ("val", "test") for m in BRIEF)
+    scores = " | ".join(with_interval(results[split], m) for split in ("val", "test") for m in BRIEF)  # test: [95 % interval]
     lines.append(f"| {init}{' (champion)' if init == export['champion'] else ''} | {scores} | {run_link(results['run_id'])} |")
     model = p.export.registered_model
     version = (f"[{model} v{export['version']}]({uri}/#/models/{model}/versions/{export['version']})" if web

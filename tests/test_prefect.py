@@ -1,6 +1,7 @@
 """`prefect deployment run` through a real Prefect server and process worker (flows/services.sh)."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     results = [a["data"] for a in arts if a["key"] == "medssl-results"]
     assert len(results) == 1 and results[0].index("## Verdict") < results[0].index("## Champion")  # the answer first
     assert "difference to ImageNet" in results[0]
+    row = next(line for line in results[0].splitlines() if "(champion)" in line)  # test scores with [95 % interval]
+    assert len(re.findall(r"\| \d\.\d{4} \[\d\.\d{3}, \d\.\d{3}\]", row)) == 3, row  # not the validation ones
     report = [a["data"] for a in arts if a["key"] == "medssl-report"]
     assert len(report) == 1 and "### Linear probe" in report[0] and "| simclr |" in report[0]
     assert "](data:image/png;base64," in report[0] and ".png)" not in report[0]  # images travel with the artifact
