@@ -23,6 +23,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medssl import tracking
+from medssl.checkpoints import encoder_file, encoder_seeds
 from medssl.config import Params, RunOverrides, load_params
 from medssl.data.prepare import run_prepare
 from medssl.data.sources import run_fetch
@@ -76,7 +77,8 @@ def grid_task(p: Params, init: str, shards: list[Shard], run_id: str, seconds: f
 
 
 def grid_inputs(p: Params, parent_id: str) -> tuple[dict[str, dict], dict, int]:
-    """init -> what its shards read (and the prepared meta, the pool's size), by content: the grid's data, the prepared meta, the SSL encoder. On a Dask
+    """init -> what its shards read (and the prepared meta, the pool's size), by content: the grid's data, the prepared meta, the SSL
+    encoders (`encoders`: s<pretraining seed> -> ref). On a Dask
     runner with a tracking server, the files are logged to the parent run too, so workers without this file
     system fetch them from MLflow."""
     from medssl import cas
@@ -87,8 +89,8 @@ def grid_inputs(p: Params, parent_id: str) -> tuple[dict[str, dict], dict, int]:
     ship = p.scale.runner == "dask" and tracking.tracking_uri().startswith("http")
     share = (lambda r: cas.publish(r, parent_id)) if ship else (lambda r: r)
     common = {"data": share(cas.ref(path)), "meta": share(cas.ref(LAY.meta))}
-    refs = {init: {**common, **({"encoder": share(cas.ref(LAY.encoder(init)))} if init in p.inits.ssl else {})}
-            for init in p.inits.all}
+    refs = {init: common | ({"encoders": {f"s{s}": share(cas.ref(encoder_file(p, init, s, LAY))) for s in encoder_seeds(p, init)}}
+                            if init in p.inits.ssl else {}) for init in p.inits.all}
     return refs, meta, len(data["pool"].labels)
 
 

@@ -101,6 +101,8 @@ def design(fractions, budget, n_test, training):
 
 
 def test_verdict_answers_per_label_budget():
+    from dataclasses import replace
+
     from medssl.compare import verdict
 
     rows = [_row("simclr", 0.01, 0.06, "better"), _row("vae", 0.01, 0.01, "no difference"),
@@ -111,6 +113,8 @@ def test_verdict_answers_per_label_budget():
     assert "at 100 % labels, **ImageNet leads every self-supervised init** (closest: SimCLR -0.050" in text
     assert "The VAE never beats ImageNet." in text and "too small to decide" not in text
     assert text.endswith("one pretraining run, shared by the 3 seeds: the intervals leave out the pretraining's own variance.")
+    per_seed = verdict(rows, replace(design([0.01, 0.1, 1.0], "cpu", 2005, "96 steps"), pretrain_per_seed=True))
+    assert per_seed.endswith("pretrained once per seed (3 runs): the intervals include the pretraining's own variance.")
 
 
 def test_verdict_says_when_the_budget_cannot_decide():

@@ -2,9 +2,12 @@
 champion's fine-tune) and the trained champion (evaluate, export), so no stage imports another for them."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from medssl.config import Params
+from medssl.core.cells import encoder_seed
 from medssl.core.rng import generator
 from medssl.errors import ConfigError, MissingInput, StaleStageError, UsageError
 from medssl.layout import Layout
@@ -31,15 +34,29 @@ def freeze_blocks(model: Classifier, k: int) -> None:
                 m.momentum = 0.0  # running statistics stay as initialised/pretrained
 
 
-def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = Layout()) -> Classifier:
+def encoder_seeds(p: Params, init: str) -> list[int]:
+    """The pretraining seeds of SSL init `init`'s encoders: params.yaml's seed (the champion's and tuning's encoder)
+    and, under budgets.<budget>.pretrain_per_seed, one per grid seed (core.cells.encoder_seed)."""
+    per_seed = p.run_budget.pretrain_per_seed
+    return sorted({p.seed, *(encoder_seed(init, s, p.seed, per_seed=per_seed) for s in p.grid.seeds)})
+
+
+def encoder_file(p: Params, init: str, seed: int, lay: Layout = Layout()) -> Path:
+    """The file of `init`'s encoder pretrained with `seed`: encoder.pt for params.yaml's seed, else encoder_s<seed>.pt."""
+    return lay.encoder(init, None if seed == p.seed else seed)
+
+
+def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = Layout(),
+                     encoder: int | None = None) -> Classifier:
     """Classifier with the backbone weights of `init` (on CPU); random weights (the random init's backbone, every
-    head) are drawn from a generator seeded with `seed`; SSL inits load their pretrained encoder."""
+    head) are drawn from a generator seeded with `seed`; SSL inits load their encoder pretrained with seed `encoder`
+    (None: params.yaml's seed)."""
     if init not in p.inits.all:
         raise UsageError(f"init {init!r} is not configured; inits are {p.inits.all}")
     model = Classifier(p.model.backbone, len(meta["classes"]), p.model.dropout, imagenet=init == "imagenet",
                        mean=meta["mean"], std=meta["std"], gen=generator(seed))
     if init in p.inits.ssl:
-        path = lay.encoder(init)
+        path = encoder_file(p, init, p.seed if encoder is None else encoder, lay)
         if not path.is_file():
             raise MissingInput(f"{path} missing: run `medssl pretrain {init}` first")
         ckpt = torch.load(path, map_location="cpu", weights_only=True)

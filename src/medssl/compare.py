@@ -207,7 +207,8 @@ def story(budget: str, d: dict) -> str:
 class Design:
     """What the comparison ran: its protocols, baseline and SSL inits, label fractions, the budget's name, the test
     split's size, the seeds, and what a fine-tune cell got, in words ("2 epochs of batch 32"); ceiling: the
-    (protocol, fraction) cells where every compared init scores at least CEILING (at_ceiling())."""
+    (protocol, fraction) cells where every compared init scores at least CEILING (at_ceiling()); pretrain_per_seed:
+    each seed's SSL cells start from their own pretraining run (budgets.<budget>.pretrain_per_seed)."""
     protocols: list[str]
     baselines: list[str]
     ssl: list[str]
@@ -217,6 +218,7 @@ class Design:
     n_seeds: int
     training: str
     ceiling: frozenset = frozenset()
+    pretrain_per_seed: bool = False
 
 
 def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
@@ -239,8 +241,11 @@ def verdict(rows: list[dict], design: Design, shift: dict | None = None) -> str:
     m = next((r["family_size"] for r in test if r["reference"] == ref), 0)
     how = (f"Test balanced accuracy, difference to {name(ref)} with its 95 % interval (paired over {n_seeds} seeds, "
            f"{N_BOOT} stratified bootstrap resamples of {n_test} test images), decided at α = {ALPHA} after Holm "
-           f"correction over {m} comparisons. Each self-supervised encoder is one pretraining run, shared by the "
-           f"{n_seeds} seeds: the intervals leave out the pretraining's own variance.")
+           f"correction over {m} comparisons. " + (
+               f"Each self-supervised init is pretrained once per seed ({n_seeds} runs): the intervals include the "
+               f"pretraining's own variance." if design.pretrain_per_seed else
+               f"Each self-supervised encoder is one pretraining run, shared by the {n_seeds} seeds: the intervals "
+               f"leave out the pretraining's own variance."))
     d = decided(rows, protocols, baselines, ssl, design.ceiling)  # the cells the story counts
     if d["ssl"] + d["reference"] + d["open"] == 0 and d["ceiling"]:
         lines.insert(0, f"**This data cannot tell the self-supervised inits from {name(ref)}**: they all score a mean "

@@ -82,6 +82,7 @@ class Budget(_Strict):
     grid: GridBudget  # required: dvc.yaml's grid stages depend on budgets.<budget>.grid (and pretrain on pretrain_epochs)
     image_size: int = Field(default=32, ge=16, le=512)  # prepared resolution under this budget (data.image_size overrides)
     finetune_image_size: int | None = Field(default=None, ge=16, le=512)  # the champion's (the shipped model's); null: image_size
+    pretrain_per_seed: bool = False  # one encoder per grid seed (seed + grid seed) for each SSL init, else one for all
 
     _size = field_validator("image_size")(_multiple_of_16)
 

@@ -27,9 +27,9 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict]
         y = {s[:-2]: first[s].astype(np.int64) for s in first if s.endswith("_y")}
         data = CellData(y=y, scored=[s for s in y if s != "pool"], classes=classes)
         # the probe standardises every feature, so each encoder enters with unit-variance features;
-        # a seeded encoder (random) contributes the draw its own cells of this seed probed
-        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{encoder_seed(i, seed, p.seed)}"] for i in group], 1)).to(device)
-             for s in y}
+        # each encoder contributes the draw its own cells of this seed probed (random's; SSL inits' pretrained per seed)
+        es = {i: encoder_seed(i, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed) for i in group}
+        x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{es[i]}"] for i in group], 1)).to(device) for s in y}
         job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
         c, held = probe_cell(job, x, data, init=name, protocol="linear", grid=p.grid)
         return {**c, "regime": "fusion"}, {(name, "linear", "fusion", fraction, seed, s): pr for s, pr in held.items()}

@@ -8,8 +8,9 @@ the labelled pool), three protocols with the same budget for every init:
 plus the regimes: imbalance (classes capped to a largest/smallest ratio, at 100 % labels) and
 domain shift (every cell also scored on a second source's test split when grid.shift is set).
 Selection (best fine-tune epoch) is on validation; test and shift are only scored.
-Encoders are pretrained once per init; seeds vary the label subset and the head/fine-tune run, and
-for the random init also the encoder itself (each seed probes the draw it fine-tunes).
+Seeds vary the label subset and the head/fine-tune run, and for the random init also the encoder itself
+(each seed probes the draw it fine-tunes); a self-supervised init's encoder is pretrained once, or once per
+seed under budgets.<budget>.pretrain_per_seed (core.cells.encoder_seed).
 Resumable: finished cells are kept in a state file, and a rerun with the same settings skips them.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def grid_data(p: Params, lay: Layout = Layout()) -> tuple[dict[str, Split], dict
 
 def frozen_encoder(p: Params, init: str, meta: dict, device, seed: int, lay: Layout = Layout()) -> torch.nn.Module:
     """The backbone the frozen-feature protocols probe: the classifier's backbone fit() starts from at `seed`."""
-    return prepare_model(build_classifier(p, init, meta, seed, lay).backbone, device)
+    return prepare_model(build_classifier(p, init, meta, seed, lay, encoder=seed).backbone, device)
 
 
 class Shard(dict):
@@ -86,8 +87,8 @@ def grid_setup(p: Params, data: dict[str, Split], classes: list[str], device=Non
 
 
 class SharedFeatures:
-    """Frozen features per encoder seed, extracted once and shared by every shard that probes that encoder (every
-    init but random loads one encoder for all grid seeds): linear, k-NN and, from the saved array, fusion cells."""
+    """Frozen features per encoder seed, extracted once and shared by every shard that probes that encoder (ImageNet,
+    and SSL inits pretrained once, serve all grid seeds): linear, k-NN and, from the saved array, fusion cells."""
 
     def __init__(self):
         self.lock, self.locks, self.feats = threading.Lock(), {}, {}
@@ -129,7 +130,7 @@ def run_shard(ig: InitGrid, seed: int, *, done: dict | None = None, on_cell=None
     done = done or {"cells": {}, "curves": [], "probas": {}}
     cells, probas = dict(done["cells"]), dict(done["probas"])
     curves = [r for r in done["curves"] if r["seed"] == seed]
-    es = encoder_seed(init, seed, p.seed)
+    es = encoder_seed(init, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
 
     def extract():
         enc = frozen_encoder(p, init, ig.meta, ig.device, es, ig.lay)
@@ -186,7 +187,7 @@ def write_grid(ig: InitGrid, shards: list[Shard], seconds: float) -> dict:
                           lay.raw(p.data.path))
     features = {}
     for s in shards:
-        features.update(s["features"])  # an encoder shared by seeds (every init but random) is the same array
+        features.update(s["features"])  # an encoder shared by seeds is the same array
     # features for fusion, labels, and every cell's training subset (recorded: pool positions);
     # float32 as probed: a randomly initialised MobileNetV2 in eval mode emits features of ~1e-10
     save_npz(lay.grid_features(init), **dict(sorted(features.items())), **{f"{s}_y": v for s, v in y.items()},
@@ -303,8 +304,9 @@ def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dic
     cfg = p.grid_finetune  # the last step's weights: finetune.ema_window is the shipped model's recipe
     with tracking.stage_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
                                             "seed": job.seed, "batch_size": cfg.batch_size}, ig.run_id):
-        cell, fit, probas = finetune_cell(job, build_classifier(p, init, ig.meta, job.seed, ig.lay), cd, init=init,
-                                          cfg=cfg, budget=b, select=p.export.select_metric)
+        es = encoder_seed(init, job.seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+        model = build_classifier(p, init, ig.meta, job.seed, ig.lay, encoder=es)
+        cell, fit, probas = finetune_cell(job, model, cd, init=init, cfg=cfg, budget=b, select=p.export.select_metric)
         tracking.log_curves(fit.curves)
         for split in cd.scored:
             tracking.log_scores(split, cell[split])

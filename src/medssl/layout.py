@@ -53,8 +53,9 @@ class Layout:
         return self.root / "metrics/data_card.json"
 
     # pretrain@<method>
-    def encoder(self, method: str) -> Path:
-        return self.root / f"models/pretrain/{method}/encoder.pt"
+    def encoder(self, method: str, seed: int | None = None) -> Path:
+        """The encoder pretrained with params.yaml's seed (None), or with another seed (budgets.<b>.pretrain_per_seed)."""
+        return self.root / f"models/pretrain/{method}/{'encoder' if seed is None else f'encoder_s{seed}'}.pt"
 
     def pretrain_metrics(self, method: str) -> Path:
         return self.root / f"metrics/pretrain/{method}.json"

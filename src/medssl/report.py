@@ -270,7 +270,8 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
              for f in fr if ("fractions", pr, i, f) in agg}
     ceiling = compare.at_ceiling(means, g.protocols, p.inits.baselines, ssl, fr)
     design = compare.Design(protocols=g.protocols, baselines=p.inits.baselines, ssl=ssl, fractions=fr, budget=p.budget,
-                            n_test=n_pool["test"], n_seeds=len(seeds), training=training, ceiling=ceiling)
+                            n_test=n_pool["test"], n_seeds=len(seeds), training=training, ceiling=ceiling,
+                            pretrain_per_seed=p.run_budget.pretrain_per_seed)
     verdict = compare.verdict(rows, design, shift)
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "balanced_accuracy_vs_fraction.png")
     plot_vs_fraction(agg, g.protocols, inits, fr, out / "auc_vs_fraction.png", "auc_macro")
@@ -282,8 +283,10 @@ def comparison(p: Params, classes: list[str], out: Path, lay: Layout, champion: 
           f"Labelled pool {n_pool['pool']} train images (fractions are nested, stratified subsets of it, every class "
           f"kept); scored on {n_pool['test']} test images; fine-tune cells: {training}, best evaluation on validation. Cells: test balanced accuracy, then macro AUC, as mean ± 95 % CI (Student t over seeds); **one class** marks "
           "seeds whose model predicts a single class for every test image (balanced accuracy 1 / classes: it learnt nothing). "
-          "Encoders are pretrained once; seeds vary the label subset and the head / fine-tune run, and draw the "
-          f"random init's encoder. Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
+          "Seeds vary the label subset and the head / fine-tune run, draw the random init's encoder and "
+          + ("pretrain each self-supervised init's encoder anew. " if p.run_budget.pretrain_per_seed else
+             "share each self-supervised init's one pretrained encoder. ")
+          + f"Linear probe: logistic regression, C = {g.linear_c:g}, class weights "
           f"{g.linear_class_weight}.", ""]
     md += task_section(agg, read_json(lay.meta), g.protocols, inits, fr)
     md += tuning_section(p)

@@ -1,7 +1,7 @@
 """Resumable stages: a per-epoch (or per-cell) state file, written atomically, used only when its key matches.
 
 The key (`resume_key`) is a digest of each thing the stage's result depends on: the prepared data (its arrays'
-digest, so image size and subsets count), the config sections the stage reads, the init's encoder file (grids
+digest, so image size and subsets count), the config sections the stage reads, the init's encoder files (grids
 and fine-tunes of a self-supervised init), the device type and the state format. A state file left by a run
 with other inputs is discarded with one line naming what changed, never resumed from. State files hold tensors
 and plain values only and are read with `torch.load(weights_only=True)`: nothing in them is executed.
@@ -41,8 +41,11 @@ def inputs_key(p, stage: str, init: str, meta: dict, lay) -> dict[str, object]:
         key |= {"method": getattr(p.pretrain, method).model_dump(), "batch_size": p.pretrain.batch_size,
                 "epochs": p.run_budget.pretrain_epochs, "augment": p.finetune.augment.model_dump()}
     else:
-        enc = lay.encoder(init)
-        key |= {"encoder": md5sum(enc) if init in p.inits.ssl and enc.is_file() else init,
+        from medssl.checkpoints import encoder_file, encoder_seeds
+
+        # the grid's cells read every encoder of the init (one per grid seed under pretrain_per_seed), the champion p.seed's
+        files = [encoder_file(p, init, s, lay) for s in (encoder_seeds(p, init) if stage == "grid" else [p.seed])]
+        key |= {"encoder": "+".join(md5sum(f) for f in files) if init in p.inits.ssl and all(f.is_file() for f in files) else init,
                 "finetune": (p.finetune if stage == "finetune" else p.grid_finetune).model_dump(),
                 "select": p.export.select_metric}
         key |= ({"epochs": p.run_budget.finetune_epochs, "image_size": p.finetune_image_size} if stage == "finetune" else

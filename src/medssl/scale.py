@@ -19,7 +19,9 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from medssl import cas, tracking
+from medssl.checkpoints import encoder_file
 from medssl.config import Params
+from medssl.core.cells import encoder_seed
 from medssl.core.engine import pick_device
 from medssl.grid import InitGrid, Shard, load_grid_data, run_shard, shards_at_once
 from medssl.layout import Layout
@@ -36,14 +38,16 @@ def grid_shard_task(p: Params, init: str, seed: int, refs: dict, grid_run: str) 
         torch.set_num_threads(1)  # CPU: one torch thread per shard, so every runner computes alike
     data = load_grid_data(cas.get(refs["data"]))
     meta = json.loads(cas.get(refs["meta"]).read_text())
-    lay = Layout(cas.cache_dir().parent / "work" / (refs["encoder"].digest if "encoder" in refs else "none"))
-    if "encoder" in refs:  # build_classifier reads Layout.encoder(init): the content-addressed file, linked there
-        dst = lay.encoder(init)
+    es = encoder_seed(init, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+    enc = refs.get("encoders", {}).get(f"s{es}")  # an SSL init's encoder for this seed
+    lay = Layout(cas.cache_dir().parent / "work" / (enc.digest if enc else "none"))
+    if enc:  # build_classifier reads checkpoints.encoder_file: the content-addressed file, linked there
+        dst = encoder_file(p, init, es, lay)
         if not dst.is_file():
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
             tmp.unlink(missing_ok=True)
-            os.symlink(cas.get(refs["encoder"]).resolve(), tmp)
+            os.symlink(cas.get(enc).resolve(), tmp)
             tmp.replace(dst)
     attempt = uuid4().hex
     with tracking.extra_tags({tracking.SHARD_TAG: f"{init}-s{seed}", tracking.ATTEMPT_TAG: attempt}):

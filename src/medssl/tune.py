@@ -110,7 +110,8 @@ def objective_for(p: Params, init: str, parent: str, root: Path):
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, init)
-        pt = with_values(p, values)
+        # a trial scores one encoder (params.yaml's seed) in one fine-tune: per-seed encoders are the grid's
+        pt = with_values(p, {**values, f"budgets.{p.budget}.pretrain_per_seed": False})
         trial_root = root / f"trial_{trial.number:04d}"
         lay = Layout(trial_root, data_root=Path("."), prepared_root=Layout().tuning().prepared_root)
         tags = {**tracking.base_tags(p), "stage": "tune-trial", "optuna_study": study_name(p, init),

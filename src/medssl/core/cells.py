@@ -61,10 +61,14 @@ def plan(pool_y: np.ndarray, fractions: list[float], imbalance: list[float], see
     return jobs
 
 
-def encoder_seed(init: str, seed: int, base_seed: int) -> int:
-    """Seed of the frozen encoder a cell of `seed` probes: the random init is one draw per grid seed (as in its
-    fine-tune cells); every other init loads fixed weights, so one encoder (base_seed) serves all seeds."""
-    return seed if init == "random" else base_seed
+def encoder_seed(init: str, seed: int, base_seed: int, *, per_seed: bool) -> int:
+    """Seed of the encoder a cell of grid seed `seed` starts from: the random init is one draw per grid seed; a
+    self-supervised init is pretrained with base_seed + seed when per_seed (so the seeds' spread carries the
+    pretraining's own variance; grid seed 0 shares the champion's encoder), else once with base_seed for all seeds;
+    ImageNet's weights are fixed (base_seed names them)."""
+    if init == "random":
+        return seed
+    return base_seed + seed if per_seed and init != "imagenet" else base_seed
 
 
 def kept(m: dict) -> dict:
