@@ -27,7 +27,10 @@ def test_each_grid_seed_probes_and_finetunes_its_own_pretraining_run(tmp_path, m
     p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
     lay = prepared(tmp_path / "run", p)
 
-    summary = run_pretrain(p, "vae", lay)
+    mlflow.set_experiment("per-seed")
+    with mlflow.start_run() as parent:  # as under a pipeline run, where MLflow shows the nested runs' names
+        pass
+    summary = run_pretrain(p, "vae", lay, parent=parent.info.run_id)
     seeds = [p.seed + s for s in p.grid.seeds]  # 42, 43, 44: grid seed 0 shares params.yaml seed's encoder
     files = [lay.encoder("vae")] + [lay.encoder("vae", s) for s in seeds[1:]]
     weights = [torch.load(f, weights_only=True) for f in files]
@@ -35,9 +38,9 @@ def test_each_grid_seed_probes_and_finetunes_its_own_pretraining_run(tmp_path, m
     differ = [k for k, v in weights[0]["state_dict"].items() if not torch.equal(v, weights[1]["state_dict"][k])]
     assert any(k.endswith("weight") for k in differ)  # another draw and order of batches, not just another file
     assert sorted(summary["encoders"]) == [f"s{s}" for s in seeds]
-    runs = mlflow.search_runs(experiment_names=["per-seed"], output_format="list")
-    assert sorted((r.data.tags[tracking.RUN_TAG], r.info.status) for r in runs) == sorted(
-        [("pretrain-vae", "FINISHED")] + [(f"pretrain-vae-s{s}", "FINISHED") for s in seeds[1:]])
+    runs = mlflow.search_runs(experiment_names=["per-seed"], filter_string="tags.stage = 'pretrain'", output_format="list")
+    assert sorted((r.data.tags[tracking.RUN_TAG], r.info.run_name, r.info.status) for r in runs) == sorted(
+        [("pretrain-vae", "ssl-vae", "FINISHED")] + [(f"pretrain-vae-s{s}", f"ssl{s}-vae", "FINISHED") for s in seeds[1:]])
     assert {r.info.run_id for r in runs} == {e["run_id"] for e in summary["encoders"].values()}
 
     built = []

@@ -29,7 +29,9 @@ NAMES = {"random": "random init", "imagenet": "ImageNet", "vae": "the VAE", "sim
 PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)"}
 
 
-NEXT_BUDGET = {"demo": "For an answer run the `cpu` budget: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).",
+ANSWER = ("`make answer` (`medssl pipeline -S budget=cpu`: about 40 min on 2 cores with AVX-512, about an hour with "
+          "AVX2 only)")
+NEXT_BUDGET = {"demo": f"For an answer run the `cpu` budget: {ANSWER}.",
                "cpu": "For an answer run a larger budget: `budget: full` on a GPU (docs/gpu.md)."}
 
 

@@ -11,7 +11,7 @@ import torch
 
 from medssl import figures, tracking
 from medssl.checkpoints import load_classifier
-from medssl.compare import N_BOOT
+from medssl.compare import ANSWER, N_BOOT
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
 from medssl.core.paired import Bootstrap
@@ -67,9 +67,10 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
 
     proba = predict_proba(model, torch.from_numpy(splits["test"].images).to(device))
     test = scores(te_y, proba, classes)
-    test |= task_metrics(test, meta) | champion_intervals(te_y, proba.cpu().numpy(), p.seed)
+    held = proba.cpu().numpy()
+    test |= task_metrics(test, meta) | champion_intervals(te_y, held, p.seed)
     init, curves = summary["init"], read_curves(lay.finetune_curves)
-    figures.save(figures.confusion_figure(confusion(te_y, proba.cpu().numpy()), classes, f"{init} (test)"),
+    figures.save(figures.confusion_figure(confusion(te_y, held), classes, f"{init} (test)"),
                  out / "confusion.png", dpi=110)
     figures.save(figures.curves_figure(curves, init), out / "curves.png")
     with tracking.resume_run(summary["run_id"]):
@@ -100,7 +101,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     gap = summary["gap_at_best"]
     keys = table_keys(meta)
     smoke = (f"**Smoke run (`budget: {p.budget}`), not an answer**: it checks every stage end to end in minutes. "
-             f"For the answer: `make answer` (`medssl pipeline -S budget=cpu`, about an hour on 2 cores).\n\n"
+             f"For the answer: {ANSWER}.\n\n"
              if p.budget == "demo" else "")
     md = (
         smoke + f"# medssl report: {p.data.name}, {p.model.backbone} @ {p.image_size}px"

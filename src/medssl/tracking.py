@@ -234,7 +234,8 @@ def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
     (the one holding its scores) is named by the init alone (`imagenet-simclr`), and its cells, nested under it,
     by what tells them apart there (`f0.01-s0`, `imb10-f1-s0`). A pretraining run is `ssl-<init>` (self-supervised
     learning; `pretrain-imagenet-simclr` and `pretrain-imagenet-mim` would both read `pretrain-imagen…`): it stays
-    beside the inits under the pipeline run, where MLflow lists it without "Load more". A tuning trial is
+    beside the inits under the pipeline run, where MLflow lists it without "Load more"; an encoder pretrained with
+    another seed (budgets.<budget>.pretrain_per_seed) is `ssl<seed>-<init>` (`ssl43-imagenet-mim`). A tuning trial is
     `t<number>-<init>` (`t3-imagenet-simclr`). Other nested runs keep
     the stable name (`finetune-imagenet`, `export`). A run with no parent gets a timestamp (`unique_name`)."""
     if parent is None:
@@ -242,7 +243,9 @@ def run_name(name: str, tags: dict[str, str], parent: str | None) -> str:
     if tags.get(LEVEL_TAG) == "init":
         return tags["init"]
     if tags.get("stage") == "pretrain" and "init" in tags:
-        return f"ssl-{tags['init']}"
+        init = tags["init"]
+        seed = name.removeprefix(f"pretrain-{init}").removeprefix("-s")  # another seed's encoder: pretrain-<init>-s43
+        return f"ssl{seed}-{init}"
     if tags.get("stage") == "tune-trial":  # `trial-imagenet-simclr-0003` read `trial-imagenet-…` for three inits
         return f"t{int(tags['optuna_trial'])}-{tags['init']}"
     if tags.get(LEVEL_TAG) == "cell":

@@ -62,6 +62,10 @@ def weighted_auc_macro(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.nd
     return np.mean([weighted_auc(w, y == c, proba[:, c]) for c in np.unique(y)], 0)
 
 
+WEIGHTED = {"accuracy": weighted_accuracy, "balanced_accuracy": weighted_balanced_accuracy, "auc_macro": weighted_auc_macro}
+PAIRED = ("balanced_accuracy", "auc_macro")  # what the comparison pairs; all of WEIGHTED get the champion's interval
+
+
 class Bootstrap:
     """One set of stratified resamples of a test split, shared by every comparison on it (so they pair)."""
 
@@ -73,7 +77,8 @@ class Bootstrap:
     def replicates(self, probas: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """probas (S, N, C) of S seeds -> metric -> (values on the full split (S,), replicates (S, B))."""
         out = {}
-        for metric, fn in (("balanced_accuracy", weighted_balanced_accuracy), ("auc_macro", weighted_auc_macro)):
+        for metric in PAIRED:
+            fn = WEIGHTED[metric]
             full = np.array([fn(self.ones, self.y, p)[0] for p in probas])
             out[metric] = full, np.stack([fn(self.w, self.y, p) for p in probas])
         return out
@@ -81,9 +86,7 @@ class Bootstrap:
     def interval(self, proba: np.ndarray) -> dict[str, tuple[float, float]]:
         """One model's (N, C) probabilities -> metric -> its 95 % percentile interval over the resamples, for
         accuracy, balanced accuracy and macro AUC (what the test images' sampling alone leaves uncertain)."""
-        fns = {"accuracy": weighted_accuracy, "balanced_accuracy": weighted_balanced_accuracy,
-               "auc_macro": weighted_auc_macro}
-        return {m: tuple(float(v) for v in np.percentile(fn(self.w, self.y, proba), [2.5, 97.5])) for m, fn in fns.items()}
+        return {m: tuple(float(v) for v in np.percentile(fn(self.w, self.y, proba), [2.5, 97.5])) for m, fn in WEIGHTED.items()}
 
 
 def paired_difference(a: dict, b: dict, metric: str, seed: int = 0) -> dict:
