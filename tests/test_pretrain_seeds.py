@@ -9,6 +9,7 @@ from medssl import grid as grid_stage
 from medssl import tracking
 from medssl.config import load_params
 from medssl.errors import StaleStageError
+from medssl import pretrain as pretrain_stage
 from medssl.pretrain import run_pretrain
 from medssl.resume import read_grid
 
@@ -35,8 +36,9 @@ def test_each_grid_seed_probes_and_finetunes_its_own_pretraining_run(tmp_path, m
     files = [lay.encoder("vae")] + [lay.encoder("vae", s) for s in seeds[1:]]
     weights = [torch.load(f, weights_only=True) for f in files]
     assert [w["seed"] for w in weights] == seeds
-    differ = [k for k, v in weights[0]["state_dict"].items() if not torch.equal(v, weights[1]["state_dict"][k])]
-    assert any(k.endswith("weight") for k in differ)  # another draw and order of batches, not just another file
+    for a, b in ((0, 1), (0, 2), (1, 2)):  # another draw and order of batches each, not just another file
+        differ = [k for k, v in weights[a]["state_dict"].items() if not torch.equal(v, weights[b]["state_dict"][k])]
+        assert any(k.endswith("weight") for k in differ), (a, b)
     assert sorted(summary["encoders"]) == [f"s{s}" for s in seeds]
     runs = mlflow.search_runs(experiment_names=["per-seed"], filter_string="tags.stage = 'pretrain'", output_format="list")
     assert sorted((r.data.tags[tracking.RUN_TAG], r.info.run_name, r.info.status) for r in runs) == sorted(
@@ -74,3 +76,39 @@ def test_one_pretraining_run_serves_every_seed_when_off(tmp_path, monkeypatch):
     summary = run_pretrain(p, "vae", lay)
     assert "encoders" not in summary
     assert [f.name for f in lay.encoder("vae").parent.iterdir()] == ["encoder.pt"]
+
+
+def test_a_stopped_per_seed_pretraining_keeps_the_encoders_it_finished(tmp_path, monkeypatch):
+    """Stopped while pretraining seed 44, the rerun keeps the encoders of 42 and 43 (same inputs) and trains 44 only;
+    with other inputs (another learning rate) it trains every encoder again."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
+    lay = prepared(tmp_path / "run", p)
+    real, trained = pretrain_stage.pretrain, []
+
+    def stops_at_44(m, images, spec, **kw):
+        if spec.seed == p.seed + 2:
+            raise KeyboardInterrupt("stopped")
+        return real(m, images, spec, **kw)
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", stops_at_44)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(p, "vae", lay)
+    kept = {s: lay.encoder("vae", None if s == p.seed else s).read_bytes() for s in (p.seed, p.seed + 1)}
+
+    def counted(m, images, spec, **kw):
+        trained.append(spec.seed)
+        return real(m, images, spec, **kw)
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", counted)
+    summary = run_pretrain(p, "vae", lay)
+    assert trained == [p.seed + 2]
+    assert {s: lay.encoder("vae", None if s == p.seed else s).read_bytes() for s in kept} == kept
+    assert sorted(summary["encoders"]) == [f"s{s}" for s in (p.seed, p.seed + 1, p.seed + 2)]
+    assert summary["loss"] == summary["encoders"][f"s{p.seed}"]["loss"]
+
+    trained.clear()
+    other = load_params(ROOT / "params.yaml", {**SMALL, "pretrain.vae.lr": 3e-4}, tuned=False)
+    run_pretrain(other, "vae", lay)
+    assert trained == [p.seed, p.seed + 1, p.seed + 2]

@@ -109,7 +109,8 @@ def pretrain(method: str, params: Path = PARAMS):
     from medssl.pretrain import run_pretrain
 
     s = run_pretrain(_params(params), method)
-    err.print(f"pretrain {method}: loss {s['loss']:.2f} in {s['seconds']}s (run {s['run_id']})")
+    more = f"; {len(s['encoders'])} encoders, one per grid seed" if "encoders" in s else ""
+    err.print(f"pretrain {method}: loss {s['loss']:.2f} in {s['seconds']}s (run {s['run_id']}{more})")
 
 
 @app.command()

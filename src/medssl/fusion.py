@@ -12,6 +12,7 @@ from medssl.config import Params
 from medssl.core.cells import CellData, Job, encoder_seed, probe_cell
 from medssl.core.engine import pick_device
 from medssl.layout import Layout
+from medssl.resume import read_grid
 
 
 def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict], dict]:
@@ -20,6 +21,7 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict]
     device = pick_device()  # on a GPU the probes run there (torch L-BFGS), on a CPU as the grid's own probes do
     feats = {}
     for init in {i for group in p.grid.fusion for i in group}:
+        read_grid(p, init, lay)  # a grid of other inputs (encoders, settings) is refused with one line, not half-read
         with np.load(lay.grid_features(init)) as z:
             feats[init] = {k: z[k] for k in z.files}
     def cell(group, seed, fraction):

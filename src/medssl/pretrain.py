@@ -6,6 +6,7 @@ diagnostic images), a resumable per-epoch checkpoint, the encoder and its curves
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import mlflow
@@ -32,7 +33,9 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     """Train the encoder of SSL init `init` (a method, or imagenet-<method>: the method started from ImageNet
     weights) with the values tuned for it; outputs under the Layout (the project for DVC, a trial folder for tuning).
     Under budgets.<budget>.pretrain_per_seed, also one encoder per grid seed (checkpoints.encoder_seeds), each its
-    own MLflow run; the metrics and curves files are params.yaml seed's, with every encoder's loss and run."""
+    own MLflow run; the metrics and curves files are params.yaml seed's, with every encoder's loss and run. A rerun
+    with the same inputs keeps each encoder already finished (a stage stopped between seeds carries on from the
+    next one) and resumes the one it was training from its last epoch."""
     if init not in SSL_INITS:
         raise UsageError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
     p = p.for_init(init)
@@ -60,6 +63,9 @@ def _pretrain_seed(p: Params, init: str, lay: Layout, parent: str | None, out: P
         m.model.encoder.load_state_dict(build_backbone(p.model.backbone, meta["mean"], meta["std"], imagenet=True)[0].state_dict())
     name = f"pretrain-{init}" if out == lay.encoder(init) else f"pretrain-{init}-s{p.seed}"
     ckpt = Checkpointer(lay.resume(name), resume_key(p, "pretrain", init, meta, lay, device))
+    done = _finished(out, ckpt.key_digest)
+    if done is not None:
+        return done
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "pretrain", "method": method, "init": init,
             "tuned": str(init in p.tuned)}
@@ -78,9 +84,23 @@ def _pretrain_seed(p: Params, init: str, lay: Layout, parent: str | None, out: P
         with one_torch_thread(device):  # the same encoder whatever the cores (stages side by side get one each)
             spec = PretrainSpec(cfg=cfg, batch_size=bs, epochs=epochs, aug=p.finetune.augment, seed=p.seed, device=device)
             res = pretrain(m, images, spec, desc=f"pretrain {name[len('pretrain-'):]}", on_epoch=on_epoch, resume=ckpt.load())
-        save_torch({"backbone": p.model.backbone, "method": method, "init": init, "seed": p.seed, "state_dict": res.encoder}, out)
         summary = {**res.curves[-1], "first_loss": res.curves[0]["loss"], "seconds": res.seconds, "run_id": run.info.run_id}
+        save_torch({"backbone": p.model.backbone, "method": method, "init": init, "seed": p.seed, "state_dict": res.encoder,
+                    "inputs": ckpt.key_digest, "summary": summary, "trace": res.trace}, out)
         tracking.log_summary({"seconds": res.seconds, "first_loss": res.curves[0]["loss"], "last_loss": res.curves[-1]["loss"]})
         tracking.log_curves_figure(res.trace, name)
     ckpt.clear()
     return summary, res.trace
+
+
+def _finished(out: Path, inputs: str) -> tuple[dict, list[dict]] | None:
+    """The summary and loss trace of the encoder at `out` when it was pretrained from these inputs (the resume key's
+    digest), else None (missing, unreadable, of earlier code or other inputs: pretrain it)."""
+    try:
+        saved = torch.load(out, map_location="cpu", weights_only=True)
+    except Exception:  # missing, torn or of another format: trained again, never trusted
+        return None
+    if not isinstance(saved, dict) or saved.get("inputs") != inputs:
+        return None
+    print(f"{out}: pretrained from the same inputs, kept", file=sys.stderr, flush=True)
+    return saved["summary"], saved["trace"]

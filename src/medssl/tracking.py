@@ -119,7 +119,7 @@ def experiment_tags(p: Params) -> dict[str, str]:
     the link carries ML_VIEW or the sidebar's switch says *Model training*), and the dataset."""
     note = (f"medssl on **{p.data.name}**: pretrain a MobileNetV2 on the dataset's own images (self-supervised) or "
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
-            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `ssl-<init>` (pretraining; tag `stage = 'pretrain'`), a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
+            "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `ssl-<init>` (pretraining; tag `stage = 'pretrain'`; `ssl<seed>-<init>` for the encoders of the other grid seeds), a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
             "every cell a nested run, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
