@@ -24,6 +24,7 @@ SMALL = {"data.image_size": 32, "inits.baselines": ["imagenet"], "inits.ssl": ["
 
 def test_each_grid_seed_probes_and_finetunes_its_own_pretraining_run(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # the parent below, whatever an earlier test set
     monkeypatch.chdir(tmp_path)
     p = load_params(ROOT / "params.yaml", SMALL, tuned=False)
     lay = prepared(tmp_path / "run", p)
