@@ -67,21 +67,31 @@ def build_classifier(p: Params, init: str, meta: dict, seed: int, lay: Layout = 
     return model
 
 
-def load_classifier(lay: Layout, device: torch.device) -> tuple[Classifier, dict]:
-    """The trained classifier as it is shipped (eval mode, on `device`; averaging its views when the checkpoint says
-    so, models.classifier.with_views) and its checkpoint metadata."""
+def load_classifier(path: Path, device: torch.device) -> tuple[Classifier, dict]:
+    """A trained classifier (Layout.classifier: the one `export` ships) as it is shipped (eval mode, on `device`;
+    averaging its views when the checkpoint says so, models.classifier.with_views) and its checkpoint metadata."""
     from medssl.core.engine import prepare_model
 
-    if not lay.classifier.is_file():
-        raise MissingInput(f"{lay.classifier} missing: run `medssl finetune` first")
+    if not path.is_file():
+        raise MissingInput(f"{path} missing: run `medssl finetune` first")
     try:
-        ckpt = torch.load(lay.classifier, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or overwritten
-        raise StaleStageError(f"{lay.classifier}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+        raise StaleStageError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                          f"rerun `medssl finetune`") from None
     if "run_id" not in ckpt:
-        raise StaleStageError(f"{lay.classifier}: written by an earlier medssl, without its provenance (run, validation "
+        raise StaleStageError(f"{path}: written by an earlier medssl, without its provenance (run, validation "
                          f"scores); rerun `medssl finetune`")
     model = Classifier(ckpt["backbone"], ckpt["num_classes"], ckpt["dropout"], mean=ckpt["mean"], std=ckpt["std"])
     model.load_state_dict(ckpt["state_dict"])
     return with_views(prepare_model(model, device), ckpt.get("views", 1)).eval(), ckpt
+
+
+def how_chosen(select: str, finalists: dict | None) -> str:
+    """How the champion was chosen, as every message about it says (report, registry, Prefect log, CLI).
+    finalists: init -> validation `select` of each finalist trained with the shipped recipe (None: one, the grid's best)."""
+    if not finalists:
+        return f"chosen on validation `{select}` of the grid's 100 % fine-tune cells"
+    return (f"chosen on validation `{select}`: the grid's 100 % fine-tune cells ranked the inits, its best "
+            f"{len(finalists)} were each trained with the shipped recipe, and the best on its own validation ships ("
+            + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + ")")

@@ -118,12 +118,15 @@ def pretrain(method: str, params: Path = PARAMS):
 def finetune(init: str = typer.Argument("champion", help="an init, or `champion`: the best on validation (grid cells)"),
              params: Path = PARAMS):
     """Train the classifier `export` ships: the champion init (or INIT) on all train images."""
+    from medssl.checkpoints import how_chosen
     from medssl.finetune import run_finetune
 
     s = run_finetune(_params(params), None if init == "champion" else init)
     v = s["val"]
     err.print(f"finetune {s['init']}: best epoch {s['best_epoch']}, val acc {v['accuracy']:.4f} "
               f"bal_acc {v['balanced_accuracy']:.4f} auc {v['auc_macro']:.4f} in {s['seconds']}s")
+    if s.get("finalists_val"):
+        err.print(f"finetune: {how_chosen(s['select_metric'], s['finalists_val'])}")
 
 
 @app.command()

@@ -83,6 +83,7 @@ class Budget(_Strict):
     image_size: int = Field(default=32, ge=16, le=512)  # prepared resolution under this budget (data.image_size overrides)
     finetune_image_size: int | None = Field(default=None, ge=16, le=512)  # the champion's (the shipped model's); null: image_size
     pretrain_per_seed: bool = False  # one encoder per grid seed (seed + grid seed) for each SSL init, else one for all
+    finalists: int = Field(default=1, ge=1)  # the grid's best inits trained with the shipped recipe; the best on validation ships
 
     _size = field_validator("image_size")(_multiple_of_16)
 

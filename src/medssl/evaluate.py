@@ -58,7 +58,7 @@ def champion_intervals(y: np.ndarray, proba: np.ndarray, seed: int) -> dict[str,
 def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     """Test metrics of the champion's classifier (chosen on validation by `finetune`) and the report."""
     device = pick_device()
-    model, summary = load_classifier(lay, device)  # its provenance (init, run, validation) travels in the file
+    model, summary = load_classifier(lay.classifier, device)  # its provenance (init, run, validation) travels in the file
     splits, meta = load_prepared(lay, summary["image_size"])  # the test images at the size it was trained at
     classes = meta["classes"]
     te_y = splits["test"].labels
@@ -96,7 +96,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     select = p.export.select_metric
     fused = fusion_cells(p, classes, lay) if p.grid.fusion else ([], {})
     verdict, section, comp = comparison(p, classes, out, lay, champ, fused)
-    cands = summary.get("candidates_val") or {}
+    cands, finalists = summary.get("candidates_val") or {}, summary.get("finalists_val")
     tied = [i for i, v in cands.items() if v == max(cands.values())]  # the champion among them: finetune.champion_of
     gap = summary["gap_at_best"]
     keys = table_keys(meta)
@@ -118,8 +118,11 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
-           "calibration error (ECE)" if len(tied) > 1 else "")
-        + f". Then trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
+           "calibration error (ECE)" if len(tied) > 1 and not finalists else "")
+        + (f". The best {len(finalists)} of them were each trained with the recipe below (those cells are short "
+           f"runs, which rank close inits poorly) and compared on their own validation `{select}`: "
+           + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + f"; {init} ships" if finalists else "")
+        + f". {'It was' if finalists else 'Then'} trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
         + (f", its weights a moving average over its steps (decay {summary['ema_decay']:.4f}, `finetune.ema_window`)"

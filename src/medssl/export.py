@@ -22,7 +22,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import registry_guard, tracking
-from medssl.checkpoints import load_classifier
+from medssl.checkpoints import how_chosen, load_classifier
 from medssl.config import Params
 from medssl.core.onnx import cpu_session, export_onnx, parity
 from medssl.data.sources import nhwc
@@ -105,7 +105,7 @@ def promotion(p: Params, candidate: dict, champion_version, images, labels, clas
 def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity and sanity gates ->
     registry; the alias moves only to a model that beats the current one on validation (or with `force`)."""
-    model, ckpt = load_classifier(lay, torch.device("cpu"))  # with its provenance: init, run, validation scores
+    model, ckpt = load_classifier(lay.classifier, torch.device("cpu"))  # with its provenance: init, run, validation scores
     champion = ckpt["init"]
     export_model = ExportModel(model, ckpt["image_size"]).eval()
     with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
@@ -123,6 +123,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
             "source_run_id": ckpt["run_id"]}
     with tracking.stage_run(p, "export", tags, {"champion": champion, "select_metric": p.export.select_metric,
                                                 **{f"candidate_val_{i}": v for i, v in (ckpt.get("candidates_val") or {}).items()},
+                                                **{f"finalist_val_{i}": v for i, v in (ckpt.get("finalists_val") or {}).items()},
                                                 "parity_tolerance": p.export.parity_tolerance}) as run:
         proto = export_onnx(export_model, val_raw[:2])  # in memory: lay.onnx is the alias's model, written below
         check = parity(export_model, proto, val_raw)
@@ -178,7 +179,8 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                         **{f"test_{k}": f"{test[k]:.4f}" for k in BRIEF},
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         version = Version(init=champion, backbone=ckpt["backbone"], data_md5=data_md5, model_uri=info.model_uri,
-                          size=(h, w, c), image_size=ckpt["image_size"], val=val, test=test, check=check, promote=promote, reason=reason)
+                          size=(h, w, c), image_size=ckpt["image_size"], val=val, test=test, check=check, promote=promote, reason=reason,
+                          finalists=ckpt.get("finalists_val"))
         description = version_description(p, meta, version) + (f"\n\nThe comparison, {status['story']}." if status else "")
         # one call: a version exists complete (tags, description) or not at all
         mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
@@ -190,6 +192,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                          "promoted": str(promote).lower(), "promotion_reason": reason})
 
     result = {"champion": champion, "select_metric": p.export.select_metric, "version": int(mv.version),
+              **({"finalists_val": ckpt["finalists_val"]} if ckpt.get("finalists_val") else {}),
               "promoted": promote, "reason": reason, **({"verdict": status["story"]} if status else {}),
               "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
               "version_uri": f"models:/{p.export.registered_model}/{mv.version}",
@@ -255,7 +258,7 @@ def champion_file(p: Params, lay: Layout) -> str:
 def champion_line(ex: dict) -> str:
     """What the champion's messages say (medssl pipeline, the Prefect log): how it was chosen, its version, and
     whether the alias moved. ex: metrics/export.json."""
-    how = f"chosen on validation {ex.get('select_metric', 'balanced_accuracy')} of the grid's 100 % fine-tune cells"
+    how = how_chosen(ex.get("select_metric", "balanced_accuracy"), ex.get("finalists_val"))
     moved = (f"{ex['model_uri']} now points at it" if ex["promoted"]
              else f"not promoted, {ex['model_uri']} unchanged")
     return f"champion {ex['champion']} ({how}) registered as {ex['version_uri']}; {moved} ({ex['reason']})"
@@ -300,6 +303,7 @@ class Version:
     check: dict
     promote: bool
     reason: str
+    finalists: dict | None = None  # init -> validation select_metric of each finalist (finetune), None: one
 
 
 def version_description(p: Params, meta: dict, v: Version) -> str:
@@ -313,7 +317,7 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
              ("sensitivity", "specificity") if "sensitivity" in test else ())
     rows = "\n".join(f"| {LABEL[k]} | {val[k]:.4f} | {with_interval(test, k)} |" for k in (*extra, *TABLE))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
-            f"`data.path`) at {v.image_size} px ({_task(meta)}); chosen on validation `{p.export.select_metric}`, "
+            f"`data.path`) at {v.image_size} px ({_task(meta)}); {how_chosen(p.export.select_metric, v.finalists)}; "
             f"test only scored.\n\n"
             f"| metric | validation | test |\n|---|---|---|\n{rows}\n\nIn brackets: a test score's 95 % interval over "
             f"stratified resamples of the test images. "

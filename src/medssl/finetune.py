@@ -1,14 +1,17 @@
 """Stage `finetune`: the champion's classifier on all labelled train images (what `export` ships).
 
-The champion init is chosen on validation from the grid's fine-tune cells at 100 % labels (mean over
-seeds of export.select_metric; ties go to macro AUC, then calibration); test metrics play no part. Tuning
-trials call run_finetune for any init.
+The champion init is chosen on validation, test metrics play no part. The grid's fine-tune cells at 100 % labels rank
+the inits (mean over seeds of export.select_metric; ties go to macro AUC, then calibration). Their short, small-image
+cells rank two close inits poorly, so the best budgets.<b>.finalists of them are each trained with the shipped recipe,
+and the best on its own validation ships (with one finalist: the grid's best). Tuning trials call run_finetune for any
+init.
 Identical for every init: backbone architecture, head, optimiser, schedule, batch size, data and budget;
 the backbone's starting weights differ, and so do the hyperparameters when `medssl tune` has chosen them per
 init (the same search and trial budget for every init; tuned.yaml).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,22 +32,30 @@ from medssl.models.classifier import with_views
 from medssl.resume import Checkpointer, read_grid, resume_key
 
 
-def champion_of(cells: dict[str, list[dict]], metric: str) -> tuple[str, dict]:
-    """The best init by its grid fine-tune cells at 100 % labels (init -> cells, validation scores in cell["val"]):
-    the highest mean `metric`. A tie (easy data: several inits at 1.0) goes to the higher mean macro AUC, then the
-    lower mean calibration error (ECE), then params.yaml's order; validation only. Returns it and init -> mean metric."""
-    def mean(init: str, key: str, missing: float) -> float:
-        v = float(np.mean([c["val"].get(key, np.nan) for c in cells[init]]))
+def ranked(scores: dict[str, dict], metric: str) -> list[str]:
+    """Names best first by scores[name][metric]; a tie (easy data: several inits at 1.0) goes to the higher macro
+    AUC, then the lower calibration error (ECE), then the dict's order (params.yaml's); a missing or NaN score
+    ranks last."""
+    def get(name: str, key: str, missing: float) -> float:
+        v = float(scores[name].get(key, np.nan))
         return missing if np.isnan(v) else v
 
-    means = {i: float(np.mean([c["val"][metric] for c in cells[i]])) for i in cells}
-    best = max(cells, key=lambda i: (means[i], mean(i, "auc_macro", -np.inf), -mean(i, "ece", np.inf)))
-    return best, means
+    return sorted(scores, key=lambda n: (get(n, metric, -np.inf), get(n, "auc_macro", -np.inf), -get(n, "ece", np.inf)),
+                  reverse=True)
 
 
-def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
-    """init -> mean validation export.select_metric of its grid fine-tune cells at 100 % labels; the best init
-    (champion_of)."""
+def champion_of(cells: dict[str, list[dict]], metric: str) -> tuple[list[str], dict]:
+    """The inits ranked by their grid fine-tune cells at 100 % labels (init -> cells, validation scores in
+    cell["val"]): mean `metric` over seeds, ties as `ranked`; validation only. Returns them best first and
+    init -> mean metric."""
+    means = {i: {k: float(np.mean([c["val"].get(k, np.nan) for c in cells[i]])) for k in (metric, "auc_macro", "ece")}
+             for i in cells}
+    return ranked(means, metric), {i: means[i][metric] for i in cells}
+
+
+def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[list[str], dict]:
+    """The inits best first by their grid fine-tune cells at 100 % labels, and init -> mean validation
+    export.select_metric (champion_of)."""
     cells = {}
     for init in p.inits.all:
         cells[init] = [c for c in read_grid(p, init, lay)["cells"]
@@ -57,12 +68,61 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[str, dict]:
 @one_writer(lambda a: "finetune")
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
                  on_epoch=None, log_model: bool = True) -> dict:
-    """Train the classifier of `init` (default: the champion on validation) on all train images for
-    budgets.<b>.finetune_epochs at the champion's resolution (Params.finetune_image_size); best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
+    """Train the classifier of `init` (default: the champion on validation, among the finalists) on all train
+    images for budgets.<b>.finetune_epochs at the champion's resolution (Params.finetune_image_size); best epoch on
+    validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
     log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
-    candidates = None
-    if init is None:
-        init, candidates = choose_champion(p, lay)
+    if init is not None:
+        fit = _fit(p, init, Target(lay.classifier, lay, parent, on_epoch, log_model))
+        fit.ckpt.clear()
+        return _written(lay, fit.summary, fit.curves)
+    order, means = choose_champion(p, lay)
+    names = order[: p.run_budget.finalists]
+    if len(names) == 1:
+        fit = _fit(p, names[0], Target(lay.classifier, lay, parent, on_epoch, log_model), candidates=means)
+        fit.ckpt.clear()
+        return _written(lay, fit.summary, fit.curves)
+    # each finalist to its own file; its resume state is kept until the winner is in place, so a stopped stage
+    # retrains none that finished
+    fits = {i: _fit(p, i, Target(lay.finalist(i), lay, parent, on_epoch, log_model), candidates=means) for i in names}
+    select = p.export.select_metric
+    vals = {i: f.summary["val"] for i, f in fits.items()}
+    best = ranked(vals, select)[0]
+    finalists = {i: v[select] for i, v in vals.items()}
+    ckpt = torch.load(lay.finalist(best), map_location="cpu", weights_only=True)
+    save_torch({**ckpt, "finalists_val": finalists}, lay.classifier)
+    for f in fits.values():
+        f.ckpt.clear()
+    return _written(lay, {**fits[best].summary, "finalists_val": finalists}, fits[best].curves)
+
+
+def _written(lay: Layout, summary: dict, curves: list[dict]) -> dict:
+    write_csv(lay.finetune_curves, curves)
+    write_json(lay.finetune_metrics, summary)
+    return summary
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a fine-tune writes (its checkpoint file), under which parent MLflow run, what it calls each epoch, and
+    whether it logs its model."""
+    path: Path
+    lay: Layout
+    parent: str | None = None
+    on_epoch: object = None
+    log_model: bool = True
+
+
+@dataclass(frozen=True)
+class Fitted:
+    summary: dict
+    curves: list[dict]
+    ckpt: Checkpointer  # its resume state, cleared by the caller once the result is in place
+
+
+def _fit(p: Params, init: str, out: Target, candidates: dict | None = None) -> Fitted:
+    """One init's classifier on all train images (one MLflow run, `finetune-<init>`) -> out.path."""
+    lay, on_epoch = out.lay, out.on_epoch
     p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
     cfg, epochs, select = p.finetune, p.run_budget.finetune_epochs, p.export.select_metric
     device = pick_device()
@@ -79,7 +139,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     params = {"init": init, "epochs": epochs, **cfg.model_dump(), "backbone": p.model.backbone,
               "image_size": size, "n_train": len(tr_y), "seed": p.seed,
               **({f"candidate_val_{i}": v for i, v in candidates.items()} if candidates else {})}
-    with tracking.stage_run(p, f"finetune-{init}", tags, params, parent, system_metrics=True) as run:
+    with tracking.stage_run(p, f"finetune-{init}", tags, params, out.parent, system_metrics=True) as run:
         tracking.log_datasets(p, meta, {"train": len(tr_y), "val": len(va_x)}, lay.raw(p.data.path), size)
         def logged(epoch, row, state):
             tracking.log_epoch(row)
@@ -107,7 +167,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                     # them that a killed stage can leave stale)
                     "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
                     "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
-                   lay.classifier)
+                   out.path)
         summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views,
                    "ema_decay": fit.ema_decay, "val": val,
                    "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
@@ -116,15 +176,12 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
                               **{f"shipped_val_{k}": v for k, v in val.items()},
                               **{f"at_best_{k}": v for k, v in fit.gap.items()}})
         tracking.log_curves_figure(fit.curves, f"finetune-{init}")
-        if log_model:
-            summary["logged_model_id"] = log_checkpoint(lay, f"classifier-{init}")
-    write_csv(lay.finetune_curves, fit.curves)
-    write_json(lay.finetune_metrics, summary)
-    ckpt.clear()
-    return summary
+        if out.log_model:
+            summary["logged_model_id"] = log_checkpoint(out.path, f"classifier-{init}")
+    return Fitted(summary, fit.curves, ckpt)
 
 
-def log_checkpoint(lay: Layout, name: str) -> str:
+def log_checkpoint(path: Path, name: str) -> str:
     """The trained checkpoint as an MLflow logged model of the active run (flavor pytorch; raw uint8 images
     (N, h, w, C) in, probabilities out, as the ONNX export), the .pt file inside it. Returns the model id."""
     import mlflow.pytorch
@@ -133,11 +190,11 @@ def log_checkpoint(lay: Layout, name: str) -> str:
 
     from medssl.models.classifier import ExportModel
 
-    model, ckpt = load_classifier(lay, torch.device("cpu"))
+    model, ckpt = load_classifier(path, torch.device("cpu"))
     wrapped = ExportModel(model, ckpt["image_size"]).eval()
     signature = ModelSignature(Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, len(ckpt["mean"])))]),  # any h, w
                                Schema([TensorSpec(np.dtype(np.float32), (-1, ckpt["num_classes"]))]))
     info = mlflow.pytorch.log_model(wrapped, name=name, signature=signature, serialization_format="pickle",
-                                    extra_files=[str(lay.classifier)], code_paths=[str(Path(medssl.__file__).parent)],
+                                    extra_files=[str(path)], code_paths=[str(Path(medssl.__file__).parent)],
                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision"])
     return info.model_id

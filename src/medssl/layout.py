@@ -82,6 +82,10 @@ class Layout:
     def classifier(self) -> Path:
         return self.root / "models/finetune/model.pt"
 
+    def finalist(self, init: str) -> Path:
+        """One finalist's classifier (budgets.<b>.finalists > 1); the best on validation is copied to `classifier`."""
+        return self.root / f"models/finetune/finalists/{init}.pt"
+
     @property
     def finetune_metrics(self) -> Path:
         return self.root / "metrics/finetune.json"
