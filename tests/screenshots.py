@@ -58,7 +58,8 @@ def main() -> None:
                 ui, frame = report_in_artifact_viewer(chromium, uri, parents[0])
                 open_paired_differences(ui, frame, out / "mlflow-report-table.png")
                 champion = mlflow.search_runs([exp.experiment_id], f"tags.stage = 'finetune' and tags.\"mlflow.parentRunId\" = "
-                                              f"'{parents[0].info.run_id}'", output_format="list")
+                                              f"'{parents[0].info.run_id}' and tags.init = '{parents[0].data.tags['champion']}'",
+                                              output_format="list")  # budgets.<b>.finalists: one run per finalist
                 if champion:
                     run_charts(chromium, uri, champion[0], out / "mlflow-champion-run.png")
             finally:
