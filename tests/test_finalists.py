@@ -26,6 +26,12 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def runs():
+    """(medssl.run tag, status) of each fine-tune run in the test's experiment."""
+    found = mlflow.search_runs(experiment_names=["finalists"], filter_string="tags.stage = 'finetune'", output_format="list")
+    return [(r.data.tags[tracking.RUN_TAG], r.info.status) for r in found]
+
+
 def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_ships(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")  # whatever an earlier test on this worker set
@@ -44,12 +50,11 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
     assert vals == {i: weights(lay.finalist(i))["val"][select] for i in order}
     assert first["init"] == finetune_stage.ranked({i: weights(lay.finalist(i))["val"] for i in order}, select)[0]
     shipped, best = weights(lay.classifier), weights(lay.finalist(first["init"]))
-    assert shipped["finalists_val"] == vals and shipped["run_id"] == best["run_id"] == first["run_id"]
-    assert all(torch.equal(v, best["state_dict"][k]) for k, v in shipped["state_dict"].items())
+    assert shipped.pop("finalists_val") == vals and shipped["run_id"] == first["run_id"]
+    assert shipped.keys() == best.keys() and all(torch.equal(v, best["state_dict"][k]) for k, v in shipped.pop("state_dict").items())
+    assert shipped == {k: v for k, v in best.items() if k != "state_dict"}
     assert read_json(lay.finetune_metrics)["finalists_val"] == vals
-    runs = mlflow.search_runs(experiment_names=["finalists"], filter_string="tags.stage = 'finetune'", output_format="list")
-    assert sorted((r.data.tags[tracking.RUN_TAG], r.info.status) for r in runs) == [("finetune-imagenet", "FINISHED"),
-                                                                      ("finetune-random", "FINISHED")]
+    assert sorted(runs()) == [("finetune-imagenet", "FINISHED"), ("finetune-random", "FINISHED")]
     assert all(i in how_chosen(select, vals) and "best 2" in how_chosen(select, vals) for i in order)
 
     # the grid's order the other way round: the same winner (in one of the two orders it was listed second)
@@ -59,7 +64,7 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
     monkeypatch.setattr(finetune_stage, "choose_champion", lambda p, lay: (order, means))
 
     # stopped during the second finalist's first epoch: the shipped file stays the last complete run's, and the
-    # rerun resumes each finalist from its own state (the first one finished, so it trains no further epoch)
+    # rerun resumes the second from its own state; the first, finished, is neither trained nor logged again
     good = lay.classifier.read_bytes()
     calls = []
 
@@ -71,6 +76,8 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
     with pytest.raises(KeyboardInterrupt):
         finetune_stage.run_finetune(p, lay=lay, on_epoch=stop_at_second)
     assert lay.classifier.read_bytes() == good
+    stopped = runs()
+    finished_first = weights(lay.finalist(order[0]))["run_id"]
     resumed, real = {}, finetune_stage.finetune
 
     def spy(model, data, spec, *, desc, on_epoch=None, resume=None, **kw):
@@ -79,15 +86,17 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
 
     monkeypatch.setattr(finetune_stage, "finetune", spy)
     last = finetune_stage.run_finetune(p, lay=lay)
-    assert resumed == {order[0]: p.run_budget.finetune_epochs, order[1]: 1}  # epochs count from 1
+    assert resumed == {order[1]: 1}  # epochs count from 1
     assert last["init"] == first["init"] and last["finalists_val"] == pytest.approx(vals)
+    assert sorted(runs()) == sorted(stopped + [(f"finetune-{order[1]}", "FINISHED")])
+    assert weights(lay.finalist(order[0]))["run_id"] == finished_first
     assert not any(lay.resume(f"finetune-{i}").exists() for i in order)  # cleared once the winner is in place
 
     # the report, the registry version and the champion's log line say how it was chosen, with each finalist's score
     run_evaluate(p, lay)
     said = how_chosen(select, last["finalists_val"])
     report = lay.report_md.read_text()
-    assert "The best 2 of them were each trained with the recipe below" in report and f"; {last['init']} ships." in report
+    assert "The best 2 were each trained with the recipe below" in report and f"; {last['init']} was kept." in report
     ex = run_export(p, lay)
     version = mlflow.MlflowClient().get_model_version(p.export.registered_model, str(ex["version"]))
     assert ex["finalists_val"] == last["finalists_val"] and said in version.description and said in champion_line(ex)

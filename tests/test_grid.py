@@ -56,7 +56,7 @@ def test_champion_line_says_how_it_was_chosen_and_whether_the_alias_moved():
     ex = {"champion": "imagenet", "select_metric": "balanced_accuracy", "model_uri": "models:/m@champion",
           "version_uri": "models:/m/2", "promoted": False, "reason": "does not beat the current champion"}
     line = champion_line(ex)
-    assert "chosen on validation `balanced_accuracy` of the grid's" in line and "not promoted, models:/m@champion unchanged" in line
+    assert "chosen on validation balanced_accuracy of the grid's" in line and "not promoted, models:/m@champion unchanged" in line
     assert "now points at it" in champion_line({**ex, "promoted": True})
     finals = champion_line({**ex, "finalists_val": {"imagenet-simclr": 0.5675, "imagenet": 0.6158}})
-    assert "its best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals
+    assert "the best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals

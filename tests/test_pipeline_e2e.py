@@ -367,7 +367,8 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
     d = project["dir"]
     ex = yaml.safe_load((d / "metrics/export.json").read_text())
     ft = yaml.safe_load((d / "metrics/finetune.json").read_text())
-    # chosen on the validation scores of the grid's fine-tune cells at 100 % labels, never on test
+    # chosen on the validation scores of the grid's fine-tune cells at 100 % labels, never on test (one finalist under
+    # demo; tests/test_finalists.py covers several)
     vals = {}
     for i in INITS:
         cells = yaml.safe_load((d / f"metrics/grid/{i}.json").read_text())["cells"]

@@ -91,7 +91,7 @@ def how_chosen(select: str, finalists: dict | None) -> str:
     """How the champion was chosen, as every message about it says (report, registry, Prefect log, CLI).
     finalists: init -> validation `select` of each finalist trained with the shipped recipe (None: one, the grid's best)."""
     if not finalists:
-        return f"chosen on validation `{select}` of the grid's 100 % fine-tune cells"
-    return (f"chosen on validation `{select}`: the grid's 100 % fine-tune cells ranked the inits, its best "
-            f"{len(finalists)} were each trained with the shipped recipe, and the best on its own validation ships ("
-            + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + ")")
+        return f"chosen on validation {select} of the grid's 100 % fine-tune cells"
+    return (f"chosen on validation {select}: the grid's 100 % fine-tune cells ranked the inits, the best "
+            f"{len(finalists)} were each trained with the shipped recipe, and the one with the higher validation "
+            f"{select} of its own was kept: " + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()))

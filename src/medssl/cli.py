@@ -115,7 +115,7 @@ def pretrain(method: str, params: Path = PARAMS):
 
 @app.command()
 @_clear_errors
-def finetune(init: str = typer.Argument("champion", help="an init, or `champion`: the best on validation (grid cells)"),
+def finetune(init: str = typer.Argument("champion", help="an init, or `champion`: the best on validation (grid cells, then the finalists trained)"),
              params: Path = PARAMS):
     """Train the classifier `export` ships: the champion init (or INIT) on all train images."""
     from medssl.checkpoints import how_chosen

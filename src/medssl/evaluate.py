@@ -115,13 +115,14 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"In one line: {comp['verdict']['story']}.\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
-        f"Chosen on validation `{select}` of the grid's fine-tune cells at 100 % labels (mean over seeds): "
+        f"{'Ranked' if finalists else 'Chosen'} on validation `{select}` of the grid's fine-tune cells at 100 % labels "
+        "(mean over seeds): "
         + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
            "calibration error (ECE)" if len(tied) > 1 and not finalists else "")
-        + (f". The best {len(finalists)} of them were each trained with the recipe below (those cells are short "
-           f"runs, which rank close inits poorly) and compared on their own validation `{select}`: "
-           + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + f"; {init} ships" if finalists else "")
+        + (f". The best {len(finalists)} were each trained with the recipe below and compared on their own validation "
+           f"`{select}`: " + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + f"; {init} was kept"
+           if finalists else "")
         + f". {'It was' if finalists else 'Then'} trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"

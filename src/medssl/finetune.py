@@ -11,6 +11,7 @@ init (the same search and trial budget for every init; tuned.yaml).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +35,8 @@ from medssl.resume import Checkpointer, read_grid, resume_key
 
 def ranked(scores: dict[str, dict], metric: str) -> list[str]:
     """Names best first by scores[name][metric]; a tie (easy data: several inits at 1.0) goes to the higher macro
-    AUC, then the lower calibration error (ECE), then the dict's order (params.yaml's); a missing or NaN score
-    ranks last."""
+    AUC, then the lower calibration error (ECE), then the dict's order (params.yaml's for the grid's inits, the
+    grid's rank for the finalists); a missing or NaN score ranks last."""
     def get(name: str, key: str, missing: float) -> float:
         v = float(scores[name].get(key, np.nan))
         return missing if np.isnan(v) else v
@@ -68,48 +69,42 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[list[str], dict]
 @one_writer(lambda a: "finetune")
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
                  on_epoch=None, log_model: bool = True) -> dict:
-    """Train the classifier of `init` (default: the champion on validation, among the finalists) on all train
-    images for budgets.<b>.finetune_epochs at the champion's resolution (Params.finetune_image_size); best epoch on
-    validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
+    """Train the classifier of `init` (default: the champion on validation, among budgets.<b>.finalists of the
+    grid's best) on all train images for budgets.<b>.finetune_epochs at the champion's resolution
+    (Params.finetune_image_size); best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
     log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
-    if init is not None:
-        fit = _fit(p, init, Target(lay.classifier, lay, parent, on_epoch, log_model))
-        fit.ckpt.clear()
-        return _written(lay, fit.summary, fit.curves)
-    order, means = choose_champion(p, lay)
-    names = order[: p.run_budget.finalists]
-    if len(names) == 1:
-        fit = _fit(p, names[0], Target(lay.classifier, lay, parent, on_epoch, log_model), candidates=means)
-        fit.ckpt.clear()
-        return _written(lay, fit.summary, fit.curves)
-    # each finalist to its own file; its resume state is kept until the winner is in place, so a stopped stage
-    # retrains none that finished
-    fits = {i: _fit(p, i, Target(lay.finalist(i), lay, parent, on_epoch, log_model), candidates=means) for i in names}
-    select = p.export.select_metric
-    vals = {i: f.summary["val"] for i, f in fits.items()}
-    best = ranked(vals, select)[0]
-    finalists = {i: v[select] for i, v in vals.items()}
-    ckpt = torch.load(lay.finalist(best), map_location="cpu", weights_only=True)
-    save_torch({**ckpt, "finalists_val": finalists}, lay.classifier)
+    names, means = [init], None
+    if init is None:
+        order, means = choose_champion(p, lay)
+        names = order[: p.run_budget.finalists]
+    one = len(names) == 1
+    # finalists to their own files; each one's resume state is kept until the winner is in place, so a stopped stage
+    # trains none that finished again
+    fits = {i: _fit(p, i, FitRun(lay.classifier if one else lay.finalist(i), lay, parent, on_epoch, log_model), means)
+            for i in names}
+    summary = fits[names[0]].summary
+    if not one:
+        select = p.export.select_metric
+        best = ranked({i: f.summary["val"] for i, f in fits.items()}, select)[0]  # a full tie: the grid's order
+        finalists = {i: f.summary["val"][select] for i, f in fits.items()}
+        ckpt = torch.load(lay.finalist(best), map_location="cpu", weights_only=True)
+        save_torch({**ckpt, "finalists_val": finalists}, lay.classifier)
+        summary = {**fits[best].summary, "finalists_val": finalists}
+    write_csv(lay.finetune_curves, fits[summary["init"]].curves)
+    write_json(lay.finetune_metrics, summary)
     for f in fits.values():
         f.ckpt.clear()
-    return _written(lay, {**fits[best].summary, "finalists_val": finalists}, fits[best].curves)
-
-
-def _written(lay: Layout, summary: dict, curves: list[dict]) -> dict:
-    write_csv(lay.finetune_curves, curves)
-    write_json(lay.finetune_metrics, summary)
     return summary
 
 
 @dataclass(frozen=True)
-class Target:
-    """Where a fine-tune writes (its checkpoint file), under which parent MLflow run, what it calls each epoch, and
-    whether it logs its model."""
+class FitRun:
+    """How one fine-tune runs: the file it writes, the layout it reads, its parent MLflow run, what it calls after
+    each epoch (pruning) and whether it logs its model."""
     path: Path
     lay: Layout
     parent: str | None = None
-    on_epoch: object = None
+    on_epoch: Callable[[int, float | None], None] | None = None
     log_model: bool = True
 
 
@@ -120,8 +115,10 @@ class Fitted:
     ckpt: Checkpointer  # its resume state, cleared by the caller once the result is in place
 
 
-def _fit(p: Params, init: str, out: Target, candidates: dict | None = None) -> Fitted:
-    """One init's classifier on all train images (one MLflow run, `finetune-<init>`) -> out.path."""
+def _fit(p: Params, init: str, out: FitRun, candidates: dict | None = None) -> Fitted:
+    """One init's classifier on all train images (one MLflow run, `finetune-<init>`) -> out.path. Its resume state
+    ends as the finished result (checkpoint, summary, curves): called again with the same inputs before the caller
+    clears it, it writes that result again and opens no run."""
     lay, on_epoch = out.lay, out.on_epoch
     p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
     cfg, epochs, select = p.finetune, p.run_budget.finetune_epochs, p.export.select_metric
@@ -133,6 +130,10 @@ def _fit(p: Params, init: str, out: Target, candidates: dict | None = None) -> F
     va_x = torch.from_numpy(splits["val"].images).to(device)
     sub = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]).to(device)
     ckpt = Checkpointer(lay.resume(f"finetune-{init}"), resume_key(p, "finetune", init, meta, lay, device))
+    state = ckpt.load()
+    if state is not None and "done" in state:  # finished; the grid's means as they are now
+        save_torch({**state["done"], "candidates_val": candidates}, out.path)
+        return Fitted({**state["summary"], "candidates_val": candidates}, state["curves"], ckpt)
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
@@ -151,23 +152,23 @@ def _fit(p: Params, init: str, out: Target, candidates: dict | None = None) -> F
         fit = finetune(model,
                        FitData(train=(tr_x, tr_y), val=(va_x, splits["val"].labels), sub=(tr_x[sub], tr_y[sub])),
                        FitSpec(cfg=cfg, epochs=epochs, select=select, classes=classes, seed=p.seed, device=device),
-                       desc=f"finetune {init}", on_epoch=logged, resume=ckpt.load())
+                       desc=f"finetune {init}", on_epoch=logged, resume=state)
         model.load_state_dict(fit.state)  # the best epoch; averaged over its views only where validation says so
         views, val = 1, fit.val
         if cfg.views == 8:
             val8 = scores(splits["val"].labels, predict_proba(with_views(model, 8), va_x), classes)
             if val8[select] > fit.val[select]:  # else (e.g. a weak model averaged into one class) one view
                 views, val = 8, val8
-        save_torch({"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
-                    "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
-                    "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
-                    "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
-                    "views": views, "ema_decay": fit.ema_decay,
-                    # provenance, read by evaluate and export from the weights themselves (never from a file beside
-                    # them that a killed stage can leave stale)
-                    "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
-                    "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest},
-                   out.path)
+        done = {"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
+                "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
+                "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
+                "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
+                "views": views, "ema_decay": fit.ema_decay,
+                # provenance, read by evaluate and export from the weights themselves (never from a file beside
+                # them that a killed stage can leave stale)
+                "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
+                "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest}
+        save_torch(done, out.path)
         summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views,
                    "ema_decay": fit.ema_decay, "val": val,
                    "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
@@ -178,6 +179,7 @@ def _fit(p: Params, init: str, out: Target, candidates: dict | None = None) -> F
         tracking.log_curves_figure(fit.curves, f"finetune-{init}")
         if out.log_model:
             summary["logged_model_id"] = log_checkpoint(out.path, f"classifier-{init}")
+    ckpt.save({"done": done, "summary": summary, "curves": fit.curves})
     return Fitted(summary, fit.curves, ckpt)
 
 

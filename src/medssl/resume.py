@@ -134,7 +134,7 @@ class Checkpointer:
             self._discard(f"left by a run with other {', '.join(parts)}")
             return None
         s = _unplain(state["state"])
-        done = f"epoch {s['epoch']}" if "epoch" in s else f"{len(s.get('cells', {}))} cells"
+        done = ("all" if "done" in s else f"epoch {s['epoch']}" if "epoch" in s else f"{len(s.get('cells', {}))} cells")
         print(f"resuming from {self.path}: {done} done", file=sys.stderr, flush=True)
         return s
 

@@ -121,7 +121,7 @@ def experiment_tags(p: Params) -> dict[str, str]:
             "start from ImageNet? One parent run per run of the pipeline (`pipeline`, or `prefect-pipeline` from the "
             "Prefect flow; tag `stage = 'pipeline'`): its description is the verdict. Under it: `ssl-<init>` (pretraining; tag `stage = 'pretrain'`; `ssl<seed>-<init>` for the encoders of the other grid seeds), a run named `<init>` per init (tag `medssl.run = 'grid-<init>'`; metrics "
             "`test_balanced_accuracy_<protocol>_f<fraction>`: chart or sort them to set the inits side by side; "
-            "every cell a nested run, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion) and `export` (the registered model); the "
+            "every cell a nested run, `f<fraction>-s<seed>` or `imb<ratio>-f1-s<seed>`), `finetune-<init>` (the champion; one per finalist, `budgets.<b>.finalists`) and `export` (the registered model); the "
             "report is among the parent run's artifacts (`reports/report.html`). Filters: `tags.stage = 'pretrain'`; the inits side by side: `tags.\"medssl.level\" = 'init'` in "
             "the chart view (expand the pipeline run), a bar per init in each chart. This page as a table: the sidebar's "
             "*Model training* switch.")
