@@ -84,7 +84,8 @@ def test_pruned_trial_is_killed_in_mlflow(tmp_path, mlflow_server, dermamnist, m
     from medssl.config import load_params
     from medssl.tune import objective_for, prepare_search
 
-    work = project_copy(tmp_path / "p", **SMALL, **{"mlflow.experiment": "tune-prune"})
+    # a budget with one encoder per grid seed: a trial still pretrains one (params.yaml's seed), as its one fine-tune reads
+    work = project_copy(tmp_path / "p", **SMALL, **{"mlflow.experiment": "tune-prune", "budgets.demo.pretrain_per_seed": True})
     monkeypatch.chdir(work)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv("MEDSSL_DATA_PATH", str(dermamnist))
@@ -99,3 +100,4 @@ def test_pruned_trial_is_killed_in_mlflow(tmp_path, mlflow_server, dermamnist, m
     assert study.trials[0].state == optuna.trial.TrialState.PRUNED
     run = mlflow.get_run(study.trials[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["optuna_state"] == "PRUNED"
+    assert [f.name for f in (work / "tune/trial_0000/models/pretrain/vae").glob("encoder*.pt")] == ["encoder.pt"]
