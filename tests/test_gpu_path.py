@@ -306,14 +306,14 @@ def test_fusion_probes_run_on_the_picked_device(tmp_path, monkeypatch):
 
     from medssl import fusion
     from medssl.config import load_params
-    from medssl.core.cells import encoder_seed
+    from medssl.checkpoints import encoder_seed_of
     from medssl.layout import Layout
 
     p, lay = load_params("params.yaml"), Layout(tmp_path)
     rng = np.random.default_rng(0)
     y = {s: np.arange(n) % 7 for s, n in (("pool", 14), ("val", 7), ("test", 7))}
     for init in {i for group in p.grid.fusion for i in group}:
-        arrays = {f"{s}_x_s{encoder_seed(init, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)}": rng.random((len(v), 4), dtype=np.float32)
+        arrays = {f"{s}_x_s{encoder_seed_of(p, init, seed)}": rng.random((len(v), 4), dtype=np.float32)
                   for s, v in y.items() for seed in p.grid.seeds}
         arrays |= {f"{s}_y": v for s, v in y.items()}
         arrays |= {f"subset_fractions_f{f:g}_s{seed}": np.arange(14) for f in p.grid.fractions for seed in p.grid.seeds}

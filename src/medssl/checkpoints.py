@@ -34,11 +34,16 @@ def freeze_blocks(model: Classifier, k: int) -> None:
                 m.momentum = 0.0  # running statistics stay as initialised/pretrained
 
 
+def encoder_seed_of(p: Params, init: str, grid_seed: int) -> int:
+    """The pretraining seed of the encoder that grid seed `grid_seed`'s cells of `init` start from (core.cells.encoder_seed
+    under budgets.<budget>.pretrain_per_seed)."""
+    return encoder_seed(init, grid_seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+
+
 def encoder_seeds(p: Params, init: str) -> list[int]:
     """The pretraining seeds of SSL init `init`'s encoders: params.yaml's seed (the champion's and tuning's encoder)
-    and, under budgets.<budget>.pretrain_per_seed, one per grid seed (core.cells.encoder_seed)."""
-    per_seed = p.run_budget.pretrain_per_seed
-    return sorted({p.seed, *(encoder_seed(init, s, p.seed, per_seed=per_seed) for s in p.grid.seeds)})
+    and, under budgets.<budget>.pretrain_per_seed, one per grid seed."""
+    return sorted({p.seed, *(encoder_seed_of(p, init, s) for s in p.grid.seeds)})
 
 
 def encoder_file(p: Params, init: str, seed: int, lay: Layout = Layout()) -> Path:

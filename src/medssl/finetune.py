@@ -73,6 +73,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
     grid's best) on all train images for budgets.<b>.finetune_epochs at the champion's resolution
     (Params.finetune_image_size); best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
     log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
+    tracking.check_server()  # before any work, even where a finished finalist is kept: its run is the server's
     names, means = [init], None
     if init is None:
         order, means = choose_champion(p, lay)

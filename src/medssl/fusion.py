@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from medssl.config import Params
-from medssl.core.cells import CellData, Job, encoder_seed, probe_cell
+from medssl.checkpoints import encoder_seed_of
+from medssl.core.cells import CellData, Job, probe_cell
 from medssl.core.engine import pick_device
 from medssl.layout import Layout
 from medssl.resume import read_grid
@@ -30,7 +31,7 @@ def fusion_cells(p: Params, classes: list[str], lay: Layout) -> tuple[list[dict]
         data = CellData(y=y, scored=[s for s in y if s != "pool"], classes=classes)
         # the probe standardises every feature, so each encoder enters with unit-variance features;
         # each encoder contributes the draw its own cells of this seed probed (random's; SSL inits' pretrained per seed)
-        es = {i: encoder_seed(i, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed) for i in group}
+        es = {i: encoder_seed_of(p, i, seed) for i in group}
         x = {s: torch.from_numpy(np.concatenate([feats[i][f"{s}_x_s{es[i]}"] for i in group], 1)).to(device) for s in y}
         job = Job("fractions", fraction, seed, first[f"subset_fractions_f{fraction:g}_s{seed}"])  # the single encoders' subset
         c, held = probe_cell(job, x, data, init=name, protocol="linear", grid=p.grid)

@@ -10,7 +10,7 @@ domain shift (every cell also scored on a second source's test split when grid.s
 Selection (best fine-tune epoch) is on validation; test and shift are only scored.
 Seeds vary the label subset and the head/fine-tune run, and for the random init also the encoder itself
 (each seed probes the draw it fine-tunes); a self-supervised init's encoder is pretrained once, or once per
-seed under budgets.<budget>.pretrain_per_seed (core.cells.encoder_seed).
+seed under budgets.<budget>.pretrain_per_seed (checkpoints.encoder_seed_of).
 Resumable: finished cells are kept in a state file, and a rerun with the same settings skips them.
 """
 from __future__ import annotations
@@ -26,9 +26,9 @@ import numpy as np
 import torch
 
 from medssl import tracking
-from medssl.checkpoints import build_classifier
+from medssl.checkpoints import build_classifier, encoder_seed_of
 from medssl.config import Params
-from medssl.core.cells import CellData, Job, encoder_seed, finetune_cell, plan, probe_cell
+from medssl.core.cells import CellData, Job, finetune_cell, plan, probe_cell
 from medssl.core.engine import extract_features, one_torch_thread, pick_device, prepare_model
 from medssl.core.progress import Progress
 from medssl.data.prepare import load_prepared, stratified_subset
@@ -130,7 +130,7 @@ def run_shard(ig: InitGrid, seed: int, *, done: dict | None = None, on_cell=None
     done = done or {"cells": {}, "curves": [], "probas": {}}
     cells, probas = dict(done["cells"]), dict(done["probas"])
     curves = [r for r in done["curves"] if r["seed"] == seed]
-    es = encoder_seed(init, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+    es = encoder_seed_of(p, init, seed)
 
     def extract():
         enc = frozen_encoder(p, init, ig.meta, ig.device, es, ig.lay)
@@ -304,7 +304,7 @@ def _finetune_cell(ig: InitGrid, cd: CellData, job: Job) -> tuple[dict, list[dic
     cfg = p.grid_finetune  # the last step's weights: finetune.ema_window is the shipped model's recipe
     with tracking.stage_run(p, name, tags, {"n_train": len(job.idx), "epochs": b.epochs, "steps": b.steps,
                                             "seed": job.seed, "batch_size": cfg.batch_size}, ig.run_id):
-        es = encoder_seed(init, job.seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+        es = encoder_seed_of(p, init, job.seed)
         model = build_classifier(p, init, ig.meta, job.seed, ig.lay, encoder=es)
         cell, fit, probas = finetune_cell(job, model, cd, init=init, cfg=cfg, budget=b, select=p.export.select_metric)
         tracking.log_curves(fit.curves)

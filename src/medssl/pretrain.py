@@ -39,8 +39,8 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     if init not in SSL_INITS:
         raise UsageError(f"unknown pretraining init {init!r}; known: {list(SSL_INITS)}")
     p = p.for_init(init)
-    runs = {s: _pretrain_seed(p.model_copy(update={"seed": s}), init, lay, parent, encoder_file(p, init, s, lay))
-            for s in encoder_seeds(p, init)}
+    tracking.check_server()  # before any work, even where every encoder is kept: its runs are the server's
+    runs = {s: _pretrain_seed(p, init, lay, parent, s) for s in encoder_seeds(p, init)}
     summary, trace = runs[p.seed]
     if len(runs) > 1:
         summary["encoders"] = {f"s{s}": {k: r[k] for k in ("loss", "seconds", "run_id")} for s, (r, _) in runs.items()}
@@ -49,8 +49,12 @@ def run_pretrain(p: Params, init: str, lay: Layout = Layout(), parent: str | Non
     return summary
 
 
-def _pretrain_seed(p: Params, init: str, lay: Layout, parent: str | None, out: Path) -> tuple[dict, list[dict]]:
-    """One encoder of `init` pretrained with p.seed into `out`, as an MLflow run; -> its summary and loss trace."""
+def _pretrain_seed(p: Params, init: str, lay: Layout, parent: str | None, seed: int) -> tuple[dict, list[dict]]:
+    """One encoder of `init` pretrained with `seed` into checkpoints.encoder_file, as an MLflow run (`pretrain-<init>`
+    for params.yaml's seed, else `pretrain-<init>-s<seed>`); -> its summary and loss trace."""
+    out = encoder_file(p, init, seed, lay)
+    name = f"pretrain-{init}" if seed == p.seed else f"pretrain-{init}-s{seed}"
+    p = p.model_copy(update={"seed": seed})
     method = method_of(init)
     cfg, epochs, bs = getattr(p.pretrain, method), p.run_budget.pretrain_epochs, p.pretrain.batch_size
     device = pick_device()
@@ -61,7 +65,6 @@ def _pretrain_seed(p: Params, init: str, lay: Layout, parent: str | None, out: P
     start = "imagenet" if init in HYBRIDS else "random"
     if start == "imagenet":  # continue from the supervised ImageNet weights (the method's head stays random)
         m.model.encoder.load_state_dict(build_backbone(p.model.backbone, meta["mean"], meta["std"], imagenet=True)[0].state_dict())
-    name = f"pretrain-{init}" if out == lay.encoder(init) else f"pretrain-{init}-s{p.seed}"
     ckpt = Checkpointer(lay.resume(name), resume_key(p, "pretrain", init, meta, lay, device))
     done = _finished(out, ckpt.key_digest)
     if done is not None:

@@ -19,9 +19,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from medssl import cas, tracking
-from medssl.checkpoints import encoder_file
+from medssl.checkpoints import encoder_file, encoder_seed_of
 from medssl.config import Params
-from medssl.core.cells import encoder_seed
 from medssl.core.engine import pick_device
 from medssl.grid import InitGrid, Shard, load_grid_data, run_shard, shards_at_once
 from medssl.layout import Layout
@@ -38,7 +37,7 @@ def grid_shard_task(p: Params, init: str, seed: int, refs: dict, grid_run: str) 
         torch.set_num_threads(1)  # CPU: one torch thread per shard, so every runner computes alike
     data = load_grid_data(cas.get(refs["data"]))
     meta = json.loads(cas.get(refs["meta"]).read_text())
-    es = encoder_seed(init, seed, p.seed, per_seed=p.run_budget.pretrain_per_seed)
+    es = encoder_seed_of(p, init, seed)
     enc = refs.get("encoders", {}).get(f"s{es}")  # an SSL init's encoder for this seed
     lay = Layout(cas.cache_dir().parent / "work" / (enc.digest if enc else "none"))
     if enc:  # build_classifier reads checkpoints.encoder_file: the content-addressed file, linked there
