@@ -61,7 +61,7 @@ def test_fetch_copies_env_file_atomically(tmp_path, monkeypatch):
 def test_fetch_offline_names_path_and_remedy(tmp_path):
     """The real medmnist download against a closed network (a dead proxy, in a child process so the
     proxy cannot leak into this one) fails with one clear error and leaves no file behind."""
-    target = tmp_path / "data/raw/dermamnist.npz"  # data.path, relative to the project (cwd)
+    target = tmp_path / "data/raw/images.npz"  # data.path, relative to the project (cwd)
     params = tmp_path / "params.yaml"
     params.write_text(open("params.yaml").read())
     env = {k: v for k, v in os.environ.items() if k != "MEDSSL_DATA_PATH"}
@@ -70,7 +70,7 @@ def test_fetch_offline_names_path_and_remedy(tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 2, r.stderr
     msg = " ".join(r.stderr.split())
-    assert "data/raw/dermamnist.npz" in msg and "MEDSSL_DATA_PATH" in msg and "medmnist" in msg and "Traceback" not in msg
+    assert "data/raw/images.npz" in msg and "MEDSSL_DATA_PATH" in msg and "medmnist" in msg and "Traceback" not in msg
     assert not target.exists()
 
 
@@ -121,7 +121,7 @@ def test_params_yaml_is_valid_and_errors_name_field(tmp_path):
 
 
 def test_cli_reports_data_error_without_traceback(tmp_path):
-    write_npz(tmp_path / "data/raw/dermamnist.npz", train_images=np.zeros((40, 28, 28, 3), np.int16))  # data.path
+    write_npz(tmp_path / "data/raw/images.npz", train_images=np.zeros((40, 28, 28, 3), np.int16))  # data.path
     params = tmp_path / "params.yaml"
     params.write_text(open("params.yaml").read())
     r = subprocess.run([sys.executable, "-m", "medssl.cli", "prepare", "--params", str(params)],

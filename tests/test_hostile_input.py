@@ -119,7 +119,7 @@ def test_bad_source_never_replaces_good_data(tmp_path, monkeypatch):
     ({"data.image_size": 30}, "data.image_size: must be a multiple of 16"),
     ({"inits.ssl": ["simclrr"]}, "inits.ssl.0: Input should be 'vae', 'simclr', 'mim', 'imagenet-simclr' or 'imagenet-mim'"),
     ({"pretrain.mim.patch": 5}, "pretrain.mim.patch=5 does not divide budgets.demo.image_size=32"),
-    ({"data.npz": "data/raw/dermamnist.npz"}, "data.npz (data/raw/dermamnist.npz) is data.path"),
+    ({"data.npz": "data/raw/images.npz"}, "data.npz (data/raw/images.npz) is data.path"),
 ])
 def test_config_is_strict(override, words):
     with pytest.raises(ConfigError) as e:

@@ -95,7 +95,7 @@ def test_pipeline_tracks_parent_and_nested_runs(project, dermamnist):
     assert len(cells) == 3 * (len(FRACTIONS) + 2) and {r.data.tags["protocol"] for r in cells} == {"finetune"}  # seeds x regimes
     md5 = hashlib.md5(dermamnist.read_bytes()).hexdigest()
     lock = yaml.safe_load((project["dir"] / "dvc.lock").read_text())
-    raw = [o for o in lock["stages"]["fetch"]["outs"] if o["path"] == "data/raw/dermamnist.npz"]
+    raw = [o for o in lock["stages"]["fetch"]["outs"] if o["path"] == "data/raw/images.npz"]
     assert raw[0]["md5"] == md5  # DVC and MLflow agree on the data version
     source = yaml.safe_load((project["dir"] / "metrics/source.json").read_text())
     assert source["md5"] == md5 and source["path"] == str(dermamnist.resolve())  # and say where it came from
@@ -395,7 +395,7 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
         assert cell in (d / "reports/report.md").read_text().split("### Test")[1].split("Gap at best")[0]
 
     model = mlflow.pyfunc.load_model("models:/derm-e2e@champion")
-    with np.load(d / "data/raw/dermamnist.npz") as z:
+    with np.load(d / "data/raw/images.npz") as z:
         x = z["test_images"][:32]
     p = model.predict(x)
     p = p["probabilities"] if isinstance(p, dict) else np.asarray(p)
@@ -404,7 +404,7 @@ def test_registry_round_trip_champion_chosen_on_validation(project):
 
 def test_predict_cli_agrees_with_pytorch(project, tmp_path):
     d, env = project["dir"], project["env"]
-    with np.load(d / "data/raw/dermamnist.npz") as z:
+    with np.load(d / "data/raw/images.npz") as z:
         x = z["test_images"][:40]
     folder = tmp_path / "lesions"
     folder.mkdir()
@@ -572,7 +572,7 @@ def test_rest_server_scores_uint8_and_refuses_the_rest(project, tmp_path):
 
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc)
-        with np.load(d / "data/raw/dermamnist.npz") as z:
+        with np.load(d / "data/raw/images.npz") as z:
             x = z["test_images"][:16]
         status, out = post(_json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200 and np.asarray(out["predictions"]).shape == (16, 7)
@@ -606,7 +606,7 @@ def test_predict_refuses_what_it_cannot_score_faithfully(project, tmp_path):
     from PIL import Image
 
     d, env = project["dir"], project["env"]
-    with np.load(d / "data/raw/dermamnist.npz") as z:
+    with np.load(d / "data/raw/images.npz") as z:
         img = z["test_images"][0]
     folder = tmp_path / "odd"
     folder.mkdir()

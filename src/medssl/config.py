@@ -131,7 +131,7 @@ class Data(_Strict):
     classes: list[str] | None = None            # class names in label order; null: from the source
     task: Literal[TASKS] = "auto"               # auto: binary for 2 classes, else multiclass; ordinal: say so
     positive: str | None = None                 # binary tasks: the positive class; null: the second class
-    path: str = "data/raw/dermamnist.npz"       # fetch's output: the raw npz every stage reads (under data/)
+    path: str = "data/raw/images.npz"           # fetch's output: the raw npz every stage reads (under data/)
     image_size: int | None = Field(default=None, ge=16, le=512)  # null: the budget's (budgets.<budget>.image_size)
     max_train: int | None = Field(default=None, ge=16)
     max_eval: int | None = Field(default=None, ge=16)
