@@ -6,6 +6,7 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_sco
 
 from medssl.core.paired import Bootstrap, holm, paired_difference, stratified_counts, weighted_accuracy, weighted_auc, \
     weighted_auc_macro, weighted_balanced_accuracy
+from medssl.metrics import classification_metrics
 
 RNG = np.random.default_rng(0)
 Y = np.repeat(np.arange(4), [120, 60, 30, 30])  # imbalanced, as the test split
@@ -42,6 +43,21 @@ def test_weighted_metrics_match_scikit_learn_with_sample_weights():
                 roc_auc_score(Y == c, tied[:, c], sample_weight=row))
     ones = np.ones((1, len(Y)))
     assert weighted_auc_macro(ones, Y, proba)[0] == pytest.approx(roc_auc_score(Y, proba, multi_class="ovr", average="macro"))
+
+
+def test_macro_auc_with_an_absent_class_is_the_reports():
+    """A test split without one of the model's classes: the bootstrap's macro AUC on the full split is the one the
+    report shows (classification_metrics: scores renormalised over the classes present), not the raw columns'."""
+    y = Y[Y != 2]  # class 2 of 4 absent
+    proba = probas_with_accuracy(y, RNG.random(len(y)) < 0.6, RNG)
+    proba[:, 2] = RNG.random(len(y)) * 3  # mass on the absent class, unrelated to the label: it reorders the rest
+    proba /= proba.sum(1, keepdims=True)
+    ones = np.ones((1, len(y)))
+    shown = classification_metrics(y, proba)["auc_macro"]
+    raw = np.mean([roc_auc_score(y == c, proba[:, c]) for c in (0, 1, 3)])
+    assert abs(shown - raw) > 1e-3  # the two definitions differ on this case
+    assert weighted_auc_macro(ones, y, proba)[0] == pytest.approx(shown)
+    assert Bootstrap(y, n_boot=50).replicates(proba[None])["auc_macro"][0][0] == pytest.approx(shown)
 
 
 def test_a_fixed_difference_is_found():

@@ -45,6 +45,13 @@ def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
     return float((r[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def over_present(present: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """proba (N, C) -> (N, len(present)): renormalised over the classes present in the labels, the scores macro AUC
+    ranks (here and in the paired bootstrap, core.paired). A row with all its mass on absent classes becomes uniform."""
+    p = proba[:, present] + 1e-12
+    return p / p.sum(1, keepdims=True)
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str] | None = None) -> dict:
     """y_true: (N,) int, proba: (N, C) rows summing to 1 -> flat dict of floats.
 
@@ -73,8 +80,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: l
         "loss": -np.log(p_true / np.clip(proba, eps, 1).sum(1)).mean(),
     }
     if len(present) >= 2:
-        p = proba[:, present] + 1e-12  # a row with all its mass on absent classes becomes uniform, not NaN
-        p = p / p.sum(1, keepdims=True)
+        p = over_present(present, proba)
         if len(present) == 2:
             out["auc_macro"] = binary_auc(y_true == present[1], p[:, 1])
         else:

@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from medssl.metrics import over_present
 
 
 def stratified_counts(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -58,8 +59,11 @@ def weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.n
 
 
 def weighted_auc_macro(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """One-vs-rest macro AUC over the classes present in y, under each row of w (B, N) -> (B,)."""
-    return np.mean([weighted_auc(w, y == c, proba[:, c]) for c in np.unique(y)], 0)
+    """One-vs-rest macro AUC over the classes present in y, on probabilities renormalised over those classes (as
+    metrics.classification_metrics), under each row of w (B, N) -> (B,)."""
+    present = np.unique(y)
+    p = over_present(present, proba)
+    return np.mean([weighted_auc(w, y == c, p[:, j]) for j, c in enumerate(present)], 0)
 
 
 WEIGHTED = {"accuracy": weighted_accuracy, "balanced_accuracy": weighted_balanced_accuracy, "auc_macro": weighted_auc_macro}
