@@ -45,7 +45,7 @@ $(WEIGHTS): | env
 demo: env weights             # a smoke run: every stage end to end in minutes (params.yaml's budget, demo by default)
 	$(BIN)/medssl pipeline
 
-answer: env weights           # the comparison that decides on a CPU: sets budget: cpu in params.yaml (about 40 min on 2 cores with AVX-512, about an hour with AVX2 only)
+answer: env weights           # the comparison that decides on a CPU: sets budget: cpu in params.yaml (25–45 min on 2 cores with AVX-512, about an hour with AVX2 only)
 	$(BIN)/medssl pipeline -S budget=cpu
 
 # One pytest worker per core, each (and every process it starts) with one torch/OpenMP thread: two

@@ -98,5 +98,5 @@ def how_chosen(select: str, finalists: dict | None) -> str:
     if not finalists:
         return f"chosen on validation {select} of the grid's 100 % fine-tune cells"
     return (f"chosen on validation {select}: the grid's 100 % fine-tune cells ranked the inits, the best "
-            f"{len(finalists)} were each trained with the shipped recipe, and the one with the higher validation "
+            f"{len(finalists)} were each trained with the shipped recipe, and the one with the best validation "
             f"{select} of its own was kept: " + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()))

@@ -29,7 +29,7 @@ NAMES = {"random": "random init", "imagenet": "ImageNet", "vae": "the VAE", "sim
 PROTOCOL_WORDS = {"finetune": "Fine-tune", "linear": "Linear probe (frozen encoder)", "knn": "k-NN (frozen encoder)"}
 
 
-ANSWER = ("`make answer` (`medssl pipeline -S budget=cpu`: about 40 min on 2 cores with AVX-512, about an hour with "
+ANSWER = ("`make answer` (`medssl pipeline -S budget=cpu`: 25–45 min on 2 cores with AVX-512, about an hour with "
           "AVX2 only)")
 NEXT_BUDGET = {"demo": f"For an answer run the `cpu` budget: {ANSWER}.",
                "cpu": "For an answer run a larger budget: `budget: full` on a GPU (docs/gpu.md)."}

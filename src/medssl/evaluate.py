@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medssl import figures, tracking
-from medssl.checkpoints import load_classifier
+from medssl.checkpoints import how_chosen, load_classifier
 from medssl.compare import ANSWER, N_BOOT
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
@@ -115,15 +115,11 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"In one line: {comp['verdict']['story']}.\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
-        f"{'Ranked' if finalists else 'Chosen'} on validation `{select}` of the grid's fine-tune cells at 100 % labels "
-        "(mean over seeds): "
-        + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
+        f"{init} was {how_chosen(select, finalists)}. The grid's fine-tune cells at 100 % labels, mean validation "
+        f"`{select}` over seeds: " + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
            "calibration error (ECE)" if len(tied) > 1 and not finalists else "")
-        + (f". The best {len(finalists)} were each trained with the recipe below and compared on their own validation "
-           f"`{select}`: " + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items()) + f"; {init} was kept"
-           if finalists else "")
-        + f". {'It was' if finalists else 'Then'} trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
+        + f". It was trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
         f"{p.run_budget.finetune_epochs} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
         + (f", its weights a moving average over its steps (decay {summary['ema_decay']:.4f}, `finetune.ema_window`)"
@@ -208,15 +204,15 @@ def to_html(md: str, title: str, folder: Path) -> str:
 def headline(p: Params, init: str, test: dict, comp: dict) -> dict:
     """What `dvc metrics show` shows by default, in one table under 160 columns: the budget, the champion and its
     test accuracy, balanced accuracy and macro AUC, and the verdict's cells (a self-supervised init ahead of the
-    reference init, ImageNet / the reference ahead or tied at the top / undecided / at the ceiling, when any).
+    reference init, ImageNet / the reference ahead or tied at the top / undecided / at the ceiling: the same
+    columns for every run, so `dvc metrics diff` lines them up).
     Everything else is in metrics/test.json, metrics/report.json (every protocol x init x fraction and paired
     difference) and metrics/export.json."""
     v = comp["verdict"]
     return {"budget": p.budget, "champion": init,
             "test": {"acc": round(test["accuracy"], 4), "bal_acc": round(test["balanced_accuracy"], 4),
                      "auc": round(test["auc_macro"], 4)},
-            "cells": {"ssl": v["ssl"], "reference": v["reference"], "open": v["open"],
-                      **({"ceiling": v["ceiling"]} if v.get("ceiling") else {})}}
+            "cells": {"ssl": v["ssl"], "reference": v["reference"], "open": v["open"], "ceiling": v.get("ceiling", 0)}}
 
 
 def comparison_rows(comp: dict) -> dict[str, list]:

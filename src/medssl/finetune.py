@@ -88,8 +88,7 @@ def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), par
         select = p.export.select_metric
         best = ranked({i: f.summary["val"] for i, f in fits.items()}, select)[0]  # a full tie: the grid's order
         finalists = {i: f.summary["val"][select] for i, f in fits.items()}
-        ckpt = torch.load(lay.finalist(best), map_location="cpu", weights_only=True)
-        save_torch({**ckpt, "finalists_val": finalists}, lay.classifier)
+        save_torch({**fits[best].weights, "finalists_val": finalists}, lay.classifier)
         summary = {**fits[best].summary, "finalists_val": finalists}
     write_csv(lay.finetune_curves, fits[summary["init"]].curves)
     write_json(lay.finetune_metrics, summary)
@@ -113,6 +112,7 @@ class FitRun:
 class Fitted:
     summary: dict
     curves: list[dict]
+    weights: dict  # the checkpoint written to FitRun.path
     ckpt: Checkpointer  # its resume state, cleared by the caller once the result is in place
 
 
@@ -133,8 +133,9 @@ def _fit(p: Params, init: str, out: FitRun, candidates: dict | None = None) -> F
     ckpt = Checkpointer(lay.resume(f"finetune-{init}"), resume_key(p, "finetune", init, meta, lay, device))
     state = ckpt.load()
     if state is not None and "done" in state:  # finished; the grid's means as they are now
-        save_torch({**state["done"], "candidates_val": candidates}, out.path)
-        return Fitted({**state["summary"], "candidates_val": candidates}, state["curves"], ckpt)
+        done = {**state["done"], "candidates_val": candidates}
+        save_torch(done, out.path)
+        return Fitted({**state["summary"], "candidates_val": candidates}, state["curves"], done, ckpt)
 
     tags = {**tracking.base_tags(p, meta["raw_md5"]), "stage": "finetune", "init": init, "method": init,
             "protocol": "finetune", "fraction": "1.0", "seed": str(p.seed), "tuned": str(init in p.tuned)}
@@ -181,7 +182,7 @@ def _fit(p: Params, init: str, out: FitRun, candidates: dict | None = None) -> F
         if out.log_model:
             summary["logged_model_id"] = log_checkpoint(out.path, f"classifier-{init}")
     ckpt.save({"done": done, "summary": summary, "curves": fit.curves})
-    return Fitted(summary, fit.curves, ckpt)
+    return Fitted(summary, fit.curves, done, ckpt)
 
 
 def log_checkpoint(path: Path, name: str) -> str:
