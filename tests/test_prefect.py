@@ -18,10 +18,11 @@ def prefect_stack(tmp_path_factory, mlflow_server, dermamnist):
     # grid fine-tune cells at batch 128 (finetune.batch_size), as these runs were sized: at the demo's batch 32,
     # ImageNet's 1-epoch cells on the 128-image pool averaged 0.1407 validation balanced accuracy, under the
     # constant predictor's 0.1429 that random scores, so random became champion and the export gate (rightly)
-    # refused its 1-epoch classifier
+    # refused its 1-epoch classifier. Each grid seed's SSL cells start from their own encoder (as under `budget: cpu`),
+    # so the Dask shards below must find every seed's encoder.
     work = project_copy(tmp_path_factory.mktemp("prefect") / "medssl", **{
         "mlflow.experiment": "prefect-e2e", "export.registered_model": "derm-prefect", "pretrain.vae.latent_dim": 32,
-        "budgets.demo.grid.batch_size": None})
+        "budgets.demo.grid.batch_size": None, "budgets.demo.pretrain_per_seed": True})
     port = free_port()
     home = work.parent / "prefect-home"
     env = run_env(MLFLOW_TRACKING_URI=mlflow_server, MEDSSL_DATA_PATH=str(dermamnist), PREFECT_HOME=str(home),
@@ -105,7 +106,8 @@ def test_pipeline_deployment_completes_and_registers_champion(prefect_stack, mlf
     names = {c.data.tags.get("medssl.run") for c in children}
     finetuned = {n for n in names if n.startswith("finetune-")}  # the champion only (demo: budgets.demo.finalists 1)
     assert len(finetuned) == 1 and finetuned <= {"finetune-random", "finetune-imagenet", "finetune-simclr"}
-    assert names - finetuned == {"pretrain-simclr", "grid-random", "grid-imagenet", "grid-simclr", "export"}
+    assert names - finetuned == {"pretrain-simclr", "pretrain-simclr-s43", "pretrain-simclr-s44",  # one per grid seed
+                                 "grid-random", "grid-imagenet", "grid-simclr", "export"}
     reports = [a.path for a in mlflow.MlflowClient().list_artifacts(parents[0].info.run_id, "reports")]
     assert "reports/report.html" in reports and "reports/balanced_accuracy_vs_fraction.png" in reports
     mv = mlflow.MlflowClient().get_model_version_by_alias("derm-prefect", "champion")
@@ -248,6 +250,8 @@ def test_dask_runner_gives_the_same_cells_as_threads_and_sequential(prefect_stac
     lay = Layout(tmp_path / "seq")
     shutil.copytree(d / "data/prepared", lay.prepared.parent)
     shutil.copytree(d / "models/pretrain/simclr", lay.encoder("simclr").parent)
+    assert sorted(f.name for f in lay.encoder("simclr").parent.glob("*.pt")) == ["encoder.pt", "encoder_s43.pt",
+                                                                                 "encoder_s44.pt"]  # one per grid seed
     over = RunOverrides(epochs=1, pretrain_epochs=1, max_train=512, max_eval=256, grid_epochs=1, grid_max_train=128,
                         fractions=[0.1, 1.0], inits=inits).dotted(load_params(d / "params.yaml"))
     p = load_params(d / "params.yaml", over)
