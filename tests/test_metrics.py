@@ -47,6 +47,28 @@ def test_macro_auc_matches_one_vs_rest_mean():
     assert classification_metrics(y, p)["auc_macro"] == pytest.approx(expected)
 
 
+def test_macro_auc_counts_a_knns_tied_zero_votes_one_half():
+    """A k-NN's probabilities hold many exact zeros (no neighbour of that class), in float32 rows whose sums miss 1
+    by a bit. Macro AUC, as a cell scores it (core.train.scores) and as the paired bootstrap does, counts those
+    ties one half, as scikit-learn; breaking them by rounding noise moved a cell's AUC by 0.04."""
+    import torch
+
+    from medssl.core.paired import weighted_auc_macro
+    from medssl.core.probes import knn_probe
+    from medssl.core.train import scores
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g)
+    train_y, eval_y = torch.arange(400) % 4, torch.arange(300) % 4
+    feats = lambda y: centers[y] + 1.5 * torch.randn(len(y), 16, generator=g)
+    p = knn_probe(feats(train_y), train_y, feats(eval_y), 4, k=5)
+    y, pn = eval_y.numpy(), p.numpy()
+    assert (pn == 0).mean() > 0.3 and np.abs(pn.astype(np.float64).sum(1) - 1).max() > 0  # ties, inexact sums
+    expected = np.mean([roc_auc_score(y == c, pn[:, c]) for c in range(4)])
+    assert scores(y, p, list("abcd"))["auc_macro"] == pytest.approx(expected, abs=1e-12)
+    assert weighted_auc_macro(np.ones((1, len(y))), y, pn)[0] == pytest.approx(expected, abs=1e-6)
+
+
 def test_auc_skips_absent_class():
     y = np.array([0, 0, 1, 1])  # class 2 absent
     p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])

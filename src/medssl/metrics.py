@@ -47,9 +47,14 @@ def binary_auc(positive: np.ndarray, score: np.ndarray) -> float:
 
 def over_present(present: np.ndarray, proba: np.ndarray) -> np.ndarray:
     """proba (N, C) -> (N, len(present)): renormalised over the classes present in the labels, the scores macro AUC
-    ranks (here and in the paired bootstrap, core.paired). A row with all its mass on absent classes becomes uniform."""
-    p = proba[:, present] + 1e-12
-    return p / p.sum(1, keepdims=True)
+    ranks (here and in the paired bootstrap, core.paired). With every class present it is proba itself: dividing by
+    row sums that differ from 1 in the last bit would break the ties AUC counts one half (a k-NN's zero votes), by
+    rounding noise. A row with all its mass on absent classes becomes uniform."""
+    if len(present) == proba.shape[1]:
+        return proba
+    p = proba[:, present]
+    total = p.sum(1, keepdims=True)
+    return np.divide(p, total, out=np.full(p.shape, 1 / len(present), p.dtype), where=total > 0)
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: list[str] | None = None) -> dict:
