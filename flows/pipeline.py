@@ -157,7 +157,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
                else f"`{model}` v{export['version']}")
     moved = (f"→ `{export['model_uri']}` = {version}" if export["promoted"]
              else f"registered as {version}, not promoted (`{export['model_uri']}` unchanged)")
-    lines += ["", f"**Champion:** {export['champion']} ({how_chosen(p.export.select_metric, export.get('finalists_val'))}) "
+    lines += ["", f"**Champion:** {export['champion']} ({how_chosen(p.export.select_metric, export.get('finalists_val'), export.get('named', False))}) "
               f"{moved}: {export['reason']}; "
               f"ONNX parity max |diff| {export['parity_max_abs_diff']:.2e} on {export['parity_images']} images.",
               "", f"Parent MLflow run: {run_link(parent_id)} ({uri})"]

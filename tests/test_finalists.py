@@ -6,7 +6,7 @@ import torch
 
 from medssl import finetune as finetune_stage
 from medssl import tracking
-from medssl.checkpoints import how_chosen
+from medssl.checkpoints import how_chosen, user_named
 from medssl.config import load_params
 from medssl.evaluate import run_evaluate
 from medssl.export import champion_line, run_export
@@ -113,3 +113,12 @@ def test_one_finalist_ships_the_grids_best_without_a_finalists_record(tmp_path, 
     assert summary["init"] == finetune_stage.choose_champion(p, lay)[0][0] and "finalists_val" not in summary
     assert not lay.finalist(summary["init"]).parent.exists() and "finalists_val" not in weights(lay.classifier)
     assert how_chosen(p.export.select_metric, None).endswith("of the grid's 100 % fine-tune cells")
+
+    # an init the user names is trained and reported as named, not as the comparison's choice
+    other = next(i for i in p.inits.all if i != summary["init"])
+    named = finetune_stage.run_finetune(p, other, lay=lay)
+    assert named["init"] == other and user_named(named) and user_named(weights(lay.classifier))
+    run_evaluate(p, lay)
+    report = lay.report_md.read_text()
+    assert f"{other} was {how_chosen(p.export.select_metric, None, True)}. It was trained" in report
+    assert "chosen on validation" not in report and "mean validation `balanced_accuracy` over seeds" not in report

@@ -69,6 +69,31 @@ def test_macro_auc_counts_a_knns_tied_zero_votes_one_half():
     assert weighted_auc_macro(np.ones((1, len(y))), y, pn)[0] == pytest.approx(expected, abs=1e-6)
 
 
+def saturated(y: np.ndarray, classes: int, seed: int):
+    """float32 softmax probabilities of a confident model: many rows round to exactly 1.0 in their top class while
+    the other classes keep tiny, distinct masses (rows summing to 1 only in float32)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    logits = 30 * torch.randn(len(y), classes, generator=g) + 25 * torch.nn.functional.one_hot(torch.as_tensor(y), classes)
+    return logits.softmax(1)
+
+
+def test_macro_auc_counts_a_saturated_softmaxs_ties_one_half():
+    """Rows tied at 1.0 in float32 stay tied: scored as a cell scores them (core.train.scores), as the ONNX check
+    and the paired bootstrap do, macro AUC is scikit-learn's on the same probabilities."""
+    from medssl.core.paired import weighted_auc_macro
+    from medssl.core.train import scores
+
+    y = np.arange(400) % 4
+    p = saturated(y, 4, 0)
+    pn = p.numpy()
+    assert (pn == 1).sum(0).max() > 20 and (pn.astype(np.float64).sum(1) != 1).any()  # ties at 1.0, inexact sums
+    expected = np.mean([roc_auc_score(y == c, pn[:, c]) for c in range(4)])
+    assert scores(y, p, list("abcd"))["auc_macro"] == pytest.approx(expected, abs=1e-12)
+    assert weighted_auc_macro(np.ones((1, len(y))), y, pn)[0] == pytest.approx(expected, abs=1e-9)
+
+
 def test_auc_skips_absent_class():
     y = np.array([0, 0, 1, 1])  # class 2 absent
     p = np.array([[0.8, 0.1, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.3, 0.6, 0.1]])
@@ -89,7 +114,10 @@ def test_auc_is_finite_when_a_row_puts_all_mass_on_an_absent_class():
     y = np.array([0, 1, 2, 0, 1, 2])
     proba = np.eye(4)[[0, 1, 3, 0, 2, 2]]  # third row: all mass on class 3, absent from y
     m = classification_metrics(y, proba)
-    assert np.isfinite(m["auc_macro"]) and m["auc_classes"] == 3
+    shown = proba[:, :3].copy()
+    shown[2] = 1 / 3  # renormalised over the classes present: uniform
+    expected = np.mean([roc_auc_score(y == c, shown[:, c]) for c in range(3)])
+    assert m["auc_macro"] == pytest.approx(expected) and m["auc_classes"] == 3
 
 
 @pytest.mark.parametrize("seed, classes", [(0, 7), (1, 2), (2, 5)])

@@ -60,6 +60,20 @@ def test_macro_auc_with_an_absent_class_is_the_reports():
     assert Bootstrap(y, n_boot=50).replicates(proba[None])["auc_macro"][0][0] == pytest.approx(shown)
 
 
+def test_binary_macro_auc_is_the_reports():
+    """Two classes: the bootstrap's macro AUC is the positive column's AUC, as the report's. A saturated float32
+    softmax ties many positives at 1.0 while the other column keeps them apart, so averaging both columns differs."""
+    from test_metrics import saturated
+
+    y = np.repeat([0, 1], [300, 100])
+    p = saturated(y, 2, 1).numpy()
+    shown = classification_metrics(y, p.astype(np.float64))["auc_macro"]
+    assert shown == pytest.approx(roc_auc_score(y, p[:, 1]), abs=1e-12)
+    assert abs(shown - np.mean([roc_auc_score(y == c, p[:, c]) for c in (0, 1)])) > 1e-4  # the two definitions differ
+    assert weighted_auc_macro(np.ones((1, len(y))), y, p)[0] == pytest.approx(shown, abs=1e-9)
+    assert Bootstrap(y, n_boot=50).replicates(p[None])["auc_macro"][0][0] == pytest.approx(shown, abs=1e-9)
+
+
 def test_a_fixed_difference_is_found():
     """Model a is right on every image b is right on, plus 12 % more in every class, in every seed."""
     boot = Bootstrap(Y, n_boot=1000, seed=0)

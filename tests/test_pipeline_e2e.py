@@ -201,6 +201,7 @@ def test_report_fills_every_cell_with_three_seeds_and_intervals(project):
     assert set(shown) == {"metrics/headline.json"}, set(shown)  # readable by default
     head = shown["metrics/headline.json"]["data"]
     assert head["champion"] in INITS and 0 < head["test"]["bal_acc"] <= 1 and sum(head["cells"].values()) >= 1
+    assert set(head["cells"]) == {"ssl", "reference", "open", "ceiling"}  # the same columns in every run
     table = sh(["dvc", "metrics", "show"], d, project["env"]).stdout.splitlines()
     assert len(table) == 2 and max(map(len, table)) <= 160, table  # one row, fits a terminal
     header, row = sh(["dvc", "metrics", "show", "metrics/export.json"], d, project["env"]).stdout.splitlines()[:2]

@@ -92,9 +92,18 @@ def load_classifier(path: Path, device: torch.device) -> tuple[Classifier, dict]
     return with_views(prepare_model(model, device), ckpt.get("views", 1)).eval(), ckpt
 
 
-def how_chosen(select: str, finalists: dict | None) -> str:
+def user_named(record: dict) -> bool:
+    """Whether a classifier's checkpoint or summary (finetune) is of an init the user named (`medssl finetune <init>`):
+    it then holds no grid means to have been chosen by."""
+    return record.get("candidates_val") is None and not record.get("finalists_val")
+
+
+def how_chosen(select: str, finalists: dict | None, named: bool = False) -> str:
     """How the champion was chosen, as every message about it says (report, registry, Prefect log, CLI).
-    finalists: init -> validation `select` of each finalist trained with the shipped recipe (None: one, the grid's best)."""
+    finalists: init -> validation `select` of each finalist trained with the shipped recipe (None: one, the grid's best);
+    named: the init was named by the user, not chosen."""
+    if named:
+        return "named by the user (`medssl finetune <init>`), not chosen by the comparison"
     if not finalists:
         return f"chosen on validation {select} of the grid's 100 % fine-tune cells"
     return (f"chosen on validation {select}: the grid's 100 % fine-tune cells ranked the inits, the best "

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medssl import figures, tracking
-from medssl.checkpoints import how_chosen, load_classifier
+from medssl.checkpoints import how_chosen, load_classifier, user_named
 from medssl.compare import ANSWER, N_BOOT
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
@@ -110,13 +110,16 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"Data md5 `{meta['raw_md5']}`; n = {meta['n']}; seed {p.seed}; git `{tracking.git_commit()}`.\n\n"
         f"Task: {meta.get('task', 'multiclass')}, {len(classes)} classes ({', '.join(classes)})"
         + (f", positive class `{meta['positive_class']}`" if meta.get("positive_class") else "")
-        + f"; {'grey' if meta.get('channels', 3) == 1 else 'RGB'} images; champion chosen on validation `{select}`.\n\n"
+        + f"; {'grey' if meta.get('channels', 3) == 1 else 'RGB'} images; "
+        + ("the classifier's init named by the user" if user_named(summary) else f"champion chosen on validation `{select}`")
+        + ".\n\n"
         f"## Verdict\n\n{verdict}\n\n"
         f"In one line: {comp['verdict']['story']}.\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
-        f"{init} was {how_chosen(select, finalists)}. The grid's fine-tune cells at 100 % labels, mean validation "
-        f"`{select}` over seeds: " + ", ".join(f"{i} {v:.4f}" for i, v in cands.items())
+        f"{init} was {how_chosen(select, finalists, user_named(summary))}"
+        + (f". The grid's fine-tune cells at 100 % labels, mean validation `{select}` over seeds: "
+           + ", ".join(f"{i} {v:.4f}" for i, v in cands.items()) if cands else "")
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
            "calibration error (ECE)" if len(tied) > 1 and not finalists else "")
         + f". It was trained on all {meta['n']['train']} train images at {summary['image_size']} px for "

@@ -59,10 +59,13 @@ def weighted_auc(w: np.ndarray, positive: np.ndarray, score: np.ndarray) -> np.n
 
 
 def weighted_auc_macro(w: np.ndarray, y: np.ndarray, proba: np.ndarray) -> np.ndarray:
-    """One-vs-rest macro AUC over the classes present in y, on probabilities renormalised over those classes (as
-    metrics.classification_metrics), under each row of w (B, N) -> (B,)."""
+    """One-vs-rest macro AUC over the classes present in y, on probabilities renormalised over those classes, under
+    each row of w (B, N) -> (B,). As metrics.classification_metrics: with two classes, the AUC of the second's column
+    (the other column's ranks can differ from its reverse where float32 rounds one side to 1.0)."""
     present = np.unique(y)
     p = over_present(present, proba)
+    if len(present) == 2:
+        return weighted_auc(w, y == present[1], p[:, 1])
     return np.mean([weighted_auc(w, y == c, p[:, j]) for j, c in enumerate(present)], 0)
 
 

@@ -25,9 +25,9 @@ OnEpoch = Callable[[int, dict, Callable[[], dict]], None]
 
 
 def scores(y: np.ndarray, proba: torch.Tensor, classes: list[str]) -> dict:
-    """Metrics of device probabilities (N, C): rows renormalised in float64 for scikit-learn."""
-    p = proba.double().cpu().numpy()
-    return classification_metrics(y, p / p.sum(1, keepdims=True), classes)
+    """Metrics of device probabilities (N, C), in float64 but not renormalised: dividing by row sums that miss 1 in the
+    last bit would split scores that tie (a saturated softmax's 1.0), which macro AUC counts one half."""
+    return classification_metrics(y, proba.double().cpu().numpy(), classes)
 
 
 def _copy(state: dict) -> dict:
