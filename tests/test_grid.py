@@ -60,3 +60,5 @@ def test_champion_line_says_how_it_was_chosen_and_whether_the_alias_moved():
     assert "now points at it" in champion_line({**ex, "promoted": True})
     finals = champion_line({**ex, "finalists_val": {"imagenet-simclr": 0.5675, "imagenet": 0.6158}})
     assert "the best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals
+    named = champion_line({**ex, "named": True})  # metrics/export.json after `medssl finetune <init>`
+    assert "named by the user" in named and "chosen on validation" not in named
