@@ -23,7 +23,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from medssl import tracking
-from medssl.checkpoints import encoder_file, encoder_seeds, how_chosen
+from medssl.checkpoints import encoder_file, encoder_seeds
 from medssl.config import Params, RunOverrides, load_params
 from medssl.data.prepare import run_prepare
 from medssl.data.sources import run_fetch
@@ -157,7 +157,7 @@ def results_markdown(p: Params, results: dict, export: dict, parent_id: str) -> 
                else f"`{model}` v{export['version']}")
     moved = (f"→ `{export['model_uri']}` = {version}" if export["promoted"]
              else f"registered as {version}, not promoted (`{export['model_uri']}` unchanged)")
-    lines += ["", f"**Champion:** {export['champion']} ({how_chosen(p.export.select_metric, export.get('finalists_val'), export.get('named', False))}) "
+    lines += ["", f"**Champion:** {export['champion']} ({export['chosen']}) "
               f"{moved}: {export['reason']}; "
               f"ONNX parity max |diff| {export['parity_max_abs_diff']:.2e} on {export['parity_images']} images.",
               "", f"Parent MLflow run: {run_link(parent_id)} ({uri})"]

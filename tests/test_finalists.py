@@ -55,7 +55,7 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
     assert shipped == {k: v for k, v in best.items() if k != "state_dict"}
     assert read_json(lay.finetune_metrics)["finalists_val"] == vals
     assert sorted(runs()) == [("finetune-imagenet", "FINISHED"), ("finetune-random", "FINISHED")]
-    assert all(i in how_chosen(select, vals) and "best 2" in how_chosen(select, vals) for i in order)
+    assert all(i in how_chosen(select, first) and "best 2" in how_chosen(select, first) for i in order)
 
     # the grid's order the other way round: the same winner (in one of the two orders it was listed second)
     monkeypatch.setattr(finetune_stage, "choose_champion", lambda p, lay: (order[::-1], means))
@@ -93,12 +93,18 @@ def test_finalists_trained_with_the_shipped_recipe_and_the_best_on_validation_sh
     assert not any(lay.resume(f"finetune-{i}").exists() for i in order)  # cleared once the winner is in place
 
     # the report, the registry version and the champion's log line say how it was chosen, with each finalist's score
+    client = mlflow.MlflowClient()
+    trained = client.get_run(last["run_id"]).info
     run_evaluate(p, lay)
-    said = how_chosen(select, last["finalists_val"])
+    # its test scores join the shipped finalist's run, whose end (and so its duration in the UI) stays its training's
+    assert (client.get_run(last["run_id"]).info.end_time, client.get_run(last["run_id"]).info.status) == (
+        trained.end_time, "FINISHED")
+    assert "summary/test.json" in {a.path for a in client.list_artifacts(last["run_id"], "summary")}
+    said = how_chosen(select, last)
     report = lay.report_md.read_text()
     assert f"{last['init']} was {said}." in report
     ex = run_export(p, lay)
-    version = mlflow.MlflowClient().get_model_version(p.export.registered_model, str(ex["version"]))
+    version = client.get_model_version(p.export.registered_model, str(ex["version"]))
     assert ex["finalists_val"] == last["finalists_val"] and said in version.description and said in champion_line(ex)
 
 
@@ -112,7 +118,7 @@ def test_one_finalist_ships_the_grids_best_without_a_finalists_record(tmp_path, 
     summary = finetune_stage.run_finetune(p, lay=lay)
     assert summary["init"] == finetune_stage.choose_champion(p, lay)[0][0] and "finalists_val" not in summary
     assert not lay.finalist(summary["init"]).parent.exists() and "finalists_val" not in weights(lay.classifier)
-    assert how_chosen(p.export.select_metric, None).endswith("of the grid's 100 % fine-tune cells")
+    assert how_chosen(p.export.select_metric, summary).endswith("of the grid's 100 % fine-tune cells")
 
     # an init the user names is trained and reported as named, not as the comparison's choice
     other = next(i for i in p.inits.all if i != summary["init"])
@@ -120,5 +126,5 @@ def test_one_finalist_ships_the_grids_best_without_a_finalists_record(tmp_path, 
     assert named["init"] == other and user_named(named) and user_named(weights(lay.classifier))
     run_evaluate(p, lay)
     report = lay.report_md.read_text()
-    assert f"{other} was {how_chosen(p.export.select_metric, None, True)}. It was trained" in report
+    assert f"{other} was {how_chosen(p.export.select_metric, named)}. It was trained" in report
     assert "chosen on validation" not in report and "mean validation `balanced_accuracy` over seeds" not in report

@@ -51,14 +51,19 @@ def test_one_class_cells_are_marked_in_the_report_tables():
 
 
 def test_champion_line_says_how_it_was_chosen_and_whether_the_alias_moved():
+    from medssl.checkpoints import how_chosen
     from medssl.export import champion_line
 
-    ex = {"champion": "imagenet", "select_metric": "balanced_accuracy", "model_uri": "models:/m@champion",
+    select = "balanced_accuracy"
+    grid = how_chosen(select, {"candidates_val": {"imagenet": 0.61, "random": 0.42}})  # one finalist: the grid's best
+    assert "chosen on validation balanced_accuracy of the grid's" in grid
+    finals = how_chosen(select, {"candidates_val": {"imagenet": 0.61}, "finalists_val": {"imagenet-simclr": 0.5675, "imagenet": 0.6158}})
+    assert "the best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals
+    named = how_chosen(select, {"candidates_val": None})  # `medssl finetune <init>`: no candidates it was chosen among
+    assert "named by the user" in named and "chosen on validation" not in named
+
+    ex = {"champion": "imagenet", "select_metric": select, "chosen": grid, "model_uri": "models:/m@champion",
           "version_uri": "models:/m/2", "promoted": False, "reason": "does not beat the current champion"}
     line = champion_line(ex)
-    assert "chosen on validation balanced_accuracy of the grid's" in line and "not promoted, models:/m@champion unchanged" in line
+    assert f"({grid}) registered as models:/m/2" in line and "not promoted, models:/m@champion unchanged" in line
     assert "now points at it" in champion_line({**ex, "promoted": True})
-    finals = champion_line({**ex, "finalists_val": {"imagenet-simclr": 0.5675, "imagenet": 0.6158}})
-    assert "the best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals
-    named = champion_line({**ex, "named": True})  # metrics/export.json after `medssl finetune <init>`
-    assert "named by the user" in named and "chosen on validation" not in named

@@ -137,3 +137,41 @@ def test_runs_are_named_to_fit_the_run_name_column(mlflow_server, monkeypatch):
         "ssl-imagenet-simclr", "pretrain-imagenet-simclr")  # beside the inits, on the first page; ssl-imagenet-mim differs before the cut
     assert runs[trial.info.run_id].info.run_name == "t3-imagenet-simclr"  # was trial-imagenet-… for three inits
     assert runs[parent].info.run_name.startswith("pipeline-")
+
+
+def test_a_resumed_run_keeps_its_own_duration(mlflow_server, monkeypatch):
+    """`evaluate` logs the champion's test scores on its finetune run: that run keeps its status and end time, so the
+    UI's duration stays its training's, even when the block fails; a run opened for workers (a grid's) ends on resume,
+FAILED when the block fails and FINISHED when a retry succeeds."""
+    import time
+
+    import mlflow
+
+    from medssl import tracking
+    from medssl.config import load_params
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)  # another test's set_experiment
+    p = load_params("params.yaml", {"mlflow.experiment": "resume"})
+    client = mlflow.MlflowClient()
+    with tracking.stage_run(p, "finetune-imagenet", {"stage": "finetune"}) as run:
+        mlflow.log_metric("val_accuracy", 0.8)
+    trained = client.get_run(run.info.run_id).info
+    time.sleep(0.05)
+    with tracking.resume_run(run.info.run_id, keep_end=True):
+        mlflow.log_metric("test_accuracy", 0.79)
+    with pytest.raises(RuntimeError), tracking.resume_run(run.info.run_id, keep_end=True):
+        raise RuntimeError("evaluate failed")
+    after = client.get_run(run.info.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", trained.end_time)
+    assert after.data.metrics["test_accuracy"] == 0.79
+
+    opened = tracking.open_run(p, "grid-imagenet", {"stage": "grid"}, {}, None)
+    with pytest.raises(RuntimeError), tracking.resume_run(opened):
+        raise RuntimeError("a shard failed")
+    assert client.get_run(opened).info.status == "FAILED"
+    with tracking.resume_run(opened):  # the task's retry
+        pass
+    info = client.get_run(opened).info
+    assert info.status == "FINISHED" and info.end_time >= info.start_time

@@ -98,11 +98,13 @@ def user_named(record: dict) -> bool:
     return record.get("candidates_val") is None and not record.get("finalists_val")
 
 
-def how_chosen(select: str, finalists: dict | None, named: bool = False) -> str:
-    """How the champion was chosen, as every message about it says (report, registry, Prefect log, CLI).
-    finalists: init -> validation `select` of each finalist trained with the shipped recipe (None: one, the grid's best);
-    named: the init was named by the user, not chosen."""
-    if named:
+def how_chosen(select: str, record: dict) -> str:
+    """How the champion was chosen, as every message about it says (report, registry, Prefect log, CLI). record: its
+    checkpoint or finetune summary, whose `finalists_val` (init -> validation `select` of each finalist trained with
+    the shipped recipe) is absent when one was (the grid's best), and which names no candidates when the user named
+    the init (user_named)."""
+    finalists = record.get("finalists_val")
+    if user_named(record):
         return "named by the user (`medssl finetune <init>`), not chosen by the comparison"
     if not finalists:
         return f"chosen on validation {select} of the grid's 100 % fine-tune cells"

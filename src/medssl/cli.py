@@ -126,7 +126,7 @@ def finetune(init: str = typer.Argument("champion", help="an init, or `champion`
     err.print(f"finetune {s['init']}: best epoch {s['best_epoch']}, val acc {v['accuracy']:.4f} "
               f"bal_acc {v['balanced_accuracy']:.4f} auc {v['auc_macro']:.4f} in {s['seconds']}s")
     if s.get("finalists_val"):
-        err.print(f"finetune: {how_chosen(s['select_metric'], s['finalists_val'])}")
+        err.print(f"finetune: {how_chosen(s['select_metric'], s)}")
 
 
 @app.command()

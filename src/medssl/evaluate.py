@@ -73,7 +73,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
     figures.save(figures.confusion_figure(confusion(te_y, held), classes, f"{init} (test)"),
                  out / "confusion.png", dpi=110)
     figures.save(figures.curves_figure(curves, init), out / "curves.png")
-    with tracking.resume_run(summary["run_id"]):
+    with tracking.resume_run(summary["run_id"], keep_end=True):
         tracking.log_datasets(p, meta, {"test": len(te_y)}, lay.raw(p.data.path), summary["image_size"])
         tracking.log_summary(test, "summary/test.json")  # a table: the parent run's headline holds the sortable test/*
         mlflow.log_artifact(str(out / "confusion.png"), "plots")
@@ -91,7 +91,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         shift = scores(shifted.labels, predict_proba(model, torch.from_numpy(shifted.images).to(device)), classes)
         champ["shift_balanced_accuracy"] = shift["balanced_accuracy"]
         result["shift"] = shift
-        with tracking.resume_run(summary["run_id"]):
+        with tracking.resume_run(summary["run_id"], keep_end=True):
             tracking.log_summary(shift, "summary/shift.json")
     select = p.export.select_metric
     fused = fusion_cells(p, classes, lay) if p.grid.fusion else ([], {})
@@ -117,7 +117,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         f"In one line: {comp['verdict']['story']}.\n\n"
         + section
         + f"\n## Champion: {init}\n\n"
-        f"{init} was {how_chosen(select, finalists, user_named(summary))}"
+        f"{init} was {how_chosen(select, summary)}"
         + (f". The grid's fine-tune cells at 100 % labels, mean validation `{select}` over seeds: "
            + ", ".join(f"{i} {v:.4f}" for i, v in cands.items()) if cands else "")
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "

@@ -22,7 +22,7 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 
 from medssl import registry_guard, tracking
-from medssl.checkpoints import how_chosen, load_classifier, user_named
+from medssl.checkpoints import how_chosen, load_classifier
 from medssl.config import Params
 from medssl.core.onnx import cpu_session, export_onnx, parity
 from medssl.data.sources import nhwc
@@ -106,6 +106,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
     """The champion's classifier (stage `finetune`, chosen on validation) -> ONNX -> parity and sanity gates ->
     registry; the alias moves only to a model that beats the current one on validation (or with `force`)."""
     model, ckpt = load_classifier(lay.classifier, torch.device("cpu"))  # with its provenance: init, run, validation scores
+    chosen = how_chosen(p.export.select_metric, ckpt)
     champion = ckpt["init"]
     export_model = ExportModel(model, ckpt["image_size"]).eval()
     with np.load(lay.raw(p.data.path)) as z:  # validated by `prepare`; data resolution, as users send
@@ -180,7 +181,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
                         "parity_max_abs_diff": f"{check['parity_max_abs_diff']:.3g}"}
         version = Version(init=champion, backbone=ckpt["backbone"], data_md5=data_md5, model_uri=info.model_uri,
                           size=(h, w, c), image_size=ckpt["image_size"], val=val, test=test, check=check, promote=promote, reason=reason,
-                          finalists=ckpt.get("finalists_val"), named=user_named(ckpt))
+                          chosen=chosen)
         description = version_description(p, meta, version) + (f"\n\nThe comparison, {status['story']}." if status else "")
         # one call: a version exists complete (tags, description) or not at all
         mv = client.create_model_version(name, info.model_uri, run_id=run.info.run_id, tags=version_tags,
@@ -193,7 +194,7 @@ def run_export(p: Params, lay: Layout = Layout(), force: bool = False) -> dict:
 
     result = {"champion": champion, "select_metric": p.export.select_metric, "version": int(mv.version),
               **({"finalists_val": ckpt["finalists_val"]} if ckpt.get("finalists_val") else {}),
-              **({"named": True} if user_named(ckpt) else {}),
+              "chosen": chosen,
               "promoted": promote, "reason": reason, **({"verdict": status["story"]} if status else {}),
               "model_uri": f"models:/{p.export.registered_model}@{p.export.alias}",
               "version_uri": f"models:/{p.export.registered_model}/{mv.version}",
@@ -259,10 +260,9 @@ def champion_file(p: Params, lay: Layout) -> str:
 def champion_line(ex: dict) -> str:
     """What the champion's messages say (medssl pipeline, the Prefect log): how it was chosen, its version, and
     whether the alias moved. ex: metrics/export.json."""
-    how = how_chosen(ex.get("select_metric", "balanced_accuracy"), ex.get("finalists_val"), ex.get("named", False))
     moved = (f"{ex['model_uri']} now points at it" if ex["promoted"]
              else f"not promoted, {ex['model_uri']} unchanged")
-    return f"champion {ex['champion']} ({how}) registered as {ex['version_uri']}; {moved} ({ex['reason']})"
+    return f"champion {ex['champion']} ({ex['chosen']}) registered as {ex['version_uri']}; {moved} ({ex['reason']})"
 
 
 def _input(size: tuple[int, int, int]) -> str:
@@ -304,8 +304,7 @@ class Version:
     check: dict
     promote: bool
     reason: str
-    finalists: dict | None = None  # init -> validation select_metric of each finalist (finetune), None: one
-    named: bool = False  # the init was named (`medssl finetune <init>`), not chosen by the comparison
+    chosen: str = ""  # how_chosen: by the comparison (on validation, among its finalists) or named by the user
 
 
 def version_description(p: Params, meta: dict, v: Version) -> str:
@@ -319,7 +318,7 @@ def version_description(p: Params, meta: dict, v: Version) -> str:
              ("sensitivity", "specificity") if "sensitivity" in test else ())
     rows = "\n".join(f"| {LABEL[k]} | {val[k]:.4f} | {with_interval(test, k)} |" for k in (*extra, *TABLE))
     return (f"**{init}** init, {backbone}, trained on {p.data.name} (data md5 `{data_md5}`, the file DVC records as "
-            f"`data.path`) at {v.image_size} px ({_task(meta)}); {how_chosen(p.export.select_metric, v.finalists, v.named)}; "
+            f"`data.path`) at {v.image_size} px ({_task(meta)}); {v.chosen}; "
             f"test only scored.\n\n"
             f"| metric | validation | test |\n|---|---|---|\n{rows}\n\nIn brackets: a test score's 95 % interval over "
             f"stratified resamples of the test images. "

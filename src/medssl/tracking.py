@@ -429,10 +429,19 @@ def end_stale_runs(exp: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def resume_run(run_id: str):
-    """Reopen a finished run to add results (e.g. test metrics); status returns to FINISHED."""
-    with _env_run_hidden(), mlflow.start_run(run_id=run_id) as run:
-        yield run
+def resume_run(run_id: str, keep_end: bool = False):
+    """Reopen a run to add to it; it ends FINISHED, or FAILED if the block raises (a grid's run, filled by workers).
+    keep_end: the run is a finished stage's and the additions are a later stage's (the champion's test scores, logged
+    by `evaluate`): it keeps its status and end time, so the UI's duration stays its own work's (not also the other
+    finalist's training and the evaluation after it)."""
+    client = mlflow.MlflowClient()
+    ended = client.get_run(run_id).info
+    try:
+        with _env_run_hidden(), mlflow.start_run(run_id=run_id) as run:
+            yield run
+    finally:
+        if keep_end and ended.end_time is not None:
+            client.set_terminated(run_id, ended.status, end_time=ended.end_time)
 
 
 @contextlib.contextmanager
