@@ -59,6 +59,8 @@ def test_champion_line_says_how_it_was_chosen_and_whether_the_alias_moved():
     assert "chosen on validation balanced_accuracy of the grid's" in grid
     finals = how_chosen(select, {"candidates_val": {"imagenet": 0.61}, "finalists_val": {"imagenet-simclr": 0.5675, "imagenet": 0.6158}})
     assert "the best 2 were each trained with the shipped recipe" in finals and "imagenet 0.6158" in finals
+    assert "tie" not in finals and "a tie, broken by the higher validation macro AUC" in how_chosen(
+        select, {"finalists_val": {"imagenet-simclr": 1.0, "imagenet": 1.0}})
     named = how_chosen(select, {"candidates_val": None})  # `medssl finetune <init>`: no candidates it was chosen among
     assert "named by the user" in named and "chosen on validation" not in named
 
