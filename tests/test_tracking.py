@@ -166,6 +166,11 @@ FAILED when the block fails and FINISHED when a retry succeeds."""
     after = client.get_run(run.info.run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", trained.end_time)
     assert after.data.metrics["test_accuracy"] == 0.79
+    client.update_run(run.info.run_id, "RUNNING")  # a reopening cut off (evaluate killed): RUNNING, with an end
+    with tracking.resume_run(run.info.run_id, keep_end=True):
+        pass
+    after = client.get_run(run.info.run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", trained.end_time)
 
     opened = tracking.open_run(p, "grid-imagenet", {"stage": "grid"}, {}, None)
     with pytest.raises(RuntimeError), tracking.resume_run(opened):

@@ -111,5 +111,6 @@ def how_chosen(select: str, record: dict) -> str:
     return (f"chosen on validation {select}: the grid's 100 % fine-tune cells ranked the inits, the best "
             f"{len(finalists)} were each trained with the shipped recipe, and the one with the best validation "
             f"{select} of its own was kept: " + ", ".join(f"{i} {v:.4f}" for i, v in finalists.items())
-            + ("; a tie, broken by the higher validation macro AUC, then the lower calibration error (ECE)"
+            + ("; a tie, broken by the higher validation macro AUC, then the lower calibration error (ECE), then "
+               "the grid's rank"
                if list(finalists.values()).count(max(finalists.values())) > 1 else ""))

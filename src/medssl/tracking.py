@@ -432,16 +432,26 @@ def end_stale_runs(exp: str) -> list[str]:
 def resume_run(run_id: str, keep_end: bool = False):
     """Reopen a run to add to it; it ends FINISHED, or FAILED if the block raises (a grid's run, filled by workers).
     keep_end: the run is a finished stage's and the additions are a later stage's (the champion's test scores, logged
-    by `evaluate`): it keeps its status and end time, so the UI's duration stays its own work's (not also the other
-    finalist's training and the evaluation after it)."""
+    by `evaluate`): it keeps its end time, so the UI's duration stays its own work's (not also the other finalist's
+    training and the evaluation after it), and its status (FINISHED where an earlier reopening was cut off)."""
     client = mlflow.MlflowClient()
-    ended = client.get_run(run_id).info
+    ended = client.get_run(run_id).info if keep_end else None
+    opened = False
+
+    def restore() -> None:
+        if opened and ended is not None and ended.end_time is not None:
+            status = "FINISHED" if ended.status == "RUNNING" else ended.status  # RUNNING with an end: cut off
+            client.set_terminated(run_id, status, end_time=ended.end_time)
+
     try:
         with _env_run_hidden(), mlflow.start_run(run_id=run_id) as run:
+            opened = True
             yield run
-    finally:
-        if keep_end and ended.end_time is not None:
-            client.set_terminated(run_id, ended.status, end_time=ended.end_time)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the block's error is the one to report
+            restore()
+        raise
+    restore()
 
 
 @contextlib.contextmanager
