@@ -215,3 +215,20 @@ def test_a_cells_train_val_gap_scores_a_fixed_part_of_its_subset_whatever_its_si
         with pytest.raises(Seen):
             finetune_cell(job, model(0), cd, init="random", cfg=cfg, budget=budget, select="balanced_accuracy")
         assert seen[-1] == (70, n), seen
+
+
+def test_the_champion_trains_at_least_as_long_as_a_grid_cell():
+    """A few hundred images at finetune.batch_size 128 make 2 steps per epoch: the demo's 2 epochs were 4 optimizer
+    steps against its grid cells' 14, and a 300-image folder shipped a champion that called nearly every image one
+    class. Its epochs are raised to a grid cell's steps on the whole pool; DermaMNIST's stay the budgets'."""
+    from medssl.config import load_params
+    from medssl.core.train import champion_epochs, epoch_steps
+
+    for budget in ("demo", "cpu"):
+        b = load_params("params.yaml", {"budget": budget}, tuned=False).run_budget
+        assert champion_epochs(b, 128, 7007) == b.finetune_epochs  # 2 and 15: the reference runs' schedule
+        cell = b.grid.steps or b.grid.epochs * epoch_steps(min(210, b.grid.max_train or 210), b.grid.batch_size)
+        assert b.finetune_epochs * epoch_steps(210, 128) < cell  # the old schedule: fewer steps than a cell
+        epochs = champion_epochs(b, 128, 210)
+        assert epochs * epoch_steps(210, 128) >= cell > (epochs - 1) * epoch_steps(210, 128)
+    assert epoch_steps(210, 128) == 2 and epoch_steps(129, 128) == 1 and epoch_steps(60, 128) == 1

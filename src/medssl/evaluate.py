@@ -123,7 +123,7 @@ def run_evaluate(p: Params, lay: Layout = Layout()) -> dict:
         + (f"; a tie at the top ({', '.join(tied)}) broken by the higher mean validation macro AUC, then the lower "
            "calibration error (ECE)" if len(tied) > 1 and not finalists else "")
         + f". It was trained on all {meta['n']['train']} train images at {summary['image_size']} px for "
-        f"{p.run_budget.finetune_epochs} epochs "
+        f"{summary.get('epochs', p.run_budget.finetune_epochs)} epochs "
         f"(seed {p.seed}), best epoch {summary['best_epoch']} on validation"
         + (f", its weights a moving average over its steps (decay {summary['ema_decay']:.4f}, `finetune.ema_window`)"
            if summary.get("ema_decay") else "")

@@ -23,7 +23,7 @@ from medssl import tracking
 from medssl.checkpoints import build_classifier, load_classifier
 from medssl.config import Params
 from medssl.core.engine import pick_device, predict_proba
-from medssl.core.train import FitData, FitSpec, finetune, scores
+from medssl.core.train import FitData, FitSpec, champion_epochs, finetune, scores
 from medssl.data.prepare import load_prepared
 from medssl.errors import ConfigError
 from medssl.guard import one_writer
@@ -70,7 +70,7 @@ def choose_champion(p: Params, lay: Layout = Layout()) -> tuple[list[str], dict]
 def run_finetune(p: Params, init: str | None = None, lay: Layout = Layout(), parent: str | None = None,
                  on_epoch=None, log_model: bool = True) -> dict:
     """Train the classifier of `init` (default: the champion on validation, among budgets.<b>.finalists of the
-    grid's best) on all train images for budgets.<b>.finetune_epochs at the champion's resolution
+    grid's best) on all train images for budgets.<b>.finetune_epochs (core.train.champion_epochs) at the champion's resolution
     (Params.finetune_image_size); best epoch on validation. `on_epoch(epoch, val_value)` may raise to stop (pruning).
     log_model: the checkpoint as an MLflow logged model (tuning trials skip it)."""
     tracking.check_server()  # before any work, even where a finished finalist is kept: its run is the server's
@@ -122,13 +122,14 @@ def _fit(p: Params, init: str, out: FitRun, candidates: dict | None = None) -> F
     clears it, it writes that result again and opens no run."""
     lay, on_epoch = out.lay, out.on_epoch
     p = p.for_init(init)  # the values tuned for this init (tuned.yaml), else params.yaml's
-    cfg, epochs, select = p.finetune, p.run_budget.finetune_epochs, p.export.select_metric
+    cfg, select = p.finetune, p.export.select_metric
     device = pick_device()
     size = p.finetune_image_size  # the champion's resolution, prepared beside the comparison's
     splits, meta = load_prepared(lay, size)
     classes = meta["classes"]
     tr_x, tr_y = (torch.from_numpy(a).to(device) for a in (splits["train"].images, splits["train"].labels.astype(np.int64)))
     va_x = torch.from_numpy(splits["val"].images).to(device)
+    epochs = champion_epochs(p.run_budget, cfg.batch_size, len(tr_y))
     sub = torch.from_numpy(np.random.default_rng(p.seed).permutation(len(tr_y))[: cfg.train_eval_size]).to(device)
     ckpt = Checkpointer(lay.resume(f"finetune-{init}"), resume_key(p, "finetune", init, meta, lay, device))
     state = ckpt.load()
@@ -164,14 +165,14 @@ def _fit(p: Params, init: str, out: FitRun, candidates: dict | None = None) -> F
         done = {"init": init, "backbone": p.model.backbone, "num_classes": len(classes), "dropout": p.model.dropout,
                 "classes": classes, "mean": meta["mean"], "std": meta["std"], "image_size": size,
                 "channels": meta.get("channels", 3), "task": meta.get("task", "multiclass"), "positive": meta.get("positive"),
-                "raw_image_size": meta["raw_image_size"], "best_epoch": fit.best_epoch, "state_dict": fit.state,
+                "raw_image_size": meta["raw_image_size"], "epochs": epochs, "best_epoch": fit.best_epoch, "state_dict": fit.state,
                 "views": views, "ema_decay": fit.ema_decay,
                 # provenance, read by evaluate and export from the weights themselves (never from a file beside
                 # them that a killed stage can leave stale)
                 "run_id": run.info.run_id, "select_metric": select, "val": val, "val_one_view": fit.val, "gap_at_best": fit.gap,
                 "candidates_val": candidates, "data_md5": meta["raw_md5"], "config_digest": ckpt.key_digest}
         save_torch(done, out.path)
-        summary = {"init": init, "best_epoch": fit.best_epoch, "select_metric": select, "views": views,
+        summary = {"init": init, "epochs": epochs, "best_epoch": fit.best_epoch, "select_metric": select, "views": views,
                    "ema_decay": fit.ema_decay, "val": val,
                    "val_one_view": fit.val, "gap_at_best": fit.gap, "seconds": fit.seconds, "run_id": run.info.run_id,
                    "candidates_val": candidates}

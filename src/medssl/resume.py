@@ -48,7 +48,9 @@ def inputs_key(p, stage: str, init: str, meta: dict, lay) -> dict[str, object]:
         key |= {"encoder": "+".join(md5sum(f) for f in files) if init in p.inits.ssl and all(f.is_file() for f in files) else init,
                 "finetune": (p.finetune if stage == "finetune" else p.grid_finetune).model_dump(),
                 "select": p.export.select_metric}
-        key |= ({"epochs": p.run_budget.finetune_epochs, "image_size": p.finetune_image_size} if stage == "finetune" else
+        from medssl.core.train import champion_epochs
+
+        key |= ({"epochs": champion_epochs(p.run_budget, p.finetune.batch_size, meta["n"]["train"]), "image_size": p.finetune_image_size} if stage == "finetune" else
                 {"grid": p.grid.model_dump(), "budget": p.run_budget.grid.model_dump()})
     return {"stage": stage, "init": init, **key}
 

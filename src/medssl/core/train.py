@@ -110,6 +110,23 @@ def weight_average(model: torch.nn.Module, decay: float | None) -> torch.nn.Modu
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def epoch_steps(n: int, batch: int) -> int:
+    """Optimizer steps in one pass over n examples at `batch` (a last batch of one is dropped: BatchNorm)."""
+    batch = min(batch, n)
+    return n // batch + (n % batch >= 2)
+
+
+def champion_epochs(budget, batch_size: int, n_train: int) -> int:
+    """budget.finetune_epochs (config.Budget), raised where its passes over n_train images at batch_size
+    (finetune.batch_size) take fewer optimizer steps than one grid fine-tune cell on its whole labelled pool did
+    (a few hundred images: 2 epochs of batch 128 are 4 steps): the champion trains at least as long as the cells
+    that chose it."""
+    b = budget.grid
+    pool = min(n_train, b.max_train or n_train)
+    cell = b.steps or b.epochs * epoch_steps(pool, b.batch_size or batch_size)
+    return max(budget.finetune_epochs, -(-cell // epoch_steps(n_train, batch_size)))
+
+
 def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str = "finetune",
              on_epoch: OnEpoch | None = None, resume: dict | None = None, quiet: bool = False) -> FitResult:
     """Train a Classifier (built by the caller, on CPU) on `data` as `spec` says; keep its best epoch on validation.
@@ -122,7 +139,7 @@ def finetune(model: torch.nn.Module, data: FitData, spec: FitSpec, *, desc: str 
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, len(tr_y))
     per_epoch = len(tr_y) if steps is None else -(-steps // epochs) * batch  # examples drawn between evaluations
-    steps_per_epoch = per_epoch // batch + (per_epoch % batch >= 2)
+    steps_per_epoch = epoch_steps(per_epoch, batch)
     decay = ema_decay(cfg.ema_window * epochs * steps_per_epoch)
     ema = weight_average(model, decay)  # copied before the dropout generator is set
     model.set_generator(gen)
