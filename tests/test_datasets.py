@@ -154,7 +154,12 @@ def test_refusals_name_what_to_fix_and_keep_the_good_file(tmp_path):
     (extra / "valid").mkdir()
     cases.append(({"source": "folder", "folder": {"images": str(extra)}}, "folder(s) ['valid'] beside train/"))
     tiny = class_folder(tmp_path / "tiny", ["a", "b"], 2)
-    cases.append(({"source": "folder", "folder": {"images": str(tiny)}}, "cannot hold out 20% of 4 images"))
+    cases.append(({"source": "folder", "folder": {"images": str(tiny)}},
+                  "class(es) with fewer than 3 images, one for each of train, val and test: 'a' 2, 'b' 2"))
+    typo = grouped_csv(tmp_path / "typo", ["normal", "pneumonia"], patients=20)
+    rows = typo.read_text().splitlines()
+    typo.write_text("\n".join(rows[:2] + [rows[2].replace("normal", "nromal").replace("pneumonia", "pnuemonia")] + rows[3:]) + "\n")
+    cases.append(({"source": "csv", "csv": {"file": str(typo)}}, "fewer than 3 groups (column group: patients, lesions)"))
     for data, message in cases:
         msg = one_line_error(fetch(tmp_path, data, expect_ok=False))
         assert message in msg, (message, msg)

@@ -96,3 +96,19 @@ def test_fetch_builds_pipeline_input_from_folder(tmp_path):
         assert z["class_names"].tolist() == CLASSES  # the dx values present, in order
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     assert (tmp_path / "data/prepared/dataset.npz").is_file()
+
+
+def test_paths_under_home_are_expanded_and_a_file_is_not_a_folder(tmp_path, monkeypatch):
+    """`~/…` in data.csv.file, data.csv.images and data.folder.images is the user's home, as in a shell; a folder
+    source given a file says so."""
+    from medssl.config import Folder
+    from medssl.data.folder import build_folder
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    img_dir, csv_path, rows = make_folder(tmp_path)
+    splits, _ = load_folder("~/images", "~/metadata.csv")
+    assert sum(len(s.labels) for s in splits.values()) == len(rows)
+    with pytest.raises(DataError, match=r"data.folder.images=~/metadata.csv: a file, not a folder"):
+        build_folder(Folder(images="~/metadata.csv"), seed=0)
+    with pytest.raises(DataError, match=r"data.folder.images=~/nowhere: no such folder"):
+        build_folder(Folder(images="~/nowhere"), seed=0)

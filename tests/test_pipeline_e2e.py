@@ -626,6 +626,7 @@ def test_predict_refuses_what_it_cannot_score_faithfully(project, tmp_path):
     assert rows[1].split(",")[1:] == rows[2].split(",")[1:]
     r = sh([str(BIN / "medssl"), "predict", "models:/derm-e2e@nope", str(tmp_path / "eight.png")], d, env, check=False)
     assert r.returncode == 2 and "no such model" in r.stderr and len(r.stderr.strip().splitlines()) <= 3, r.stderr
+    assert "registered here: models:/derm-e2e @champion" in r.stderr, r.stderr  # what the user can address instead
 
 
 def test_diverging_config_never_moves_the_alias(project):

@@ -180,3 +180,18 @@ FAILED when the block fails and FINISHED when a retry succeeds."""
         pass
     info = client.get_run(opened).info
     assert info.status == "FINISHED" and info.end_time >= info.start_time
+
+
+def test_a_wrong_model_uri_names_the_models_registered(mlflow_server, monkeypatch):
+    """`medssl predict models:/dermamnist-classifier@champion` (the docs' example) on a project whose data is named
+    xray: the error lists what the registry holds, as a user would address it."""
+    import mlflow
+
+    from medssl.errors import UsageError
+    from medssl.inference import Predictor
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    mlflow.set_tracking_uri(mlflow_server)
+    mlflow.MlflowClient().create_registered_model("xray-classifier")
+    with pytest.raises(UsageError, match=r"no such model .*registered here: .*models:/xray-classifier"):
+        Predictor("models:/dermamnist-classifier@champion")

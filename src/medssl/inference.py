@@ -37,6 +37,20 @@ def onnx_providers(cuda: bool | None = None) -> list[str]:
     return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def _registered() -> str:
+    """The models the registry holds, with their aliases, as a user would address them (for a wrong model URI)."""
+    import mlflow
+
+    try:
+        models = mlflow.MlflowClient().search_registered_models(max_results=20)
+    except Exception:  # the registry itself did not answer: the error before this says why
+        return "`medssl pipeline` registers one"
+    if not models:
+        return "the registry holds none: `medssl pipeline` registers one"
+    return "registered here: " + ", ".join(
+        f"models:/{m.name}" + "".join(f" @{a}" for a in sorted(m.aliases or {})) for m in models)
+
+
 class Predictor:
     """uint8 (N, h, w, channels) at the model's input size -> probabilities (N, classes)."""
 
@@ -53,7 +67,7 @@ class Predictor:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
         except MlflowException as e:
             raise UsageError(f"{model_uri}: no such model in the registry at {mlflow.get_tracking_uri()} "
-                             f"({e.message.splitlines()[0][:200]}); `medssl pipeline` registers one") from None
+                             f"({e.message.splitlines()[0][:200]}); {_registered()}") from None
         meta = Model.load(local).metadata or {}
         if "class_names" not in meta or "input_size" not in meta:
             raise UsageError(f"{model_uri}: not a medssl model (MLmodel metadata lacks class_names/input_size)")

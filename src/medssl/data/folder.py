@@ -63,9 +63,9 @@ def _folder_items(root: Path, where: str, classes: list[str] | None) -> tuple[li
 
 def build_folder(cfg, seed: int, classes: list[str] | None = None) -> Built:
     """data.folder -> Built. cfg: images, size, val, test, fit."""
-    root = Path(cfg.images)
+    root = Path(cfg.images).expanduser()
     if not root.is_dir():
-        raise DataError(f"data.folder.images={cfg.images}: no such folder")
+        raise DataError(f"data.folder.images={cfg.images}: {'a file, not a folder' if root.is_file() else 'no such folder'}")
     if (root / "train").is_dir():
         present = [s for s in SPLITS if (root / s).is_dir()]
         if "test" not in present:
@@ -131,8 +131,8 @@ def resolve_images(images_dir: Path, names: list[str], csv_path: Path, column: s
 def build_csv(cfg, seed: int, classes: list[str] | None = None, complete: bool = True) -> Built:
     """data.csv (or grid.shift) -> Built. cfg: file, images, columns, size, val, test, fit. complete: every split
     must hold every class (a second source scored only may lack some)."""
-    csv_path = Path(cfg.file)
-    images_dir = Path(cfg.images) if cfg.images else csv_path.parent
+    csv_path = Path(cfg.file).expanduser()
+    images_dir = Path(cfg.images).expanduser() if cfg.images else csv_path.parent
     c = cfg.columns
     rows = read_rows(csv_path, c)
     labels = [r[c.label].strip() for r in rows]
@@ -214,6 +214,12 @@ def _build(ls: Listing, cfg, seed: int, complete: bool = True) -> Built:
     """Read, split (grouped, stratified) and check a listing. cfg: size, fit, val, test; complete: every class
     in every split (a shift source's test split alone may lack some)."""
     paths, y, files, groups, names, where, split_of = ls.paths, ls.y, ls.files, ls.groups, ls.names, ls.where, ls.split_of
+    if split_of is None and complete:  # before reading: a class medssl cannot put in every split (a typo in a label)
+        few = {n: len(set(groups[y == i])) for i, n in enumerate(names) if len(set(groups[y == i])) < 3}
+        if few:
+            unit = "groups (column group: patients, lesions)" if ls.grouped else "images"
+            raise DataError(f"{where}: class(es) with fewer than 3 {unit}, one for each of train, val and test: "
+                            + ", ".join(f"{n!r} {k}" for n, k in few.items()) + "; add images of them or leave them out")
     images, grey = _read_all(paths, cfg.size, cfg.fit, where)
     if grey.all():
         images = images[..., :1]

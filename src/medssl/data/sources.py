@@ -130,7 +130,7 @@ def run_fetch(p, lay=None, source: str | None = None) -> Path:
         origin = _fetch_built(p, target, lay)
     elif given:
         fetch(target, given, what, p)
-        origin = {"source": "file", "path": str(Path(given).resolve())}
+        origin = {"source": "file", "path": str(Path(given).expanduser().resolve())}
     else:
         flag, last = p.data.medmnist, _record(lay)
         cached = medmnist_root() / f"{flag}.npz"
@@ -194,7 +194,7 @@ def fetch(target: str | Path, source: str | None = None, what: str = "data sourc
         source, what = os.environ.get(ENV_DATA_PATH), ENV_DATA_PATH
         if not source:
             raise DataError(f"no data source given (set {ENV_DATA_PATH} or data.npz)")
-    target, src = Path(target), Path(source)
+    target, src = Path(target), Path(source).expanduser()
     if not src.is_file():
         raise DataError(f"{what}={source}: no such file")
     if src.resolve() == target.resolve():
