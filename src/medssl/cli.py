@@ -14,7 +14,7 @@ from medssl.errors import ConfigError, ImageReadError, UsageError, UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a long line stays one line in a log, a pipe or CI (no 80-column wrap)
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="configuration file")
 
 
@@ -251,7 +251,7 @@ def predict(model_uri: str = typer.Argument(..., help="e.g. models:/dermamnist-c
         raise ImageReadError(f"--out {out}: would overwrite an image; name a .csv file")
     rows = predict_files(model_uri, paths, batch_size, fit)
     write_rows(rows, out)
-    err.print(f"{len(rows)} images predicted" + (f" -> {out}" if out else ""))
+    err.print(f"{len(rows)} image{'s' if len(rows) != 1 else ''} predicted" + (f" -> {out}" if out else ""))
 
 
 @app.command()
