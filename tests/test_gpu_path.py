@@ -251,7 +251,7 @@ def test_resume_keys_of_the_stages_name_the_device(tmp_path):
     from medssl.layout import Layout
     from medssl.resume import resume_key
 
-    p, lay, meta = load_params("params.yaml"), Layout(tmp_path), {"prepared_digest": "d"}
+    p, lay, meta = load_params("params.yaml"), Layout(tmp_path), {"prepared_digest": "d", "n": {"train": 7007}}
     for stage, init in (("pretrain", "simclr"), ("finetune", "imagenet"), ("grid", "random")):
         cpu, cuda = (resume_key(p.for_init(init), stage, init, meta, lay, d) for d in ("cpu", torch.device("cuda", 0)))
         assert cpu.pop("device") == "cpu" and cuda.pop("device") == "cuda" and cpu == cuda

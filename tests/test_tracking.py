@@ -192,6 +192,6 @@ def test_a_wrong_model_uri_names_the_models_registered(mlflow_server, monkeypatc
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
-    mlflow.MlflowClient().create_registered_model("xray-classifier")
-    with pytest.raises(UsageError, match=r"no such model .*registered here: .*models:/xray-classifier"):
+    mlflow.MlflowClient().create_registered_model("a-xray-classifier")  # first by name: the session's server holds others too
+    with pytest.raises(UsageError, match=r"no such model .*registered here: .*models:/a-xray-classifier"):
         Predictor("models:/dermamnist-classifier@champion")
